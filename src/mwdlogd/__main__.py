@@ -1,0 +1,3 @@
+from mwdlogd.cli import main
+
+raise SystemExit(main())

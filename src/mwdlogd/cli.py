@@ -1,0 +1,153 @@
+"""`mwdlogd` command line: run, check-config, init-config, certs."""
+
+import argparse
+import logging
+import sys
+from pathlib import Path
+
+import trio
+
+from mwdlogd import __version__, log
+from mwdlogd.app import App
+from mwdlogd.certs import DEFAULT_DAYS, DEFAULT_HOSTS, describe, init_certs
+from mwdlogd.config import Config, check_tls_files, config_path, load_config, missing_tls_files
+from mwdlogd.errors import MwdlogdError
+from mwdlogd.init_config import render_default_config
+
+DEV_CLIENT = "engine-01"
+EXIT_CONFIG = 2
+
+DESCRIPTION = """\
+mwdlogd receives Engine logs (Fluentd out_http / Fluent Bit http over HTTPS with mTLS)
+and stores them as hourly gzip JSON-lines files:
+  {storage.root}/{customer}/{nginx|openappsec}/{fqdn}/YYYY/MM/DD/HH.log.gz
+
+Every subcommand reads --config PATH (default ./config.toml or $MWDLOGD_CONFIG; a
+missing default file means built-in defaults). MWDLOGD_<SECTION>_<KEY> variables
+override single keys."""
+
+
+def _parser() -> argparse.ArgumentParser:
+    common = argparse.ArgumentParser(add_help=False)
+    common.add_argument("--config", metavar="PATH", default=argparse.SUPPRESS,
+                        help="config file (default ./config.toml or $MWDLOGD_CONFIG)")
+    parser = argparse.ArgumentParser(prog="mwdlogd", description=DESCRIPTION, parents=[common],
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--version", action="version", version=f"mwdlogd {__version__}")
+    commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    commands.add_parser("run", parents=[common], help="run the server (creates dev certs "
+                        "under the tls.cert directory if no TLS files exist)",
+                        description="Run until SIGTERM/SIGINT (drain: finish requests, flush "
+                        "everything, exit 0). SIGUSR1 flushes pending records to their files.")
+    commands.add_parser("check-config", parents=[common],
+                        help="validate the config (and that TLS files exist), print a summary")
+    init = commands.add_parser("init-config", parents=[common],
+                               help="write a commented config file with every default")
+    init.add_argument("--output", "-o", default="-", help="file to write, - for stdout (default)")
+    init.add_argument("--force", action="store_true", help="overwrite an existing file")
+    certs = commands.add_parser("certs", parents=[common], help="make or inspect certificates")
+    certs_commands = certs.add_subparsers(dest="certs_command", required=True, metavar="ACTION")
+    make = certs_commands.add_parser(
+        "init", help="create CA, server certificate and Engine client certificates",
+        description="Creates what is missing in DIR: ca.crt/.key, server.crt/.key (SANs from "
+        "--hosts) and NAME.crt/.key per --client. An existing CA is reused to issue new client "
+        "certificates; --force replaces everything.")
+    make.add_argument("--dir", default="certs", help="output directory (default: certs)")
+    make.add_argument("--hosts", default=",".join(DEFAULT_HOSTS),
+                      help="server names/IPs, comma-separated; the first is the CN "
+                      f"(default: {','.join(DEFAULT_HOSTS)})")
+    make.add_argument("--days", type=int, default=DEFAULT_DAYS,
+                      help=f"validity in days (default {DEFAULT_DAYS})")
+    make.add_argument("--client", action="append", default=[], metavar="NAME",
+                      help="issue a client certificate NAME.crt (repeatable)")
+    make.add_argument("--force", action="store_true", help="replace existing files")
+    show = certs_commands.add_parser("show", help="print subject, issuer and days to expiry")
+    show.add_argument("--dir", default="certs", help="directory of .crt files (default: certs)")
+    return parser
+
+
+def _load(args: argparse.Namespace) -> Config:
+    path, required = config_path(getattr(args, "config", None))
+    return load_config(path, required=required)
+
+
+def _ensure_dev_certs(config: Config) -> None:
+    """Create dev certificates when none of the configured TLS files exist yet."""
+    missing = missing_tls_files(config)
+    tls = config.tls
+    directory = Path(tls.cert).parent
+    standard = (Path(tls.key) == directory / "server.key" and Path(tls.ca) == directory / "ca.crt"
+                and Path(tls.cert).name == "server.crt")
+    if len(missing) == len([tls.cert, tls.key] + ([tls.ca] if tls.client_auth else [])) \
+            and standard:
+        init_certs(directory, hosts=list(DEFAULT_HOSTS), clients=[DEV_CLIENT], days=DEFAULT_DAYS)
+        log.event(logging.WARNING, "dev_certs_created", dir=directory, client=DEV_CLIENT,
+                  detail="self-signed development CA; use your own PKI in production")
+    check_tls_files(config)
+
+
+def _run(args: argparse.Namespace) -> int:
+    config = _load(args)
+    _ensure_dev_certs(config)
+    trio.run(App(config, handle_signals=True).run)
+    return 0
+
+
+def _check_config(args: argparse.Namespace) -> int:
+    config = _load(args)
+    check_tls_files(config)
+    print(f"config OK: http={config.http.bind}:{config.http.port} "
+          f"health={config.health.bind}:{config.health.port} "
+          f"metrics={config.metrics.bind}:{config.metrics.port} "
+          f"storage.root={config.storage.root} tokens={len(config.auth.tokens)}")
+    return 0
+
+
+def _init_config(args: argparse.Namespace) -> int:
+    text = render_default_config()
+    if args.output == "-":
+        sys.stdout.write(text)
+        return 0
+    target = Path(args.output)
+    if target.exists() and not args.force:
+        print(f"mwdlogd: {target} exists; use --force to overwrite", file=sys.stderr)
+        return 1
+    target.write_text(text, encoding="utf-8")
+    print(f"wrote {target}")
+    return 0
+
+
+def _certs(args: argparse.Namespace) -> int:
+    directory = Path(args.dir)
+    if args.certs_command == "init":
+        hosts = [h.strip() for h in args.hosts.split(",") if h.strip()]
+        if not hosts:
+            print("mwdlogd: --hosts needs at least one name", file=sys.stderr)
+            return 1
+        for result in init_certs(directory, hosts=hosts, clients=args.client, days=args.days,
+                                 force=args.force):
+            print(f"{'created' if result.created else 'kept   '} {result.path}")
+        return 0
+    crts = sorted(directory.glob("*.crt"))
+    if not crts:
+        print(f"mwdlogd: no .crt files in {directory}", file=sys.stderr)
+        return 1
+    for crt in crts:
+        print(describe(crt))
+    return 0
+
+
+COMMANDS = {"run": _run, "check-config": _check_config, "init-config": _init_config,
+            "certs": _certs}
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
+    log.configure()
+    try:
+        return COMMANDS[args.command](args)
+    except MwdlogdError as exc:
+        print(f"mwdlogd: {exc}", file=sys.stderr)
+        return EXIT_CONFIG
+    except KeyboardInterrupt:
+        return 130

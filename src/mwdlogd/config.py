@@ -1,0 +1,320 @@
+"""config.toml schema: attrs classes structured by cattrs, validated once at start-up.
+
+Every key has a default that works for local development. Environment variables
+`MWDLOGD_<SECTION>_<KEY>` override keys (values are read as TOML literals, falling back
+to plain strings). Errors always name the key: `tls.cert: file not found: certs/x.crt`.
+"""
+
+import os
+import tomllib
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any, NewType
+
+import attrs
+import cattrs
+from cattrs.errors import ClassValidationError, ForbiddenExtraKeysError
+
+from mwdlogd.errors import ConfigError
+from mwdlogd.units import parse_duration, parse_size
+
+Size = NewType("Size", int)
+Duration = NewType("Duration", float)
+
+CONFIG_ENV = "MWDLOGD_CONFIG"
+DEFAULT_CONFIG_PATH = "config.toml"
+ENV_PREFIX = "MWDLOGD_"
+# Shipped in the repository's development config.toml; start-up warns loudly when it is in use.
+DEV_TOKEN = "dev-token-CHANGE-ME"
+
+
+def _doc(text: str) -> dict[str, str]:
+    return {"doc": text}
+
+
+@attrs.frozen
+class ServerConfig:
+    hostname: str = attrs.field(default="logserver", metadata=_doc(
+        "name stored in every record as logserver_hostname and used as the metrics label"))
+    workers: int = attrs.field(default=1, metadata=_doc("server processes (only 1 for now)"))
+    shutdown_timeout: Duration = attrs.field(default=Duration(30.0), metadata=_doc(
+        "SIGTERM/SIGINT: time allowed to finish requests and flush everything"))
+
+
+@attrs.frozen
+class TlsConfig:
+    cert: str = attrs.field(default="certs/server.crt", metadata=_doc("server certificate (PEM)"))
+    key: str = attrs.field(default="certs/server.key", metadata=_doc("server private key (PEM)"))
+    ca: str = attrs.field(default="certs/ca.crt", metadata=_doc(
+        "CA that signs Engine client certificates"))
+    client_auth: bool = attrs.field(default=True, metadata=_doc(
+        "require a client certificate signed by `ca` (mTLS)"))
+    min_version: str = attrs.field(default="1.2", metadata=_doc("lowest TLS version: 1.2 or 1.3"))
+
+
+@attrs.frozen
+class HttpConfig:
+    bind: str = attrs.field(default="0.0.0.0", metadata=_doc("HTTPS ingest address"))
+    port: int = attrs.field(default=8888, metadata=_doc("HTTPS ingest port (0 = pick a free one)"))
+    body_size_limit: Size = attrs.field(default=Size(10 * 1024**2), metadata=_doc(
+        "largest request body, checked before and after gunzip"))
+    idle_timeout: Duration = attrs.field(default=Duration(60.0), metadata=_doc(
+        "close a keep-alive connection idle this long"))
+    request_timeout: Duration = attrs.field(default=Duration(30.0), metadata=_doc(
+        "a request (TLS handshake, head and body) must arrive within this time"))
+
+
+@attrs.frozen
+class ForwardConfig:
+    bind: str = attrs.field(default="0.0.0.0", metadata=_doc("forward ingest address"))
+    port: int = attrs.field(default=24224, metadata=_doc("forward ingest port"))
+    shared_key: str = attrs.field(default="", metadata=_doc("shared_key handshake; empty = off"))
+    self_hostname: str = attrs.field(default="logserver", metadata=_doc("hostname sent in HELO"))
+    message_size_limit: Size = attrs.field(default=Size(64 * 1024**2), metadata=_doc(
+        "largest forward message, checked again after gunzip"))
+
+
+@attrs.frozen
+class Token:
+    name: str
+    token: str = attrs.field(repr=False)
+    customers: tuple[str, ...] = ()
+
+
+@attrs.frozen
+class AuthConfig:
+    tokens: tuple[Token, ...] = attrs.field(default=(), metadata=_doc(
+        "bearer tokens: [{ name, token, customers = [] }]; empty customers = any customer"))
+
+
+@attrs.frozen
+class StorageConfig:
+    root: str = attrs.field(default="/var/log/mrwebdefence", metadata=_doc(
+        "root of the hourly files tree"))
+
+
+@attrs.frozen
+class BufferConfig:
+    path: str = attrs.field(default="/var/lib/mwdlogd/buffer", metadata=_doc("buffer directory"))
+    total_limit: Size = attrs.field(default=Size(2 * 1024**3), metadata=_doc(
+        "buffered bytes above which ingest answers 503"))
+    chunk_limit: Size = attrs.field(default=Size(256 * 1024**2), metadata=_doc(
+        "flush a destination once this many bytes are pending"))
+    flush_interval: Duration = attrs.field(default=Duration(10.0), metadata=_doc(
+        "flush pending records at least this often"))
+    timekey_wait: Duration = attrs.field(default=Duration(10.0), metadata=_doc(
+        "keep an hour's file open this long after the hour ends, for late records"))
+    retry_max_interval: Duration = attrs.field(default=Duration(30.0), metadata=_doc(
+        "longest wait between retries of a failed write"))
+    retry_timeout: Duration = attrs.field(default=Duration(3600.0), metadata=_doc(
+        "give up retrying a write after this long"))
+
+
+@attrs.frozen
+class ListenConfig:
+    bind: str = "0.0.0.0"
+    port: int = 0
+
+
+def _listen(bind: str, port: int, what: str) -> Any:
+    """A listener section's field: its own default address and a doc line."""
+    return attrs.field(factory=lambda: ListenConfig(bind, port), metadata=_doc(what))
+
+
+@attrs.frozen
+class Config:
+    server: ServerConfig = attrs.field(factory=ServerConfig)
+    tls: TlsConfig = attrs.field(factory=TlsConfig)
+    http: HttpConfig = attrs.field(factory=HttpConfig)
+    forward: ForwardConfig = attrs.field(factory=ForwardConfig)
+    auth: AuthConfig = attrs.field(factory=AuthConfig)
+    storage: StorageConfig = attrs.field(factory=StorageConfig)
+    buffer: BufferConfig = attrs.field(factory=BufferConfig)
+    health: ListenConfig = _listen("0.0.0.0", 8889, "plain HTTP /health")  # noqa: RUF009
+    monitor: ListenConfig = _listen("127.0.0.1", 24220, "monitor agent API")  # noqa: RUF009
+    metrics: ListenConfig = _listen("0.0.0.0", 24231, "Prometheus /metrics")  # noqa: RUF009
+
+
+def _converter() -> cattrs.Converter:
+    converter = cattrs.Converter(forbid_extra_keys=True)
+    converter.register_structure_hook(Size, lambda value, _: Size(parse_size(value)))
+    converter.register_structure_hook(Duration, lambda value, _: Duration(parse_duration(value)))
+    converter.register_structure_hook(str, _strict_str)
+    converter.register_structure_hook(int, _strict_int)
+    converter.register_structure_hook(bool, _strict_bool)
+    return converter
+
+
+def _strict_str(value: object, _: type) -> str:
+    if not isinstance(value, str):
+        raise ValueError(f"expected a string, got {value!r}")
+    return value
+
+
+def _strict_int(value: object, _: type) -> int:
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise ValueError(f"expected an integer, got {value!r}")
+    return value
+
+
+def _strict_bool(value: object, _: type) -> bool:
+    if not isinstance(value, bool):
+        raise ValueError(f"expected true or false, got {value!r}")
+    return value
+
+
+CONVERTER = _converter()
+SECTIONS: dict[str, Any] = {field.name: field.type for field in attrs.fields(Config)}
+
+
+def config_path(cli_value: str | None) -> tuple[Path, bool]:
+    """The config file to read and whether it was asked for explicitly (then it must exist)."""
+    if cli_value:
+        return Path(cli_value), True
+    if os.environ.get(CONFIG_ENV):
+        return Path(os.environ[CONFIG_ENV]), True
+    return Path(DEFAULT_CONFIG_PATH), False
+
+
+def load_config(path: Path, *, required: bool, environ: Mapping[str, str] | None = None) -> Config:
+    """Read, override from the environment, structure and validate; raises ConfigError.
+
+    Relative paths in the file are resolved against the file's directory, so the server
+    finds its certificates whatever the working directory is.
+    """
+    raw: dict[str, Any] = {}
+    if path.exists():
+        try:
+            raw = tomllib.loads(path.read_text(encoding="utf-8"))
+        except tomllib.TOMLDecodeError as exc:
+            raise ConfigError(str(path), f"not valid TOML: {exc}") from None
+    elif required:
+        raise ConfigError(str(path), "config file not found")
+    apply_env_overrides(raw, os.environ if environ is None else environ)
+    config = structure_config(raw)
+    validate(config)
+    return resolve_paths(config, path.resolve().parent if path.exists() else Path.cwd())
+
+
+def apply_env_overrides(raw: dict[str, Any], environ: Mapping[str, str]) -> None:
+    """MWDLOGD_HTTP_PORT=18888 sets raw['http']['port'] = 18888; unknown names are errors."""
+    for name, value in environ.items():
+        if not name.startswith(ENV_PREFIX) or name == CONFIG_ENV:
+            continue
+        section, key = _env_target(name)
+        raw.setdefault(section, {})[key] = _env_value(value)
+
+
+def _env_target(name: str) -> tuple[str, str]:
+    rest = name[len(ENV_PREFIX):].lower()
+    for section, section_type in SECTIONS.items():
+        if rest.startswith(section + "_"):
+            key = rest[len(section) + 1:]
+            if key in {field.name for field in attrs.fields(section_type)}:
+                return section, key
+    raise ConfigError(name, "environment variable names no known config key "
+                      "(expected MWDLOGD_<SECTION>_<KEY>, e.g. MWDLOGD_HTTP_PORT)")
+
+
+def _env_value(text: str) -> Any:
+    try:
+        return tomllib.loads(f"v = {text}")["v"]
+    except tomllib.TOMLDecodeError:
+        return text
+
+
+def structure_config(raw: dict[str, Any]) -> Config:
+    try:
+        return CONVERTER.structure(raw, Config)
+    except ClassValidationError as exc:
+        key, problem = _first_problem(exc, [])
+        raise ConfigError(key or "config", problem) from None
+
+
+def _first_problem(exc: BaseException, path: list[str]) -> tuple[str, str]:
+    """Walk cattrs' exception groups to the first leaf, keeping the dotted key path."""
+    if isinstance(exc, ForbiddenExtraKeysError):
+        names = ", ".join(sorted(exc.extra_fields))
+        return _dotted(path), f"unknown key(s): {names}"
+    if isinstance(exc, BaseExceptionGroup):
+        inner = exc.exceptions[0]
+        step = _note_step(inner)
+        return _first_problem(inner, path + step)
+    if isinstance(exc, KeyError):
+        return _dotted(path), "required key is missing"
+    return _dotted(path), str(exc)
+
+
+def _dotted(path: list[str]) -> str:
+    return ".".join(path).replace(".[", "[")
+
+
+def _note_step(exc: BaseException) -> list[str]:
+    for note in getattr(exc, "__notes__", []):
+        name = getattr(note, "name", None)
+        index = getattr(note, "index", None)
+        if isinstance(name, str):
+            return [name]
+        if isinstance(index, int):
+            return [f"[{index}]"]
+    return []
+
+
+def validate(config: Config) -> None:
+    """Checks that cattrs' types cannot express; raises ConfigError naming the key."""
+    if config.server.workers != 1:
+        raise ConfigError("server.workers", f"only 1 is supported in this version, got "
+                          f"{config.server.workers}")
+    if config.tls.min_version not in ("1.2", "1.3"):
+        raise ConfigError("tls.min_version", f"must be '1.2' or '1.3', got "
+                          f"{config.tls.min_version!r}")
+    for section in ("http", "forward", "health", "monitor", "metrics"):
+        port = getattr(config, section).port
+        if not 0 <= port <= 65535:
+            raise ConfigError(f"{section}.port", f"must be 0..65535, got {port}")
+    if config.http.body_size_limit <= 0:
+        raise ConfigError("http.body_size_limit", "must be greater than 0")
+    if config.buffer.chunk_limit <= 0:
+        raise ConfigError("buffer.chunk_limit", "must be greater than 0")
+    if not config.server.hostname:
+        raise ConfigError("server.hostname", "must not be empty")
+    _validate_tokens(config.auth.tokens)
+
+
+def _validate_tokens(tokens: tuple[Token, ...]) -> None:
+    seen: set[str] = set()
+    for index, token in enumerate(tokens):
+        key = f"auth.tokens[{index}]"
+        if not token.name:
+            raise ConfigError(f"{key}.name", "must not be empty")
+        if token.name in seen:
+            raise ConfigError(f"{key}.name", f"duplicate token name {token.name!r}")
+        if len(token.token) < 8:
+            raise ConfigError(f"{key}.token", "must be at least 8 characters")
+        seen.add(token.name)
+
+
+def resolve_paths(config: Config, base: Path) -> Config:
+    def under(value: str) -> str:
+        return str(base / value) if not Path(value).is_absolute() else value
+
+    return attrs.evolve(
+        config,
+        tls=attrs.evolve(config.tls, cert=under(config.tls.cert), key=under(config.tls.key),
+                         ca=under(config.tls.ca)),
+        storage=attrs.evolve(config.storage, root=under(config.storage.root)),
+        buffer=attrs.evolve(config.buffer, path=under(config.buffer.path)),
+    )
+
+
+def missing_tls_files(config: Config) -> list[tuple[str, str]]:
+    """(key, path) of each TLS file that does not exist."""
+    wanted = [("tls.cert", config.tls.cert), ("tls.key", config.tls.key)]
+    if config.tls.client_auth:
+        wanted.append(("tls.ca", config.tls.ca))
+    return [(key, path) for key, path in wanted if not Path(path).is_file()]
+
+
+def check_tls_files(config: Config) -> None:
+    for key, path in missing_tls_files(config):
+        raise ConfigError(key, f"file not found: {path}")

@@ -1,0 +1,61 @@
+"""Structured logging: one line per event, `time level event key=value ...`, to stderr."""
+
+import logging
+import sys
+import time
+from typing import Any
+
+logger = logging.getLogger("mwdlogd")
+
+
+def _quote(value: Any) -> str:
+    text = str(value)
+    if text == "" or any(c in text for c in ' ="\n\t'):
+        return '"' + text.replace("\\", "\\\\").replace('"', '\\"').replace("\n", "\\n") + '"'
+    return text
+
+
+def logfmt(event: str, fields: dict[str, Any]) -> str:
+    return " ".join([event, *(f"{key}={_quote(value)}" for key, value in fields.items())])
+
+
+class _Formatter(logging.Formatter):
+    def format(self, record: logging.LogRecord) -> str:
+        stamp = time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(record.created))
+        line = f"{stamp}.{int(record.msecs):03d}Z {record.levelname:<7} {record.getMessage()}"
+        if record.exc_info:
+            line += "\n" + self.formatException(record.exc_info)
+        return line
+
+
+def configure(level: int = logging.INFO) -> None:
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(_Formatter())
+    logger.handlers[:] = [handler]
+    logger.setLevel(level)
+    logger.propagate = False
+
+
+def event(level: int, name: str, /, **fields: Any) -> None:
+    """Log one event; field values are quoted when they hold spaces or quotes."""
+    if logger.isEnabledFor(level):
+        logger.log(level, "%s", logfmt(name, fields))
+
+
+class RateLimiter:
+    """At most `burst` lines per `window_s` per key; says how many were held back."""
+
+    def __init__(self, burst: int = 10, window_s: float = 10.0) -> None:
+        self._burst = burst
+        self._window_s = window_s
+        self._state: dict[str, tuple[float, int]] = {}
+
+    def allow(self, key: str, now: float) -> tuple[bool, int]:
+        """(log this one?, lines suppressed in the window that just ended)."""
+        start, count = self._state.get(key, (now, 0))
+        suppressed = 0
+        if now - start >= self._window_s:
+            suppressed = max(0, count - self._burst)
+            start, count = now, 0
+        self._state[key] = (start, count + 1)
+        return count < self._burst, suppressed

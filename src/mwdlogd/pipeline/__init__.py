@@ -1,0 +1,1 @@
+"""Pure record handling: normalisation and destination paths (DESIGN §2, §3)."""

@@ -1,0 +1,1 @@
+"""Sans-IO protocol cores: bytes and h11 events in, values and errors out. No I/O here."""

@@ -1,0 +1,153 @@
+"""Request body decoders for every format Fluentd out_http and Fluent Bit send (DESIGN §1).
+
+Each returns the records as a list of dicts or raises IngestError naming the problem;
+a body is accepted whole or not at all.
+"""
+
+import zlib
+from collections.abc import Callable
+from typing import Any
+from urllib.parse import unquote_to_bytes
+
+import msgpack
+
+from mwdlogd import codec
+from mwdlogd.errors import IngestError
+
+Records = list[dict[str, Any]]
+
+
+def gunzip_bounded(data: bytes, limit: int) -> bytes:
+    """Inflate every gzip member in `data`; refuses output past `limit` as it inflates."""
+    out = bytearray()
+    while data:
+        inflater = zlib.decompressobj(wbits=31)
+        try:
+            out += inflater.decompress(data, limit + 1 - len(out))
+        except zlib.error as exc:
+            raise IngestError(400, "malformed_body", f"gzip body does not inflate: {exc}") from None
+        if len(out) > limit:
+            raise IngestError(413, "body_too_large",
+                              f"body inflates past {limit} bytes (gzip bomb or oversized)")
+        if not inflater.eof:
+            raise IngestError(400, "malformed_body", "gzip body is truncated")
+        data = inflater.unused_data
+    return bytes(out)
+
+
+def _not_object(index: int, value: object) -> IngestError:
+    return IngestError(400, "not_an_object",
+                       f"record {index} is {type(value).__name__}, expected a JSON/msgpack object")
+
+
+def _checked(values: list[Any]) -> Records:
+    if not values:
+        raise IngestError(400, "empty_body", "body holds no records")
+    for index, value in enumerate(values):
+        if not isinstance(value, dict):
+            raise _not_object(index, value)
+    return values
+
+
+def _json_error(what: str, exc: ValueError) -> IngestError:
+    return IngestError(400, "malformed_body", f"{what} is not valid JSON: {exc}")
+
+
+def parse_ndjson(body: bytes) -> Records:
+    """One JSON object per line; blank lines (and the trailing newline) are allowed."""
+    records = []
+    for number, line in enumerate(body.split(b"\n"), start=1):
+        if not line.strip():
+            continue
+        try:
+            records.append(codec.loads(line))
+        except ValueError as exc:
+            raise _json_error(f"line {number}", exc) from None
+    return _checked(records)
+
+
+def parse_json(body: bytes) -> Records:
+    """One object, or an array of objects (Fluentd's `json_array`); several concatenated
+    objects (a JSON stream) are read as ndjson."""
+    try:
+        value = codec.loads(body)
+    except codec.JSONDecodeError as exc:
+        if exc.msg == "Extra data":
+            return parse_ndjson(body)
+        raise _json_error("body", exc) from None
+    except ValueError as exc:
+        raise _json_error("body", exc) from None
+    return _checked(value if isinstance(value, list) else [value])
+
+
+def parse_msgpack(body: bytes) -> Records:
+    """A stream of maps, or of arrays of maps; keys must be strings."""
+    unpacker = msgpack.Unpacker(raw=False, strict_map_key=True, max_buffer_size=max(len(body), 1))
+    unpacker.feed(body)
+    values: list[Any] = []
+    try:
+        for value in unpacker:
+            values.extend(value if isinstance(value, list) else [value])
+    except (ValueError, msgpack.UnpackException) as exc:
+        raise IngestError(400, "malformed_body", f"body is not valid msgpack: {exc}") from None
+    if unpacker.tell() != len(body):
+        raise IngestError(400, "malformed_body",
+                          f"msgpack body is truncated after {unpacker.tell()} of {len(body)} bytes")
+    records = _checked(values)
+    for index, record in enumerate(records):
+        if not all(isinstance(key, str) for key in record):
+            raise IngestError(400, "malformed_body", f"record {index} has a non-string key")
+    return records
+
+
+def parse_form(body: bytes) -> Records:
+    """Legacy in_http form: `json=<urlencoded JSON>` or `msgpack=<urlencoded msgpack>`."""
+    fields = {}
+    for pair in body.split(b"&"):
+        name, _, value = pair.partition(b"=")
+        fields[unquote_to_bytes(name.replace(b"+", b" "))] = unquote_to_bytes(
+            value.replace(b"+", b" "))
+    if b"json" in fields:
+        return parse_json(fields[b"json"])
+    if b"msgpack" in fields:
+        return parse_msgpack(fields[b"msgpack"])
+    raise IngestError(400, "malformed_body", "form body has neither a json= nor a msgpack= field")
+
+
+PARSERS: dict[str, Callable[[bytes], Records]] = {
+    "application/x-ndjson": parse_ndjson,
+    "application/ndjson": parse_ndjson,
+    "application/jsonl": parse_ndjson,
+    "application/json": parse_json,
+    "application/msgpack": parse_msgpack,
+    "application/x-msgpack": parse_msgpack,
+    "application/x-www-form-urlencoded": parse_form,
+}
+GZIP_ENCODINGS = {"gzip", "x-gzip"}
+
+
+def media_type(content_type: str) -> str:
+    """`application/json; charset=utf-8` -> `application/json`."""
+    return content_type.split(";", 1)[0].strip().lower()
+
+
+def parser_for(content_type: str) -> Callable[[bytes], Records]:
+    """The decoder for a Content-Type; raises 415 naming the supported types."""
+    parser = PARSERS.get(media_type(content_type))
+    if parser is None:
+        supported = ", ".join(PARSERS)
+        shown = content_type or "(none)"
+        raise IngestError(415, "unsupported_media_type",
+                          f"Content-Type {shown} is not supported; use one of: {supported}")
+    return parser
+
+
+def check_encoding(content_encoding: str) -> bool:
+    """True when the body is gzip; raises 415 for an encoding we cannot read."""
+    encoding = content_encoding.strip().lower()
+    if encoding in ("", "identity"):
+        return False
+    if encoding in GZIP_ENCODINGS:
+        return True
+    raise IngestError(415, "unsupported_encoding",
+                      f"Content-Encoding {content_encoding} is not supported; use gzip or none")

@@ -1,0 +1,118 @@
+"""One HTTP ingest request, judged from h11 events: route, auth, limits, decode.
+
+The head is judged as soon as it arrives, so 401/411/413/415 are answered without
+reading a body. Body bytes are counted as they come (h11 bounds only the head) and
+again while gunzipping. Nothing here touches a socket.
+"""
+
+import re
+from collections.abc import Callable
+from typing import Any
+from urllib.parse import parse_qs, unquote
+
+import attrs
+import h11
+
+from mwdlogd.errors import IngestError
+from mwdlogd.pipeline.normalize import event_time_of
+from mwdlogd.proto.auth import Credential, TokenTable
+from mwdlogd.proto.bodies import Records, check_encoding, gunzip_bounded, parser_for
+
+_TAG = re.compile(r"^[A-Za-z0-9_.-]{1,256}$")
+
+
+@attrs.frozen
+class Accepted:
+    """A request whose every record may be stored."""
+
+    tag: str
+    records: Records
+    credential: Credential
+    default_time: float | None
+
+
+def _header(request: h11.Request, name: bytes) -> bytes | None:
+    for key, value in request.headers:
+        if key == name:
+            return value
+    return None
+
+
+def _text(request: h11.Request, name: bytes) -> str:
+    return (_header(request, name) or b"").decode("latin-1")
+
+
+def tag_of(target: bytes) -> tuple[str, float | None]:
+    """`/nginx.access?time=1732500000` -> ("nginx.access", 1732500000.0)."""
+    path, _, query = target.decode("ascii", "replace").partition("?")
+    tag = unquote(path).strip("/").replace("/", ".")
+    if not _TAG.match(tag):
+        raise IngestError(400, "bad_tag",
+                          f"tag {tag!r} from path {path!r} must be 1-256 of [A-Za-z0-9_.-]")
+    times = parse_qs(query).get("time")
+    default_time = None
+    if times:
+        default_time = event_time_of(times[0])
+        if default_time is None:
+            raise IngestError(400, "bad_time", f"?time={times[0]} is not epoch seconds")
+    return tag, default_time
+
+
+class RequestReader:
+    """Reads one POST: construct with the Request event, feed Data, then `finish()`.
+
+    Raises IngestError as early as the problem is known.
+    """
+
+    def __init__(self, request: h11.Request, *, tokens: TokenTable, body_limit: int) -> None:
+        if request.method != b"POST":
+            raise IngestError(405, "method_not_allowed",
+                              f"{request.method.decode()} is not allowed; send POST /<tag>")
+        credential = tokens.authenticate(_header(request, b"authorization") or b"")
+        if credential is None:
+            missing = _header(request, b"authorization") is None
+            raise IngestError(401, "unauthorized", "no Authorization: Bearer header" if missing
+                              else "bearer token is not known")
+        self.credential = credential
+        self.tag, self.default_time = tag_of(request.target)
+        self._parse: Callable[[bytes], Records] = parser_for(_text(request, b"content-type"))
+        self._gzip = check_encoding(_text(request, b"content-encoding"))
+        self._limit = body_limit
+        self._body = bytearray()
+        self._check_length(request)
+
+    def _check_length(self, request: h11.Request) -> None:
+        length = _header(request, b"content-length")
+        if length is None:
+            chunked = (_header(request, b"transfer-encoding") or b"").lower() == b"chunked"
+            if not chunked:
+                raise IngestError(411, "length_required", "send Content-Length (or chunked)")
+        elif int(length) > self._limit:
+            raise IngestError(413, "body_too_large",
+                              f"Content-Length {int(length)} > http.body_size_limit={self._limit}")
+
+    def receive_data(self, data: bytes) -> None:
+        self._body += data
+        if len(self._body) > self._limit:
+            raise IngestError(413, "body_too_large",
+                              f"body over http.body_size_limit={self._limit} bytes")
+
+    def finish(self) -> Accepted:
+        body = bytes(self._body)
+        if self._gzip:
+            body = gunzip_bounded(body, self._limit)
+        if not body.strip():
+            raise IngestError(400, "empty_body", "request body is empty")
+        records = self._parse(body)
+        self._check_customers(records)
+        return Accepted(self.tag, records, self.credential, self.default_time)
+
+    def _check_customers(self, records: list[dict[str, Any]]) -> None:
+        if not self.credential.customers:
+            return
+        for index, record in enumerate(records):
+            customer = record.get("customer_name")
+            if not self.credential.allows(customer):
+                raise IngestError(403, "forbidden_customer",
+                                  f"record {index}: token {self.credential.name!r} may not write "
+                                  f"customer_name {customer!r}")

@@ -1,0 +1,1 @@
+"""Trio tasks that own state: the router and the per-destination writers."""

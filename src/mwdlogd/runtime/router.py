@@ -1,0 +1,100 @@
+"""Routes each batch to the writer of every hourly file it touches; retires closed hours."""
+
+import math
+import time
+from collections.abc import Callable
+
+import trio
+
+from mwdlogd.runtime.channels import Wake, receive_until
+from mwdlogd.runtime.pipeline import Submission
+from mwdlogd.runtime.writer import Chunk, DestinationWriter, Store, WriterSettings
+from mwdlogd.telemetry import Telemetry
+
+HOUR_S = 3600
+
+
+class Router:
+    """Owns the writer tasks. A writer is closed (and so flushed) once its hour is over by
+    `timekey_wait`; records that come later for that hour open a new one."""
+
+    def __init__(self, *, store: Store, settings: WriterSettings, timekey_wait_s: float,
+                 telemetry: Telemetry, wall_clock: Callable[[], float] = time.time) -> None:
+        self._store = store
+        self._settings = settings
+        self._timekey_wait_s = timekey_wait_s
+        self._telemetry = telemetry
+        self._wall_clock = wall_clock
+        self._writers: dict[str, tuple[int, DestinationWriter]] = {}
+        self._live: set[DestinationWriter] = set()
+        self._nursery: trio.Nursery | None = None
+
+    async def run(self, receive: trio.MemoryReceiveChannel[Submission], *,
+                  task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
+        """Runs until `receive` is closed, then closes every writer and waits for them."""
+        async with trio.open_nursery() as nursery:
+            self._nursery = nursery
+            task_status.started()
+            async with receive:
+                while True:
+                    message = await receive_until(receive, self._next_close_at())
+                    if message is Wake.CLOSED:
+                        break
+                    if isinstance(message, Submission):
+                        await self._route(message)
+                    await self._close_finished_hours()
+            for _, writer in self._writers.values():
+                await writer.close()
+            self._writers.clear()
+
+    @property
+    def open_files(self) -> int:
+        return len(self._writers)
+
+    async def flush_all(self) -> None:
+        """Flush every writer, including those already closing; returns when all tried."""
+        async with trio.open_nursery() as nursery:
+            for writer in list(self._live):
+                nursery.start_soon(writer.flush)
+
+    async def _route(self, submission: Submission) -> None:
+        groups: dict[str, tuple[int, list[bytes]]] = {}
+        for routed in submission.routed:
+            groups.setdefault(routed.path, (routed.hour, []))[1].append(routed.line)
+        for path, (hour, lines) in groups.items():
+            chunk = Chunk(submission.tag, lines, sum(map(len, lines)))
+            await self._writer(path, hour).submit(chunk)
+        submission.done.set()
+
+    def _writer(self, path: str, hour: int) -> DestinationWriter:
+        if path not in self._writers:
+            writer = DestinationWriter(path, store=self._store, settings=self._settings,
+                                       telemetry=self._telemetry)
+            self._writers[path] = (hour, writer)
+            self._live.add(writer)
+            assert self._nursery is not None
+            self._nursery.start_soon(self._run_writer, writer)
+        return self._writers[path][1]
+
+    async def _run_writer(self, writer: DestinationWriter) -> None:
+        try:
+            await writer.run()
+        finally:
+            self._live.discard(writer)
+
+    def _close_wall_time(self, hour: int) -> float:
+        return hour + HOUR_S + self._timekey_wait_s
+
+    def _next_close_at(self) -> float:
+        """Trio-clock deadline of the next hour to close, or inf."""
+        if not self._writers:
+            return math.inf
+        soonest = min(self._close_wall_time(hour) for hour, _ in self._writers.values())
+        return trio.current_time() + max(0.0, soonest - self._wall_clock())
+
+    async def _close_finished_hours(self) -> None:
+        now = self._wall_clock()
+        for path, (hour, writer) in list(self._writers.items()):
+            if self._close_wall_time(hour) <= now:
+                del self._writers[path]
+                await writer.close()

@@ -1,0 +1,1 @@
+"""Trio adapters between network streams and the sans-IO cores."""

@@ -1,0 +1,188 @@
+"""HTTPS ingest (DESIGN §1): TLS + h11 around the sans-IO RequestReader.
+
+Each connection is one task in this server's handler nursery. `stop_accepting()` closes
+the listeners and idle keep-alive connections; requests in flight finish and are
+answered, then their connections close. `run` returns when the last one has.
+"""
+
+import logging
+import ssl
+import time
+
+import attrs
+import h11
+import trio
+
+from mwdlogd import log
+from mwdlogd.config import HttpConfig
+from mwdlogd.errors import IngestError
+from mwdlogd.pipeline.normalize import Context, normalize_batch
+from mwdlogd.proto.auth import TokenTable
+from mwdlogd.proto.ingest import RequestReader
+from mwdlogd.runtime.pipeline import Pipeline, ShuttingDown
+from mwdlogd.servers.http_io import (
+    json_response,
+    new_connection,
+    read_event,
+    reusable,
+    send_response,
+)
+from mwdlogd.servers.tls import peer_name
+from mwdlogd.telemetry import Telemetry
+
+# After refusing a body we did not read, keep reading (and discarding) briefly so the
+# client sees our answer instead of a reset.
+LINGER_S = 1.0
+RETRY_AFTER_S = b"5"
+
+
+@attrs.frozen
+class IngestSettings:
+    http: HttpConfig
+    hostname: str
+
+
+class HttpsIngestServer:
+    def __init__(self, *, settings: IngestSettings, ssl_context: ssl.SSLContext,
+                 tokens: TokenTable, pipeline: Pipeline, telemetry: Telemetry) -> None:
+        self._http = settings.http
+        self._hostname = settings.hostname
+        self._ssl_context = ssl_context
+        self._tokens = tokens
+        self._pipeline = pipeline
+        self._telemetry = telemetry
+        self._accept_scope = trio.CancelScope()
+        self._idle_scopes: set[trio.CancelScope] = set()
+        self.draining = False
+
+    async def run(self, *, task_status: trio.TaskStatus[str] = trio.TASK_STATUS_IGNORED) -> None:
+        """Serves until `stop_accepting()`, then returns once every connection has closed."""
+        listeners = await trio.open_ssl_over_tcp_listeners(
+            self._http.port, self._ssl_context, host=self._http.bind, https_compatible=True)
+        transport = listeners[0].transport_listener
+        assert isinstance(transport, trio.SocketListener)
+        sock = transport.socket
+        address = "{}:{}".format(*sock.getsockname()[:2])
+        async with trio.open_nursery() as handlers:
+            task_status.started(address)
+            with self._accept_scope:
+                await trio.serve_listeners(self._handle, listeners, handler_nursery=handlers)
+
+    def stop_accepting(self) -> None:
+        self.draining = True
+        self._accept_scope.cancel()
+        for scope in self._idle_scopes:
+            scope.cancel()
+
+    async def _handle(self, stream: trio.SSLStream[trio.SocketStream]) -> None:
+        self._telemetry.connection_opened("http")
+        try:
+            with trio.fail_after(self._http.request_timeout):
+                await stream.do_handshake()
+        except (trio.BrokenResourceError, trio.TooSlowError) as exc:
+            self._telemetry.tls_handshake_failed("http", peer_name(stream), _cause(exc))
+            await trio.aclose_forcefully(stream)
+            return
+        peer = peer_name(stream)
+        try:
+            await self._serve_connection(stream, peer)
+        except (trio.BrokenResourceError, trio.ClosedResourceError):
+            log.event(logging.DEBUG, "connection_lost", peer=peer)
+        except Exception:
+            log.logger.exception("https handler failed for %s", peer)
+        finally:
+            await trio.aclose_forcefully(stream)
+
+    async def _serve_connection(self, stream: trio.SSLStream[trio.SocketStream], peer: str) -> None:
+        conn = new_connection()
+        while not self.draining:
+            request = await self._next_request(conn, stream)
+            if request is None:
+                return
+            with trio.move_on_after(self._http.request_timeout) as timer:
+                await self._serve_request(conn, stream, request, peer)
+            if timer.cancelled_caught:
+                await self._refuse(conn, stream, peer, IngestError(
+                    408, "request_timeout",
+                    f"request not received within http.request_timeout="
+                    f"{self._http.request_timeout}s"))
+            if not reusable(conn):
+                return
+            conn.start_next_cycle()
+
+    async def _next_request(self, conn: h11.Connection,
+                            stream: trio.SSLStream[trio.SocketStream]) -> h11.Request | None:
+        """The next request head, or None on EOF, idle timeout or drain."""
+        with trio.move_on_after(self._http.idle_timeout) as scope:
+            self._idle_scopes.add(scope)
+            try:
+                event = await read_event(conn, stream)
+            except h11.RemoteProtocolError as exc:
+                await self._refuse(conn, stream, peer_name(stream), IngestError(
+                    exc.error_status_hint, "bad_http", str(exc)))
+                return None
+            finally:
+                self._idle_scopes.discard(scope)
+        if scope.cancelled_caught or not isinstance(event, h11.Request):
+            return None
+        return event
+
+    async def _serve_request(self, conn: h11.Connection, stream: trio.SSLStream[trio.SocketStream],
+                             request: h11.Request, peer: str) -> None:
+        received_at = time.time()
+        try:
+            reader = RequestReader(request, tokens=self._tokens,
+                                   body_limit=self._http.body_size_limit)
+            while isinstance(event := await read_event(conn, stream), h11.Data):
+                reader.receive_data(event.data)
+            accepted = reader.finish()
+        except IngestError as exc:
+            await self._refuse(conn, stream, peer, exc)
+            return
+        except h11.RemoteProtocolError as exc:
+            await self._refuse(conn, stream, peer, IngestError(
+                exc.error_status_hint, "bad_http", str(exc)))
+            return
+        ctx = Context(accepted.tag, received_at, accepted.default_time or received_at,
+                      self._hostname)
+        routed = normalize_batch(((record, None) for record in accepted.records), ctx)
+        commit_started = trio.current_time()
+        try:
+            await self._pipeline.commit(accepted.tag, routed)
+        except ShuttingDown:
+            await self._refuse(conn, stream, peer, IngestError(
+                503, "shutting_down", "server is shutting down; retry another instance"))
+            return
+        self._telemetry.http_accepted(accepted.tag, len(routed),
+                                      trio.current_time() - commit_started)
+        await send_response(conn, stream, json_response(200, {"records": len(routed)}),
+                            close=self.draining)
+
+    async def _refuse(self, conn: h11.Connection, stream: trio.SSLStream[trio.SocketStream],
+                      peer: str, error: IngestError) -> None:
+        """Answer with the error as JSON; close when the body was not read in full."""
+        target = f"{peer}"
+        self._telemetry.http_rejected(target, error.status, error.error, error.detail)
+        if conn.our_state not in (h11.IDLE, h11.SEND_RESPONSE):
+            return
+        headers = ((b"retry-after", RETRY_AFTER_S),) if error.status == 503 else ()
+        body_unread = conn.their_state is not h11.DONE
+        await send_response(conn, stream, json_response(
+            error.status, {"error": error.error, "detail": error.detail}, headers),
+            close=body_unread or self.draining)
+        if body_unread:
+            await _linger(stream)
+
+
+async def _linger(stream: trio.abc.Stream) -> None:
+    with trio.move_on_after(LINGER_S):
+        try:
+            while await stream.receive_some(64 * 1024):
+                pass
+        except (trio.BrokenResourceError, trio.ClosedResourceError):
+            pass
+
+
+def _cause(exc: BaseException) -> str:
+    cause = exc.__cause__ or exc
+    return getattr(cause, "reason", None) or str(cause) or type(cause).__name__

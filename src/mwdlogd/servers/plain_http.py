@@ -1,0 +1,69 @@
+"""A small plain-HTTP GET server for /health and /metrics (keep-alive, timeouts)."""
+
+import logging
+from collections.abc import Awaitable, Callable
+
+import h11
+import trio
+
+from mwdlogd import log
+from mwdlogd.servers.http_io import (
+    Response,
+    json_response,
+    new_connection,
+    read_event,
+    reusable,
+    send_response,
+)
+
+Handler = Callable[[h11.Request], Awaitable[Response]]
+# Scrapers and probes send small requests quickly; anything slower is not one of them.
+IDLE_TIMEOUT_S = 30.0
+
+
+async def run_plain_http(bind: str, port: int, handler: Handler, *,
+                         task_status: trio.TaskStatus[str] = trio.TASK_STATUS_IGNORED) -> None:
+    """Serves `handler` until cancelled; reports `host:port` once the socket listens."""
+    listeners = await trio.open_tcp_listeners(port, host=bind)
+    address = "{}:{}".format(*listeners[0].socket.getsockname()[:2])
+
+    async def serve(stream: trio.SocketStream) -> None:
+        try:
+            await _serve_connection(stream, handler)
+        except (trio.BrokenResourceError, trio.ClosedResourceError, h11.ProtocolError):
+            pass
+        except Exception:
+            log.logger.exception("plain_http_handler_failed")
+        finally:
+            await trio.aclose_forcefully(stream)
+
+    task_status.started(address)
+    await trio.serve_listeners(serve, listeners)
+
+
+async def _serve_connection(stream: trio.SocketStream, handler: Handler) -> None:
+    conn = new_connection()
+    while True:
+        event = None
+        with trio.move_on_after(IDLE_TIMEOUT_S):
+            event = await read_event(conn, stream)
+        if not isinstance(event, h11.Request):
+            return
+        if event.method not in (b"GET", b"HEAD"):
+            response = json_response(405, {"error": "method_not_allowed",
+                                           "detail": "only GET is served here"})
+        else:
+            response = await handler(event)
+        while not isinstance(await read_event(conn, stream), h11.EndOfMessage):
+            pass
+        await send_response(conn, stream, response)
+        if not reusable(conn):
+            return
+        conn.start_next_cycle()
+
+
+def not_found(request: h11.Request, known: str) -> Response:
+    log.event(logging.DEBUG, "not_found", target=request.target.decode("latin-1"))
+    return json_response(404, {"error": "not_found",
+                               "detail": f"{request.target.decode('latin-1')} is not served; "
+                                         f"try {known}"})

@@ -1,0 +1,1 @@
+"""Disk formats and blocking file work, as plain synchronous functions."""

@@ -1,0 +1,96 @@
+"""Metrics and log lines for every observable event, in one place (one call per batch).
+
+Metric names follow fluent-plugin-prometheus, so dashboards and alerts written for the
+Fluentd log server keep working. Label values come from fixed sets or from the tag.
+"""
+
+import logging
+import time
+from collections.abc import Mapping
+
+import prometheus_client
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+
+from mwdlogd import log
+
+prometheus_client.disable_created_metrics()  # type: ignore[no-untyped-call]
+
+ACK_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)
+OUTPUT_PLUGIN = ("hourly_files", "file")
+
+
+class Telemetry:
+    """Owns one Prometheus registry, so servers started in one process stay apart."""
+
+    def __init__(self, hostname: str) -> None:
+        self.hostname = hostname
+        self.registry = CollectorRegistry()
+        self._rate = log.RateLimiter()
+        r = self.registry
+        self.input_records = Counter(
+            "fluentd_input_status_num_records", "Records accepted from Engines",
+            ["tag", "hostname"], registry=r)
+        self.output_records = Counter(
+            "fluentd_output_status_num_records", "Records written to hourly files",
+            ["tag", "hostname"], registry=r)
+        plugin = ["plugin_id", "type"]
+        self.write_count = Gauge("fluentd_output_status_write_count",
+                                 "gzip members appended to hourly files", plugin, registry=r)
+        self.num_errors = Gauge("fluentd_output_status_num_errors",
+                                "Failed writes to hourly files", plugin, registry=r)
+        self.retry_count = Gauge("fluentd_output_status_retry_count",
+                                 "Retries of failed writes", plugin, registry=r)
+        self.requests = Counter("mwdlogd_http_requests", "HTTPS ingest requests by status",
+                                ["status"], registry=r)
+        self.rejected = Counter("mwdlogd_rejected_requests", "Refused requests by reason",
+                                ["protocol", "reason"], registry=r)
+        self.connections = Counter("mwdlogd_connections", "Accepted TCP connections",
+                                   ["protocol"], registry=r)
+        self.ack_latency = Histogram("mwdlogd_ack_latency_seconds",
+                                     "From request complete to acknowledgement", ["protocol"],
+                                     buckets=ACK_BUCKETS, registry=r)
+        for gauge in (self.write_count, self.num_errors, self.retry_count):
+            gauge.labels(*OUTPUT_PLUGIN).set(0)
+
+    def http_accepted(self, tag: str, records: int, latency_s: float) -> None:
+        self.input_records.labels(tag, self.hostname).inc(records)
+        self.requests.labels("200").inc()
+        self.ack_latency.labels("http").observe(latency_s)
+
+    def http_rejected(self, peer: str, status: int, reason: str, detail: str) -> None:
+        self.requests.labels(str(status)).inc()
+        self.rejected.labels("http", reason).inc()
+        self._peer_mistake(f"http:{reason}", "request_rejected", peer=peer, status=status,
+                           reason=reason, detail=detail)
+
+    def tls_handshake_failed(self, protocol: str, peer: str, error: str) -> None:
+        self.rejected.labels(protocol, "tls_handshake").inc()
+        self._peer_mistake(f"{protocol}:tls", "tls_handshake_failed", protocol=protocol,
+                           peer=peer, error=error)
+
+    def connection_opened(self, protocol: str) -> None:
+        self.connections.labels(protocol).inc()
+
+    def records_written(self, path: str, by_tag: Mapping[str, int], size: int,
+                        seconds: float) -> None:
+        for tag, count in by_tag.items():
+            self.output_records.labels(tag, self.hostname).inc(count)
+        self.write_count.labels(*OUTPUT_PLUGIN).inc()
+        log.event(logging.DEBUG, "flushed", path=path, records=sum(by_tag.values()),
+                  bytes=size, seconds=f"{seconds:.4f}")
+
+    def write_failed(self, path: str, error: str, records: int, retry_in_s: float) -> None:
+        self.num_errors.labels(*OUTPUT_PLUGIN).inc()
+        self.retry_count.labels(*OUTPUT_PLUGIN).inc()
+        log.event(logging.ERROR, "write_failed", path=path, error=error, records=records,
+                  retry_in_s=f"{retry_in_s:.1f}")
+
+    def _peer_mistake(self, key: str, name: str, **fields: object) -> None:
+        allowed, suppressed = self._rate.allow(key, time.monotonic())
+        if suppressed:
+            log.event(logging.WARNING, "log_suppressed", kind=key, lines=suppressed)
+        if allowed:
+            log.event(logging.WARNING, name, **fields)
+
+    def exposition(self) -> bytes:
+        return prometheus_client.generate_latest(self.registry)
