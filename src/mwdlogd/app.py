@@ -58,6 +58,7 @@ class App:
         self._stop = trio.Event()
         self._router_done = trio.Event()
         self._https_done = trio.Event()
+        self.stopped = trio.Event()
         self.https: HttpsIngestServer | None = None
 
     async def _store(self, relpath: str, data: bytes) -> int:
@@ -102,6 +103,7 @@ class App:
             await self._stop.wait()
             await self._drain()
             nursery.cancel_scope.cancel()
+        self.stopped.set()
 
     async def _run_router(self) -> None:
         try:

@@ -289,8 +289,8 @@ def _validate_tokens(tokens: tuple[Token, ...]) -> None:
             raise ConfigError(f"{key}.name", "must not be empty")
         if token.name in seen:
             raise ConfigError(f"{key}.name", f"duplicate token name {token.name!r}")
-        if len(token.token) < 8:
-            raise ConfigError(f"{key}.token", "must be at least 8 characters")
+        if not token.token:
+            raise ConfigError(f"{key}.token", "must not be empty")
         seen.add(token.name)
 
 

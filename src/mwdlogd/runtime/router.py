@@ -4,6 +4,7 @@ import math
 import time
 from collections.abc import Callable
 
+import attrs
 import trio
 
 from mwdlogd.runtime.channels import Wake, receive_until
@@ -14,9 +15,17 @@ from mwdlogd.telemetry import Telemetry
 HOUR_S = 3600
 
 
+@attrs.define
+class _Open:
+    hour: int
+    writer: DestinationWriter
+    last_used: float  # wall clock
+
+
 class Router:
-    """Owns the writer tasks. A writer is closed (and so flushed) once its hour is over by
-    `timekey_wait`; records that come later for that hour open a new one."""
+    """Owns the writer tasks. A writer is closed (and so flushed) once its hour is over and
+    it has had no records for `timekey_wait`; records that come later for that hour open a
+    new writer, which waits for its predecessor so appends to one file never overlap."""
 
     def __init__(self, *, store: Store, settings: WriterSettings, timekey_wait_s: float,
                  telemetry: Telemetry, wall_clock: Callable[[], float] = time.time) -> None:
@@ -25,7 +34,7 @@ class Router:
         self._timekey_wait_s = timekey_wait_s
         self._telemetry = telemetry
         self._wall_clock = wall_clock
-        self._writers: dict[str, tuple[int, DestinationWriter]] = {}
+        self._writers: dict[str, _Open] = {}
         self._live: set[DestinationWriter] = set()
         self._nursery: trio.Nursery | None = None
 
@@ -43,8 +52,8 @@ class Router:
                     if isinstance(message, Submission):
                         await self._route(message)
                     await self._close_finished_hours()
-            for _, writer in self._writers.values():
-                await writer.close()
+            for entry in self._writers.values():
+                await entry.writer.close()
             self._writers.clear()
 
     @property
@@ -67,14 +76,17 @@ class Router:
         submission.done.set()
 
     def _writer(self, path: str, hour: int) -> DestinationWriter:
-        if path not in self._writers:
+        entry = self._writers.get(path)
+        if entry is None:
+            previous = next((w for w in self._live if w.path == path), None)
             writer = DestinationWriter(path, store=self._store, settings=self._settings,
-                                       telemetry=self._telemetry)
-            self._writers[path] = (hour, writer)
+                                       telemetry=self._telemetry, predecessor=previous)
+            entry = self._writers[path] = _Open(hour, writer, 0.0)
             self._live.add(writer)
             assert self._nursery is not None
             self._nursery.start_soon(self._run_writer, writer)
-        return self._writers[path][1]
+        entry.last_used = self._wall_clock()
+        return entry.writer
 
     async def _run_writer(self, writer: DestinationWriter) -> None:
         try:
@@ -82,19 +94,19 @@ class Router:
         finally:
             self._live.discard(writer)
 
-    def _close_wall_time(self, hour: int) -> float:
-        return hour + HOUR_S + self._timekey_wait_s
+    def _close_wall_time(self, entry: _Open) -> float:
+        return max(entry.hour + HOUR_S, entry.last_used) + self._timekey_wait_s
 
     def _next_close_at(self) -> float:
-        """Trio-clock deadline of the next hour to close, or inf."""
+        """Trio-clock deadline of the next writer to close, or inf."""
         if not self._writers:
             return math.inf
-        soonest = min(self._close_wall_time(hour) for hour, _ in self._writers.values())
+        soonest = min(map(self._close_wall_time, self._writers.values()))
         return trio.current_time() + max(0.0, soonest - self._wall_clock())
 
     async def _close_finished_hours(self) -> None:
         now = self._wall_clock()
-        for path, (hour, writer) in list(self._writers.items()):
-            if self._close_wall_time(hour) <= now:
+        for path, entry in list(self._writers.items()):
+            if self._close_wall_time(entry) <= now:
                 del self._writers[path]
-                await writer.close()
+                await entry.writer.close()

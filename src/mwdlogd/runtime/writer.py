@@ -44,13 +44,16 @@ class WriterSettings:
 class DestinationWriter:
     """Flushes on `flush_interval`, at `chunk_limit` bytes, on request and when closed.
 
+    A `predecessor` (the closed writer of the same file) finishes before this one writes.
+
     A failed write keeps the records pending and is retried with exponential backoff
     (1 s doubling, up to `retry_max_interval`); nothing is dropped silently.
     """
 
     def __init__(self, path: str, *, store: Store, settings: WriterSettings,
-                 telemetry: Telemetry) -> None:
+                 telemetry: Telemetry, predecessor: "DestinationWriter | None" = None) -> None:
         self.path = path
+        self._predecessor = predecessor
         self.finished = trio.Event()
         self._store = store
         self._settings = settings
@@ -81,6 +84,9 @@ class DestinationWriter:
 
     async def run(self) -> None:
         try:
+            if self._predecessor is not None:
+                await self._predecessor.finished.wait()
+                self._predecessor = None
             async with self._receive:
                 await self._serve()
             while self._pending:

@@ -75,23 +75,28 @@ class HttpsIngestServer:
             scope.cancel()
 
     async def _handle(self, stream: trio.SSLStream[trio.SocketStream]) -> None:
+        """Never raises: an exception reaching serve_listeners would stop the server."""
         self._telemetry.connection_opened("http")
-        try:
-            with trio.fail_after(self._http.request_timeout):
-                await stream.do_handshake()
-        except (trio.BrokenResourceError, trio.TooSlowError) as exc:
-            self._telemetry.tls_handshake_failed("http", peer_name(stream), _cause(exc))
-            await trio.aclose_forcefully(stream)
-            return
         peer = peer_name(stream)
         try:
-            await self._serve_connection(stream, peer)
+            if await self._handshake(stream, peer):
+                peer = peer_name(stream)
+                await self._serve_connection(stream, peer)
         except (trio.BrokenResourceError, trio.ClosedResourceError):
             log.event(logging.DEBUG, "connection_lost", peer=peer)
         except Exception:
             log.logger.exception("https handler failed for %s", peer)
         finally:
             await trio.aclose_forcefully(stream)
+
+    async def _handshake(self, stream: trio.SSLStream[trio.SocketStream], peer: str) -> bool:
+        try:
+            with trio.fail_after(self._http.request_timeout):
+                await stream.do_handshake()
+        except (trio.BrokenResourceError, trio.TooSlowError) as exc:
+            self._telemetry.tls_handshake_failed("http", peer, _cause(exc))
+            return False
+        return True
 
     async def _serve_connection(self, stream: trio.SSLStream[trio.SocketStream], peer: str) -> None:
         conn = new_connection()

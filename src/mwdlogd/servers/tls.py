@@ -2,6 +2,8 @@
 
 import ssl
 
+import trio
+
 from mwdlogd.config import TlsConfig
 from mwdlogd.errors import ConfigError
 
@@ -37,8 +39,10 @@ def peer_name(stream: object) -> str:
         name = f"{host}:{port}"
     except (AttributeError, OSError):
         name = "unknown"
-    getpeercert = getattr(stream, "getpeercert", None)
-    cert = getpeercert() if getpeercert is not None else None
+    try:
+        cert = stream.getpeercert()  # type: ignore[attr-defined]
+    except (AttributeError, trio.NeedHandshakeError):
+        cert = None
     for rdn in (cert or {}).get("subject", ()):
         for key, value in rdn:
             if key == "commonName":

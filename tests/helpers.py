@@ -1,0 +1,144 @@
+"""Test clients and readers: real TLS sockets, real files. No server code is reused here."""
+
+from __future__ import annotations
+
+import gzip
+import json
+import ssl
+from pathlib import Path
+from typing import Any
+
+import attrs
+import trio
+
+TOKEN = "test-token-0123456789"
+CAPTURES = Path(__file__).resolve().parents[2] / "shared" / "reference" / "captures"
+
+
+@attrs.frozen
+class Reply:
+    status: int
+    headers: dict[str, str]
+    body: bytes
+
+    def json(self) -> Any:
+        return json.loads(self.body)
+
+
+def client_context(pki: Path, name: str | None = "engine-01", *,
+                   maximum: ssl.TLSVersion | None = None) -> ssl.SSLContext:
+    context = ssl.create_default_context(cafile=str(pki / "ca.crt"))
+    if name is not None:
+        context.load_cert_chain(str(pki / f"{name}.crt"), str(pki / f"{name}.key"))
+    if maximum is not None:
+        context.minimum_version = ssl.TLSVersion.MINIMUM_SUPPORTED
+        context.maximum_version = maximum
+        context.set_ciphers("ALL:@SECLEVEL=0")
+    return context
+
+
+def split_address(address: str) -> tuple[str, int]:
+    host, _, port = address.rpartition(":")
+    return host, int(port)
+
+
+class Connection:
+    """One TLS connection that can carry several requests (keep-alive)."""
+
+    def __init__(self, stream: trio.SSLStream[trio.SocketStream]) -> None:
+        self.stream = stream
+        self._buffer = b""
+
+    @classmethod
+    async def open(cls, address: str, context: ssl.SSLContext) -> Connection:
+        host, port = split_address(address)
+        stream = await trio.open_ssl_over_tcp_stream(host, port, ssl_context=context,
+                                                     https_compatible=True)
+        return cls(stream)
+
+    async def send_raw(self, data: bytes) -> None:
+        await self.stream.send_all(data)
+
+    async def reply(self) -> Reply:
+        while b"\r\n\r\n" not in self._buffer:
+            await self._fill()
+        head, self._buffer = self._buffer.split(b"\r\n\r\n", 1)
+        lines = head.decode("latin-1").split("\r\n")
+        status = int(lines[0].split()[1])
+        headers = {k.strip().lower(): v.strip() for k, v in (ln.split(":", 1) for ln in lines[1:])}
+        length = int(headers.get("content-length", "0"))
+        while len(self._buffer) < length:
+            await self._fill()
+        body, self._buffer = self._buffer[:length], self._buffer[length:]
+        return Reply(status, headers, body)
+
+    async def _fill(self) -> None:
+        data = await self.stream.receive_some(65536)
+        if not data:
+            raise EOFError("server closed the connection")
+        self._buffer += data
+
+    async def post(self, path: str, body: bytes, *, content_type: str = "application/x-ndjson",
+                   token: str | None = TOKEN, headers: dict[str, str] | None = None) -> Reply:
+        await self.send_raw(request_bytes(path, body, content_type=content_type, token=token,
+                                          headers=headers))
+        return await self.reply()
+
+    async def aclose(self) -> None:
+        await trio.aclose_forcefully(self.stream)
+
+
+def request_bytes(path: str, body: bytes, *, content_type: str | None = "application/x-ndjson",
+                  token: str | None = TOKEN, headers: dict[str, str] | None = None) -> bytes:
+    lines = [f"POST {path} HTTP/1.1", "Host: localhost", f"Content-Length: {len(body)}"]
+    if content_type is not None:
+        lines.append(f"Content-Type: {content_type}")
+    if token is not None:
+        lines.append(f"Authorization: Bearer {token}")
+    lines += [f"{k}: {v}" for k, v in (headers or {}).items()]
+    return ("\r\n".join(lines) + "\r\n\r\n").encode("latin-1") + body
+
+
+async def post(address: str, context: ssl.SSLContext, path: str, body: bytes,
+               **kwargs: Any) -> Reply:
+    """One request on a new connection, as Fluentd's out_http does by default."""
+    connection = await Connection.open(address, context)
+    try:
+        return await connection.post(path, body, **kwargs)
+    finally:
+        await connection.aclose()
+
+
+def ndjson(records: list[dict[str, Any]]) -> bytes:
+    return b"".join(json.dumps(r).encode() + b"\n" for r in records)
+
+
+def engine_records(count: int, *, start: int = 0, customer: str = "acme",
+                   fqdn: str = "www.acme.test", log_type: str = "nginx",
+                   time: float | None = None) -> list[dict[str, Any]]:
+    records = []
+    for n in range(start, start + count):
+        record: dict[str, Any] = {"id": f"r{n}", "customer_name": customer, "fqdn": fqdn,
+                                  "log_type": log_type, "status": 200, "path": f"/p/{n}"}
+        if time is not None:
+            record["time"] = time
+        records.append(record)
+    return records
+
+
+def read_tree(root: Path) -> dict[str, list[dict[str, Any]]]:
+    """Every hourly file under root, relative path -> its records, read with gzip to the end."""
+    tree = {}
+    for path in sorted(root.rglob("*.log.gz")):
+        with gzip.open(path, "rt", encoding="utf-8") as file:
+            tree[str(path.relative_to(root))] = [json.loads(line) for line in file]
+    return tree
+
+
+def ids_by_file(root: Path) -> dict[str, list[str]]:
+    return {path: [r.get("id", r.get("seq")) for r in records]
+            for path, records in read_tree(root).items()}
+
+
+def all_records(root: Path) -> list[dict[str, Any]]:
+    return [record for records in read_tree(root).values() for record in records]
