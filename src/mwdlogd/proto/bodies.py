@@ -85,14 +85,16 @@ def parse_msgpack(body: bytes) -> Records:
     unpacker = msgpack.Unpacker(raw=False, strict_map_key=True, max_buffer_size=max(len(body), 1))
     unpacker.feed(body)
     values: list[Any] = []
+    consumed = 0  # tell() after a partial object is not reliable, so keep the last good one
     try:
         for value in unpacker:
             values.extend(value if isinstance(value, list) else [value])
+            consumed = unpacker.tell()
     except (ValueError, msgpack.UnpackException) as exc:
         raise IngestError(400, "malformed_body", f"body is not valid msgpack: {exc}") from None
-    if unpacker.tell() != len(body):
+    if consumed != len(body):
         raise IngestError(400, "malformed_body",
-                          f"msgpack body is truncated after {unpacker.tell()} of {len(body)} bytes")
+                          f"msgpack body is truncated after {consumed} of {len(body)} bytes")
     records = _checked(values)
     for index, record in enumerate(records):
         if not all(isinstance(key, str) for key in record):
