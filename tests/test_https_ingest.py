@@ -11,7 +11,6 @@ from urllib.parse import quote_from_bytes
 import msgpack
 import pytest
 import trio
-
 from conftest import Running
 from helpers import (
     Connection,

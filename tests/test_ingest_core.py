@@ -13,10 +13,10 @@ from collections.abc import Iterator
 import h11
 import msgpack
 import pytest
+from helpers import CAPTURES
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from helpers import CAPTURES
 from mwdlogd.errors import IngestError
 from mwdlogd.proto.auth import Credential, TokenTable
 from mwdlogd.proto.bodies import gunzip_bounded, parse_json, parse_msgpack, parse_ndjson
@@ -30,7 +30,7 @@ CAPTURED = sorted(p.name for p in CAPTURES.glob("http-*.req-*.bin"))
 def events(data: bytes, step: int | None) -> Iterator[object]:
     conn = h11.Connection(h11.SERVER)
     chunks = [data] if step is None else [data[i:i + step] for i in range(0, len(data), step)]
-    for chunk in chunks + [b""]:
+    for chunk in [*chunks, b""]:
         conn.receive_data(chunk)
         while (event := conn.next_event()) not in (h11.NEED_DATA, h11.PAUSED):
             yield event
@@ -81,7 +81,7 @@ def test_fluentd_out_http_captures(name: str, step: int | None) -> None:
     assert accepted.tag == "nginx.access"
     assert accepted.credential.name == "engine"
     assert [r["seq"] for r in accepted.records] == expected_seqs(raw)
-    assert accepted.records[0]["customer"] in {"Müller GmbH", "Société Générale", "Пример ООО"}
+    assert accepted.records[0]["customer"] in {"Müller GmbH", "Société Générale", "Пример ООО"}  # noqa: RUF001
 
 
 def test_captured_body_with_trailing_request_is_unaffected() -> None:
@@ -128,7 +128,7 @@ def test_head_is_refused_before_the_body_arrives() -> None:
     conn.receive_data(head)
     event = conn.next_event()
     assert isinstance(event, h11.Request)
-    with pytest.raises(IngestError, match="Content-Length 1000 > http.body_size_limit=100"):
+    with pytest.raises(IngestError, match=r"Content-Length 1000 > http\.body_size_limit=100"):
         RequestReader(event, tokens=TOKENS, body_limit=100)
 
 

@@ -1,0 +1,20 @@
+#!/usr/bin/env bash
+# Installs the test dependencies (system tools, then a venv) and runs lint, types and
+# the whole test suite. `.ci/run` calls exactly this. Extra arguments go to pytest.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+need=()
+command -v curl >/dev/null || need+=(curl)
+command -v zcat >/dev/null || need+=(gzip)
+if [ ${#need[@]} -gt 0 ]; then
+  echo "installing ${need[*]} (Debian packages)"
+  apt-get update -qq && apt-get install -y -qq "${need[@]}"
+fi
+
+[ -x .venv/bin/python ] || python3 -m venv .venv
+.venv/bin/pip install -q --disable-pip-version-check -e '.[test]'
+
+echo "== ruff"; .venv/bin/ruff check src tests tools
+echo "== mypy --strict src"; .venv/bin/mypy src
+echo "== pytest"; .venv/bin/pytest "$@"
