@@ -17,13 +17,14 @@ STARTUP_TIMEOUT_S = 30.0
 
 
 class ServerProcess:
-    def __init__(self, config_path: Path, *, cwd: Path | None = None,
-                 env: dict[str, str] | None = None) -> None:
+    def __init__(self, config_path: Path | None, *, cwd: Path | None = None,
+                 env: dict[str, str] | None = None, argv: list[str] | None = None) -> None:
+        """Runs `mwdlogd run --config config_path`, or `argv` when given."""
         self.lines: list[str] = []
         self._changed = threading.Condition()
-        self.process = subprocess.Popen(
-            [sys.executable, "-m", "mwdlogd", "run", "--config", str(config_path)],
-            cwd=cwd, env={**os.environ, **(env or {})}, stderr=subprocess.PIPE, text=True)
+        argv = argv or [sys.executable, "-m", "mwdlogd", "run", "--config", str(config_path)]
+        self.process = subprocess.Popen(argv, cwd=cwd, env={**os.environ, **(env or {})},
+                                        stderr=subprocess.PIPE, text=True)
         self._reader = threading.Thread(target=self._read, daemon=True)
         self._reader.start()
         listening = self.wait_for(r" listening ")

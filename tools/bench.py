@@ -1,0 +1,299 @@
+#!/usr/bin/env python3
+"""HTTPS ingest benchmark: acked records/s and ack latency for batches of Engine records.
+
+By default it starts mwdlogd as a subprocess on a temporary config (own dev PKI, ports 0),
+drives it over keep-alive mTLS connections with pre-encoded ndjson batches, then stops it
+with SIGTERM and counts what landed. Reports server CPU seconds per million records and
+peak RSS (VmHWM). With --target it drives any server of the same protocol instead. --reference-null
+first measures the same load against a null server (TLS + HTTP framing only, in its own
+process): the ceiling of this load generator on this machine, for side-by-side figures.
+
+    python tools/bench.py --connections 4 --batch 1000 --duration 20
+"""
+
+from __future__ import annotations
+
+import argparse
+import gzip
+import json
+import os
+import platform
+import random
+import signal
+import ssl
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+import tomli_w
+import trio
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO / "tests"))
+from server_process import ServerProcess  # noqa: E402
+
+from mwdlogd.certs import init_certs  # noqa: E402
+
+TOKEN = "bench-token-0123456789"
+BODIES_PER_CONNECTION = 8
+
+
+def engine_record(rng: random.Random, ident: str, now: float) -> dict[str, Any]:
+    """An nginx access record of ~320 bytes, shaped like an Engine's."""
+    customer = f"customer-{rng.randrange(5)}"
+    return {
+        "id": ident, "customer_name": customer,
+        "fqdn": f"site-{rng.randrange(4)}.{customer}.example",
+        "log_type": "nginx", "time": now, "remote_addr": f"203.0.113.{rng.randrange(256)}",
+        "method": rng.choice(["GET", "POST"]), "status": rng.choice([200, 200, 304, 404]),
+        "path": f"/api/v1/items/{rng.randrange(10**6)}?page={rng.randrange(20)}",
+        "body_bytes_sent": rng.randrange(10**5), "request_time": round(rng.random(), 3),
+        "http_user_agent": "Mozilla/5.0 (X11; Linux x86_64) AppleWebKit/537.36 Chrome/120.0",
+        "http_referer": "https://www.example.com/",
+    }
+
+
+def request_bytes(host: str, records: list[dict[str, Any]], gzipped: bool) -> bytes:
+    body = b"".join(json.dumps(r).encode() + b"\n" for r in records)
+    extra = ""
+    if gzipped:
+        body = gzip.compress(body, 1)
+        extra = "Content-Encoding: gzip\r\n"
+    head = (f"POST /nginx.access HTTP/1.1\r\nHost: {host}\r\nAuthorization: Bearer {TOKEN}\r\n"
+            f"Content-Type: application/x-ndjson\r\n{extra}Content-Length: {len(body)}\r\n\r\n")
+    return head.encode() + body
+
+
+class Stats:
+    def __init__(self) -> None:
+        self.latencies: list[float] = []
+        self.records = 0
+        self.errors: dict[str, int] = {}
+
+
+async def read_status(stream: trio.SSLStream[trio.SocketStream], buffer: bytearray) -> int:
+    while b"\r\n\r\n" not in buffer:
+        data = await stream.receive_some(65536)
+        if not data:
+            raise EOFError("server closed the connection")
+        buffer += data
+    head, _, rest = bytes(buffer).partition(b"\r\n\r\n")
+    length = 0
+    for line in head.split(b"\r\n")[1:]:
+        name, _, value = line.partition(b":")
+        if name.strip().lower() == b"content-length":
+            length = int(value)
+    while len(rest) < length:
+        data = await stream.receive_some(65536)
+        if not data:
+            raise EOFError("server closed the connection")
+        rest += data
+    buffer[:] = rest[length:]
+    return int(head.split(b" ", 2)[1])
+
+
+async def drive(host: str, port: int, context: ssl.SSLContext, bodies: list[bytes],
+                batch: int, deadline: float, stats: Stats) -> None:
+    stream = await trio.open_ssl_over_tcp_stream(host, port, ssl_context=context,
+                                                 https_compatible=True)
+    buffer = bytearray()
+    n = 0
+    try:
+        while trio.current_time() < deadline:
+            started = time.perf_counter()
+            await stream.send_all(bodies[n % len(bodies)])
+            status = await read_status(stream, buffer)
+            n += 1
+            if status == 200:
+                stats.latencies.append(time.perf_counter() - started)
+                stats.records += batch
+            else:
+                stats.errors[str(status)] = stats.errors.get(str(status), 0) + 1
+    finally:
+        await trio.aclose_forcefully(stream)
+
+
+async def serve_null(stream: trio.SSLStream[trio.SocketStream]) -> None:
+    """Answers every request 200 after reading it whole; stores nothing."""
+    buffer = bytearray()
+    try:
+        while True:
+            while b"\r\n\r\n" not in buffer:
+                data = await stream.receive_some(65536)
+                if not data:
+                    return
+                buffer += data
+            head, _, rest = bytes(buffer).partition(b"\r\n\r\n")
+            length = next(int(line.split(b":", 1)[1]) for line in head.split(b"\r\n")
+                          if line.lower().startswith(b"content-length:"))
+            while len(rest) < length:
+                data = await stream.receive_some(65536)
+                if not data:
+                    return
+                rest += data
+            buffer[:] = rest[length:]
+            await stream.send_all(b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\n{}")
+    except trio.BrokenResourceError:
+        return
+
+
+async def run_null_server(pki: Path) -> None:
+    context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH, cafile=str(pki / "ca.crt"))
+    context.load_cert_chain(str(pki / "server.crt"), str(pki / "server.key"))
+    context.verify_mode = ssl.CERT_REQUIRED
+    listeners = await trio.open_ssl_over_tcp_listeners(0, context, host="127.0.0.1",
+                                                       https_compatible=True)
+    port = listeners[0].transport_listener.socket.getsockname()[1]  # type: ignore[attr-defined]
+    print(f"null-server listening http=127.0.0.1:{port}", file=sys.stderr, flush=True)
+    await trio.serve_listeners(serve_null, listeners)
+
+
+def cpu_seconds(pid: int) -> float:
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def peak_rss_mb(pid: int) -> float:
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmHWM:"):
+            return int(line.split()[1]) / 1024
+    return 0.0
+
+
+def machine() -> str:
+    model = next((line.split(":", 1)[1].strip()
+                  for line in Path("/proc/cpuinfo").read_text().splitlines()
+                  if line.startswith("model name")), platform.processor())
+    return f"{os.cpu_count()} cores, {model}, Python {platform.python_version()}"
+
+
+def percentile(values: list[float], q: float) -> float:
+    return statistics.quantiles(values, n=1000)[int(q * 1000) - 1] if len(values) > 1 else 0.0
+
+
+def count_stored(root: Path) -> int:
+    total = 0
+    for path in root.rglob("*.log.gz"):
+        with gzip.open(path, "rb") as file:
+            total += sum(1 for _ in file)
+    return total
+
+
+def bench_config(work: Path, pki: Path, args: argparse.Namespace) -> Path:
+    raw = {
+        "server": {"hostname": "bench"},
+        "tls": {"cert": str(pki / "server.crt"), "key": str(pki / "server.key"),
+                "ca": str(pki / "ca.crt")},
+        "http": {"bind": "127.0.0.1", "port": 0},
+        "auth": {"tokens": [{"name": "bench", "token": TOKEN}]},
+        "storage": {"root": str(work / "logs")}, "buffer": {"path": str(work / "buffer")},
+        "health": {"bind": "127.0.0.1", "port": 0}, "metrics": {"bind": "127.0.0.1", "port": 0},
+        "monitor": {"bind": "127.0.0.1", "port": 0},
+    }
+    path = work / "config.toml"
+    path.write_text(tomli_w.dumps(raw))
+    return path
+
+
+async def load(host: str, port: int, context: ssl.SSLContext, args: argparse.Namespace,
+               stats: Stats) -> float:
+    rng = random.Random(args.seed)
+    now = time.time()
+    bodies = [[request_bytes(host, [engine_record(rng, f"c{c}-b{b}-{i}", now)
+                                    for i in range(args.batch)], args.gzip)
+               for b in range(BODIES_PER_CONNECTION)] for c in range(args.connections)]
+    started = trio.current_time()
+    async with trio.open_nursery() as nursery:
+        for c in range(args.connections):
+            nursery.start_soon(drive, host, port, context, bodies[c], args.batch,
+                               started + args.duration, stats)
+    return trio.current_time() - started
+
+
+def report(result: dict[str, Any]) -> None:
+    print(json.dumps(result, indent=2))
+    print(f"\n{result['records_per_s']:>10,.0f} acked records/s   "
+          f"p50 {result['ack_p50_ms']:.1f} ms   p99 {result['ack_p99_ms']:.1f} ms   "
+          f"p999 {result['ack_p999_ms']:.1f} ms", file=sys.stderr)
+    if "reference_null_server_records_per_s" in result:
+        print(f"{result['reference_null_server_records_per_s']:>10,} records/s against the null "
+              "server (load generator ceiling)", file=sys.stderr)
+    if "server_cpu_s_per_million" in result:
+        print(f"{result['server_cpu_s_per_million']:>10.1f} server CPU s per million records   "
+              f"peak RSS {result['server_peak_rss_mb']:.0f} MB   "
+              f"stored {result['stored_records']:,} of {result['acked_records']:,} acked",
+              file=sys.stderr)
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--connections", type=int, default=4)
+    parser.add_argument("--batch", type=int, default=1000, help="records per request")
+    parser.add_argument("--duration", type=float, default=10.0, help="seconds of load")
+    parser.add_argument("--gzip", action="store_true", help="gzip request bodies")
+    parser.add_argument("--seed", type=int, default=1)
+    parser.add_argument("--target", metavar="HOST:PORT",
+                        help="drive this server instead of starting mwdlogd")
+    parser.add_argument("--pki", type=Path, help="with --target: dir with ca.crt and "
+                        "engine-01.crt/.key (default: a fresh one)")
+    parser.add_argument("--reference-null", action="store_true",
+                        help="also measure a null server first, side by side")
+    parser.add_argument("--serve-null", action="store_true", help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.serve_null:
+        trio.run(run_null_server, args.pki)
+        return 0
+
+    with tempfile.TemporaryDirectory(prefix="mwdlogd-bench-") as tmp:
+        work = Path(tmp)
+        pki = args.pki or work / "pki"
+        if not args.pki:
+            init_certs(pki, hosts=["localhost", "127.0.0.1"], clients=["engine-01"], days=2)
+        context = ssl.create_default_context(cafile=str(pki / "ca.crt"))
+        context.load_cert_chain(str(pki / "engine-01.crt"), str(pki / "engine-01.key"))
+        reference = None
+        if args.reference_null:
+            null = ServerProcess(None, argv=[sys.executable, __file__, "--serve-null",
+                                             "--pki", str(pki)])
+            host, _, port = null.addresses["http"].rpartition(":")
+            stats = Stats()
+            elapsed = trio.run(load, host, int(port), context, args, stats)
+            null.stop()
+            reference = round(stats.records / elapsed)
+        server = None
+        if args.target:
+            host, _, port = args.target.rpartition(":")
+        else:
+            server = ServerProcess(bench_config(work, pki, args))
+            host, _, port = server.addresses["http"].rpartition(":")
+        stats = Stats()
+        cpu_before = cpu_seconds(server.process.pid) if server else 0.0
+        elapsed = trio.run(load, host, int(port), context, args, stats)
+        result: dict[str, Any] = {
+            "machine": machine(), "connections": args.connections, "batch": args.batch,
+            "gzip": args.gzip, "duration_s": round(elapsed, 2), "acked_records": stats.records,
+            "records_per_s": round(stats.records / elapsed), "errors": stats.errors,
+            "ack_p50_ms": round(percentile(stats.latencies, 0.5) * 1000, 2),
+            "ack_p99_ms": round(percentile(stats.latencies, 0.99) * 1000, 2),
+            "ack_p999_ms": round(percentile(stats.latencies, 0.999) * 1000, 2),
+        }
+        if reference is not None:
+            result["reference_null_server_records_per_s"] = reference
+        if server:
+            cpu = cpu_seconds(server.process.pid) - cpu_before
+            result["server_cpu_s"] = round(cpu, 2)
+            result["server_cpu_s_per_million"] = round(cpu / max(stats.records, 1) * 1e6, 2)
+            result["server_peak_rss_mb"] = round(peak_rss_mb(server.process.pid), 1)
+            server.signal(signal.SIGTERM)
+            result["server_exit"] = server.wait()
+            result["stored_records"] = count_stored(work / "logs")
+        report(result)
+        return 0 if not server or result["stored_records"] == stats.records else 1
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
