@@ -11,30 +11,42 @@ import trio
 import trio.testing
 
 from mwdlogd.errors import StorageError
-from mwdlogd.pipeline.normalize import Routed
-from mwdlogd.runtime.pipeline import Pipeline, ShuttingDown
+from mwdlogd.runtime.pipeline import FlushAll, Group, Message, Submission
 from mwdlogd.runtime.router import Router
+from mwdlogd.runtime.tracker import BatchTracker
 from mwdlogd.runtime.writer import WriterSettings
-from mwdlogd.storage.hourly import append_member, destination
+from mwdlogd.storage.hourly import MemberBuilder, append_members, destination
+from mwdlogd.storage.intents import IntentLog
 from mwdlogd.telemetry import Telemetry
 
 HOUR = 1732500000  # 2024-11-25T02:00Z
 
 
 class MemoryStore:
-    """Records each append; can be told to fail the next N appends."""
+    """Holds each append in memory (decompressed); can be told to fail the next N appends."""
 
     def __init__(self) -> None:
         self.appends: list[tuple[float, str, bytes]] = []
         self.failures = 0
+        self.failed: list[tuple[str, bytes, str]] = []
 
-    async def __call__(self, path: str, data: bytes) -> int:
+    async def compress(self, builder: MemberBuilder, data: bytes) -> None:
+        builder.add(data)
+
+    async def finish(self, builder: MemberBuilder, tail: bytes) -> bytes:
+        return builder.finish(tail)
+
+    async def append(self, path: str, members: bytes, max_id: int) -> int:
         await trio.lowlevel.checkpoint()
         if self.failures:
             self.failures -= 1
             raise StorageError(path, "append", "No space left on device")
-        self.appends.append((trio.current_time(), path, data))
-        return len(data)
+        self.appends.append((trio.current_time(), path, gzip.decompress(members)))
+        return len(members)
+
+    async def fail(self, path: str, members: bytes, max_id: int, error: str) -> Path:
+        self.failed.append((path, gzip.decompress(members), error))
+        return Path("/failed") / path
 
     def lines(self, path: str) -> list[bytes]:
         return [line for _, p, data in self.appends if p == path
@@ -42,25 +54,39 @@ class MemoryStore:
 
 
 class Harness:
-    def __init__(self, store: MemoryStore, router: Router, pipeline: Pipeline,
-                 telemetry: Telemetry, wall: list[float]) -> None:
-        self.store, self.router, self.pipeline = store, router, pipeline
+    def __init__(self, store: MemoryStore, router: Router, send: trio.MemorySendChannel[Message],
+                 tracker: BatchTracker, telemetry: Telemetry, wall: list[float]) -> None:
+        self.store, self.router, self.send, self.tracker = store, router, send, tracker
         self.telemetry, self.wall = telemetry, wall
 
     async def commit(self, path: str, hour: int, *lines: bytes, tag: str = "t") -> None:
-        await self.pipeline.commit(tag, [Routed(path, hour, line) for line in lines])
+        data = b"".join(line + b"\n" for line in lines)
+        batch_id = self.tracker.next_id
+        self.tracker.open(batch_id, 1, len(data))
+        await self.send.send(Submission(tag, [Group(path, hour, data, len(lines))], len(data),
+                                        batch_id))
+
+    async def flush(self) -> None:
+        marker = FlushAll()
+        await self.send.send(marker)
+        await marker.done.wait()
 
 
-async def start(nursery: trio.Nursery, *, flush_interval: float = 10.0,
-                chunk_limit: int = 1 << 20, timekey_wait: float = 10.0) -> Harness:
-    store, telemetry, pipeline = MemoryStore(), Telemetry("h"), Pipeline()
+def writer_settings(flush_interval: float = 10.0, chunk_limit: int = 1 << 20,
+                    retry_timeout: float = 3600.0) -> WriterSettings:
+    return WriterSettings(flush_interval, chunk_limit, 30.0, retry_timeout)
+
+
+async def start(nursery: trio.Nursery, *, timekey_wait: float = 10.0,
+                **settings: float) -> Harness:
+    store, telemetry, tracker = MemoryStore(), Telemetry("h"), BatchTracker()
     wall = [HOUR + 600.0 - trio.current_time()]  # wall clock = trio clock + offset
-
-    router = Router(store=store, settings=WriterSettings(flush_interval, chunk_limit, 30.0),
-                    timekey_wait_s=timekey_wait, telemetry=telemetry,
+    router = Router(store=store, settings=writer_settings(**settings),  # type: ignore[arg-type]
+                    timekey_wait_s=timekey_wait, telemetry=telemetry, tracker=tracker,
                     wall_clock=lambda: trio.current_time() + wall[0])
-    await nursery.start(router.run, pipeline.receive)
-    return Harness(store, router, pipeline, telemetry, wall)
+    send, receive = trio.open_memory_channel[Message](0)
+    nursery.start_soon(router.run, receive)
+    return Harness(store, router, send, tracker, telemetry, wall)
 
 
 async def test_flush_after_interval_in_one_member(autojump_clock: trio.testing.MockClock,
@@ -72,15 +98,19 @@ async def test_flush_after_interval_in_one_member(autojump_clock: trio.testing.M
     await trio.sleep(9.9)
     assert h.store.appends == []
     await trio.sleep(0.2)
-    assert [(round(t - started, 3), p, d) for t, p, d in h.store.appends] == [(10.0, "a", b"123")]
+    assert [(round(t - started, 3), p, d) for t, p, d in h.store.appends] == [
+        (10.0, "a", b"1\n2\n3\n")]
 
 
 async def test_chunk_limit_flushes_at_once(autojump_clock: trio.testing.MockClock,
                                            nursery: trio.Nursery) -> None:
-    h = await start(nursery, chunk_limit=4)
-    await h.commit("a", HOUR, b"12", b"34", b"5")
+    h = await start(nursery, chunk_limit=7)
+    await h.commit("a", HOUR, b"12", b"34")
     await trio.testing.wait_all_tasks_blocked()
-    assert h.store.lines("a") == [b"12345"]
+    assert h.store.appends == []
+    await h.commit("a", HOUR, b"5")
+    await trio.testing.wait_all_tasks_blocked()
+    assert h.store.lines("a") == [b"12", b"34", b"5"]
     assert h.store.appends[0][0] == trio.current_time()
 
 
@@ -89,8 +119,8 @@ async def test_flush_all_covers_every_file(autojump_clock: trio.testing.MockCloc
     h = await start(nursery)
     await h.commit("a", HOUR, b"1")
     await h.commit("b", HOUR, b"2")
-    await h.router.flush_all()
-    assert sorted((p, d) for _, p, d in h.store.appends) == [("a", b"1"), ("b", b"2")]
+    await h.flush()
+    assert sorted((p, d) for _, p, d in h.store.appends) == [("a", b"1\n"), ("b", b"2\n")]
 
 
 async def test_hour_close_flushes_and_retires_the_writer(
@@ -112,8 +142,8 @@ async def test_late_records_keep_order_across_writers(
     for n in range(6):
         await h.commit("old", old, str(n).encode())
         await trio.sleep(0.7 if n % 2 else 3.0)  # some writers retire in between
-    await h.router.flush_all()
-    assert b"".join(h.store.lines("old")) == b"012345"
+    await h.flush()
+    assert h.store.lines("old") == [b"0", b"1", b"2", b"3", b"4", b"5"]
 
 
 async def test_failed_writes_retry_with_backoff_then_land(
@@ -124,39 +154,63 @@ async def test_failed_writes_retry_with_backoff_then_land(
     await h.commit("a", HOUR, b"x")
     await trio.sleep(100)
     ((when, _, data),) = h.store.appends
-    assert data == b"x"
+    assert data == b"x\n"
     assert round(when - started, 3) == 1.0 + 1 + 2 + 4  # interval, then backoff 1, 2, 4 s
     metrics = h.telemetry.exposition().decode()
     assert 'fluentd_output_status_retry_count{plugin_id="hourly_files",type="file"} 3.0' in metrics
     assert 'fluentd_output_status_num_records_total{hostname="h",tag="t"} 1.0' in metrics
 
 
-async def test_close_drains_pending_and_refuses_new_batches(
-        autojump_clock: trio.testing.MockClock) -> None:
-    store, telemetry, pipeline = MemoryStore(), Telemetry("h"), Pipeline()
-    router = Router(store=store, settings=WriterSettings(1e6, 1 << 20, 30.0),
-                    timekey_wait_s=10, telemetry=telemetry)
+async def test_close_flushes_every_writer(autojump_clock: trio.testing.MockClock) -> None:
     async with trio.open_nursery() as nursery:
-        await nursery.start(router.run, pipeline.receive)
-        await pipeline.commit("t", [Routed("a", HOUR, b"1"), Routed("b", HOUR, b"2")])
-        await pipeline.close()
-    assert sorted((p, d) for _, p, d in store.appends) == [("a", b"1"), ("b", b"2")]
-    with pytest.raises(ShuttingDown):
-        await pipeline.commit("t", [Routed("a", HOUR, b"3")])
+        h = await start(nursery, flush_interval=1e6)
+        await h.commit("a", HOUR, b"1")
+        await h.commit("b", HOUR, b"2")
+        await h.send.aclose()
+    assert sorted((p, d) for _, p, d in h.store.appends) == [("a", b"1\n"), ("b", b"2\n")]
+    assert h.tracker.open_batches == 0 and h.tracker.buffered_bytes == 0
 
 
-def test_append_member_makes_multi_member_gzip(tmp_path: Path) -> None:
-    append_member(str(tmp_path), "c/nginx/f/2024/11/25/02.log.gz", b'{"a":1}\n')
-    append_member(str(tmp_path), "c/nginx/f/2024/11/25/02.log.gz", b'{"a":2}\n')
+async def test_past_retry_timeout_the_chunk_moves_to_failed(
+        autojump_clock: trio.testing.MockClock, nursery: trio.Nursery) -> None:
+    h = await start(nursery, flush_interval=1.0, retry_timeout=60.0)
+    h.store.failures = 1000
+    await h.commit("a", HOUR, b"x", b"y")
+    await trio.sleep(200)
+    assert h.store.failed == [("a", b"x\ny\n", "append a: No space left on device")]
+    assert h.tracker.open_batches == 0
+    metrics = h.telemetry.exposition().decode()
+    assert "mwdlogd_failed_records_total 2.0" in metrics
+    h.store.failures = 0
+    await h.commit("a", HOUR, b"z")
+    await h.flush()
+    assert h.store.lines("a") == [b"z"]
+
+
+def members(data: bytes) -> bytes:
+    return MemberBuilder().finish(data)
+
+
+def test_append_members_makes_multi_member_gzip(tmp_path: Path) -> None:
+    intents = IntentLog(tmp_path / "intents.log")
+    intents.open()
+    intents.settle()
+    rel = "c/nginx/f/2024/11/25/02.log.gz"
+    append_members(str(tmp_path), rel, members(b'{"a":1}\n'), 0, intents)
+    append_members(str(tmp_path), rel, members(b'{"a":2}\n'), 3, intents)
+    assert intents.committed(rel) == 3
     data = (tmp_path / "c/nginx/f/2024/11/25/02.log.gz").read_bytes()
     assert gzip.decompress(data) == b'{"a":1}\n{"a":2}\n'
     assert data.count(b"\x1f\x8b\x08") == 2
 
 
-def test_append_member_names_the_failing_path(tmp_path: Path) -> None:
+def test_append_members_names_the_failing_path(tmp_path: Path) -> None:
     (tmp_path / "c").write_text("a file where a directory should be")
-    with pytest.raises(StorageError, match=r"append .*/c/nginx/f/x.log.gz: Not a directory"):
-        append_member(str(tmp_path), "c/nginx/f/x.log.gz", b"x\n")
+    intents = IntentLog(tmp_path / "intents.log")
+    intents.open()
+    intents.settle()
+    with pytest.raises(StorageError, match=r"open .*/c/nginx/f/x.log.gz: Not a directory"):
+        append_members(str(tmp_path), "c/nginx/f/x.log.gz", members(b"x\n"), 0, intents)
 
 
 @pytest.mark.parametrize("relpath", ["../x.log.gz", "a/../../x.log.gz", "/etc/x"])

@@ -3,6 +3,7 @@
 import logging
 import signal
 from collections.abc import Callable
+from pathlib import Path
 
 import attrs
 import h11
@@ -13,18 +14,24 @@ from mwdlogd import log
 from mwdlogd.config import DEV_TOKEN, Config
 from mwdlogd.errors import StorageError
 from mwdlogd.proto.auth import Credential, TokenTable
-from mwdlogd.runtime.pipeline import Pipeline
+from mwdlogd.runtime.filestore import FileStore
+from mwdlogd.runtime.pipeline import Message, Pipeline
 from mwdlogd.runtime.router import Router
+from mwdlogd.runtime.tracker import BatchTracker
 from mwdlogd.runtime.writer import WriterSettings
 from mwdlogd.servers.http_io import Response, json_response
 from mwdlogd.servers.https import HttpsIngestServer, IngestSettings
 from mwdlogd.servers.plain_http import not_found, run_plain_http
 from mwdlogd.servers.tls import server_context
-from mwdlogd.storage.hourly import append_member, check_writable
+from mwdlogd.storage.hourly import check_writable
+from mwdlogd.storage.intents import IntentLog
+from mwdlogd.storage.journal import Journal
 from mwdlogd.telemetry import Telemetry
 
 # Hourly-file appends in flight at once; each is a blocking compress + write + fsync.
 FILE_IO_THREADS = 4
+# Journaled batches waiting for the router; small: backpressure reaches the journal task.
+ROUTER_QUEUE = 16
 
 
 @attrs.frozen
@@ -46,14 +53,24 @@ class App:
                  wall_clock: Callable[[], float] | None = None) -> None:
         self.config = config
         self.telemetry = Telemetry(config.server.hostname)
-        self.pipeline = Pipeline()
-        self._limiter = trio.CapacityLimiter(FILE_IO_THREADS)
+        buffer = Path(config.buffer.path)
+        intents = IntentLog(buffer / "intents.log", fsync=config.buffer.fsync)
+        self.journal = Journal(buffer / "journal", fsync=config.buffer.fsync)
+        self.tracker = BatchTracker()
+        self.pipeline = Pipeline(journal=self.journal, intents=intents, tracker=self.tracker,
+                                 total_limit=config.buffer.total_limit,
+                                 limiter=trio.CapacityLimiter(1))
+        self.telemetry.watch_buffer(lambda: self.tracker.buffered_bytes,
+                                    lambda: self.tracker.open_batches)
+        store = FileStore(root=config.storage.root, failed_dir=buffer / "failed",
+                          intents=intents, limiter=trio.CapacityLimiter(FILE_IO_THREADS))
         writer_settings = WriterSettings(config.buffer.flush_interval, config.buffer.chunk_limit,
-                                         config.buffer.retry_max_interval)
+                                         config.buffer.retry_max_interval,
+                                         config.buffer.retry_timeout)
         extra = {"wall_clock": wall_clock} if wall_clock else {}
-        self.router = Router(store=self._store, settings=writer_settings,
+        self.router = Router(store=store, settings=writer_settings,
                              timekey_wait_s=config.buffer.timekey_wait,
-                             telemetry=self.telemetry, **extra)
+                             telemetry=self.telemetry, tracker=self.tracker, **extra)
         self._handle_signals = handle_signals
         self._stop = trio.Event()
         self._router_done = trio.Event()
@@ -61,23 +78,22 @@ class App:
         self.stopped = trio.Event()
         self.https: HttpsIngestServer | None = None
 
-    async def _store(self, relpath: str, data: bytes) -> int:
-        return await trio.to_thread.run_sync(append_member, self.config.storage.root, relpath,
-                                             data, limiter=self._limiter)
-
     def request_stop(self) -> None:
         """Begin the drain: stop accepting, finish requests, flush, then `run` returns."""
         self._stop.set()
 
     async def flush(self, reason: str) -> None:
-        await self.router.flush_all()
+        await self.pipeline.flush()
         log.event(logging.INFO, "flush_done", reason=reason)
 
     async def run(self, *, task_status: trio.TaskStatus[Addresses] = trio.TASK_STATUS_IGNORED
                   ) -> None:
-        problem = await trio.to_thread.run_sync(check_writable, self.config.storage.root)
-        if problem:
-            raise StorageError(self.config.storage.root, "open storage.root", problem)
+        for key, path in (("storage.root", self.config.storage.root),
+                          ("buffer.path", self.config.buffer.path)):
+            problem = await trio.to_thread.run_sync(check_writable, path)
+            if problem:
+                raise StorageError(path, f"open {key}", problem)
+        await self.pipeline.recover(self.config.storage.root)
         if any(t.token == DEV_TOKEN for t in self.config.auth.tokens):
             log.event(logging.WARNING, "DEV_TOKEN_IN_USE",
                       detail="auth.tokens holds the development token; replace it before "
@@ -88,7 +104,9 @@ class App:
             ssl_context=context, tokens=token_table(self.config), pipeline=self.pipeline,
             telemetry=self.telemetry)
         async with trio.open_nursery() as nursery:
-            nursery.start_soon(self._run_router)
+            to_router, from_pipeline = trio.open_memory_channel[Message](ROUTER_QUEUE)
+            nursery.start_soon(self._run_router, from_pipeline)
+            await nursery.start(self.pipeline.run, to_router)
             addresses = Addresses(
                 http=await nursery.start(self._run_https),
                 health=await nursery.start(run_plain_http, self.config.health.bind,
@@ -105,9 +123,9 @@ class App:
             nursery.cancel_scope.cancel()
         self.stopped.set()
 
-    async def _run_router(self) -> None:
+    async def _run_router(self, receive: trio.MemoryReceiveChannel[Message]) -> None:
         try:
-            await self.router.run(self.pipeline.receive)
+            await self.router.run(receive)
         finally:
             self._router_done.set()
 
@@ -121,9 +139,12 @@ class App:
             await self._https_done.wait()
             await self.pipeline.close()
             await self._router_done.wait()
-        if scope.cancelled_caught:
-            log.event(logging.ERROR, "shutdown_timeout", timeout_s=timeout,
-                      detail="pending records could not all be written in time")
+            await self.pipeline.release()
+        if scope.cancelled_caught or self.tracker.open_batches:
+            log.event(logging.WARNING, "shutdown_incomplete", timeout_s=timeout,
+                      batches_left_in_journal=self.tracker.open_batches,
+                      bytes_left_in_journal=self.tracker.buffered_bytes,
+                      detail="recovered from the journal at the next start")
         else:
             log.event(logging.INFO, "shutdown_complete")
 
@@ -155,7 +176,8 @@ class App:
             problem = "shutting down"
         status = {"status": "ok" if not problem else "unavailable",
                   "storage_root": self.config.storage.root,
-                  "open_files": self.router.open_files}
+                  "open_files": self.router.open_files,
+                  "buffered_bytes": self.tracker.buffered_bytes}
         if problem:
             status["problem"] = problem
         return json_response(503 if problem else 200, status)

@@ -107,7 +107,9 @@ class BufferConfig:
     retry_max_interval: Duration = attrs.field(default=Duration(30.0), metadata=_doc(
         "longest wait between retries of a failed write"))
     retry_timeout: Duration = attrs.field(default=Duration(3600.0), metadata=_doc(
-        "give up retrying a write after this long"))
+        "after this long failing, a chunk moves to {buffer.path}/failed/ (never dropped)"))
+    fsync: bool = attrs.field(default=True, metadata=_doc(
+        "fsync the journal before acknowledging; false only to measure what durability costs"))
 
 
 @attrs.frozen

@@ -6,7 +6,7 @@ Fluentd log server keep working. Label values come from fixed sets or from the t
 
 import logging
 import time
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 
 import prometheus_client
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
@@ -40,6 +40,10 @@ class Telemetry:
                                 "Failed writes to hourly files", plugin, registry=r)
         self.retry_count = Gauge("fluentd_output_status_retry_count",
                                  "Retries of failed writes", plugin, registry=r)
+        self.failed_chunks = Counter("mwdlogd_failed_chunks", "Chunks moved to buffer/failed "
+                                     "after retry_timeout", registry=r)
+        self.failed_records = Counter("mwdlogd_failed_records", "Records moved to "
+                                      "buffer/failed after retry_timeout", registry=r)
         self.requests = Counter("mwdlogd_http_requests", "HTTPS ingest requests by status",
                                 ["status"], registry=r)
         self.rejected = Counter("mwdlogd_rejected_requests", "Refused requests by reason",
@@ -51,6 +55,17 @@ class Telemetry:
                                      buckets=ACK_BUCKETS, registry=r)
         for gauge in (self.write_count, self.num_errors, self.retry_count):
             gauge.labels(*OUTPUT_PLUGIN).set(0)
+
+    def watch_buffer(self, buffered_bytes: Callable[[], int], open_batches: Callable[[], int]
+                     ) -> None:
+        """Gauges read at scrape time: journal bytes not yet written, batches open."""
+        plugin = ["plugin_id", "type"]
+        Gauge("fluentd_output_status_buffer_total_bytes", "Journaled bytes not yet in files",
+              plugin, registry=self.registry).labels(*OUTPUT_PLUGIN).set_function(
+            lambda: float(buffered_bytes()))
+        Gauge("fluentd_output_status_buffer_queue_length", "Journaled batches not yet in files",
+              plugin, registry=self.registry).labels(*OUTPUT_PLUGIN).set_function(
+            lambda: float(open_batches()))
 
     def http_accepted(self, tag: str, records: int, latency_s: float) -> None:
         self.input_records.labels(tag, self.hostname).inc(records)
@@ -84,6 +99,12 @@ class Telemetry:
         self.retry_count.labels(*OUTPUT_PLUGIN).inc()
         log.event(logging.ERROR, "write_failed", path=path, error=error, records=records,
                   retry_in_s=f"{retry_in_s:.1f}")
+
+    def chunk_failed(self, path: str, error: str, records: int, moved_to: str) -> None:
+        self.failed_chunks.inc()
+        self.failed_records.inc(records)
+        log.event(logging.ERROR, "chunk_moved_to_failed", path=path, error=error,
+                  records=records, moved_to=moved_to)
 
     def _peer_mistake(self, key: str, name: str, **fields: object) -> None:
         allowed, suppressed = self._rate.allow(key, time.monotonic())

@@ -8,7 +8,8 @@ import attrs
 import trio
 
 from mwdlogd.runtime.channels import Wake, receive_until
-from mwdlogd.runtime.pipeline import Submission
+from mwdlogd.runtime.pipeline import FlushAll, Message, Submission
+from mwdlogd.runtime.tracker import BatchTracker
 from mwdlogd.runtime.writer import Chunk, DestinationWriter, Store, WriterSettings
 from mwdlogd.telemetry import Telemetry
 
@@ -28,8 +29,10 @@ class Router:
     new writer, which waits for its predecessor so appends to one file never overlap."""
 
     def __init__(self, *, store: Store, settings: WriterSettings, timekey_wait_s: float,
-                 telemetry: Telemetry, wall_clock: Callable[[], float] = time.time) -> None:
+                 telemetry: Telemetry, tracker: BatchTracker,
+                 wall_clock: Callable[[], float] = time.time) -> None:
         self._store = store
+        self._tracker = tracker
         self._settings = settings
         self._timekey_wait_s = timekey_wait_s
         self._telemetry = telemetry
@@ -38,7 +41,7 @@ class Router:
         self._live: set[DestinationWriter] = set()
         self._nursery: trio.Nursery | None = None
 
-    async def run(self, receive: trio.MemoryReceiveChannel[Submission], *,
+    async def run(self, receive: trio.MemoryReceiveChannel[Message], *,
                   task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
         """Runs until `receive` is closed, then closes every writer and waits for them."""
         async with trio.open_nursery() as nursery:
@@ -51,6 +54,8 @@ class Router:
                         break
                     if isinstance(message, Submission):
                         await self._route(message)
+                    elif isinstance(message, FlushAll):
+                        nursery.start_soon(self._flush_all, message)
                     await self._close_finished_hours()
             for entry in self._writers.values():
                 await entry.writer.close()
@@ -60,27 +65,25 @@ class Router:
     def open_files(self) -> int:
         return len(self._writers)
 
-    async def flush_all(self) -> None:
-        """Flush every writer, including those already closing; returns when all tried."""
+    async def _flush_all(self, marker: FlushAll) -> None:
+        """Flush every writer, including those already closing, then signal the marker."""
         async with trio.open_nursery() as nursery:
             for writer in list(self._live):
                 nursery.start_soon(writer.flush)
+        marker.done.set()
 
     async def _route(self, submission: Submission) -> None:
-        groups: dict[str, tuple[int, list[bytes]]] = {}
-        for routed in submission.routed:
-            groups.setdefault(routed.path, (routed.hour, []))[1].append(routed.line)
-        for path, (hour, lines) in groups.items():
-            chunk = Chunk(submission.tag, lines, sum(map(len, lines)))
-            await self._writer(path, hour).submit(chunk)
-        submission.done.set()
+        for group in submission.groups:
+            chunk = Chunk(submission.tag, submission.batch_id, group.data, group.count)
+            await self._writer(group.path, group.hour).submit(chunk)
 
     def _writer(self, path: str, hour: int) -> DestinationWriter:
         entry = self._writers.get(path)
         if entry is None:
             previous = next((w for w in self._live if w.path == path), None)
             writer = DestinationWriter(path, store=self._store, settings=self._settings,
-                                       telemetry=self._telemetry, predecessor=previous)
+                                       telemetry=self._telemetry, written=self._tracker.written,
+                                       predecessor=previous)
             entry = self._writers[path] = _Open(hour, writer, 0.0)
             self._live.add(writer)
             assert self._nursery is not None

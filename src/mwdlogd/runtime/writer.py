@@ -1,9 +1,12 @@
-"""One task per hourly file: collects its records and appends them as gzip members."""
+"""One task per hourly file: compresses its records as they come, appends one member per
+flush, and retries failed writes (the retry supervisor of DESIGN §4)."""
 
 import logging
 import math
 from collections import Counter
-from collections.abc import Awaitable, Callable
+from collections.abc import Callable, Iterable
+from pathlib import Path
+from typing import Protocol
 
 import attrs
 import trio
@@ -11,22 +14,31 @@ import trio
 from mwdlogd import log
 from mwdlogd.errors import StorageError
 from mwdlogd.runtime.channels import Wake, receive_until
+from mwdlogd.storage.hourly import MemberBuilder
 from mwdlogd.telemetry import Telemetry
 
 # Chunks queued per writer before the router waits: enough to ride out one slow flush.
 WRITER_QUEUE = 16
+# Raw bytes gathered before they are compressed in a worker thread (bounds memory per file).
+COMPRESS_BLOCK = 1024 * 1024
 RETRY_BASE_S = 1.0
 
-Store = Callable[[str, bytes], Awaitable[int]]
+
+class Store(Protocol):
+    async def compress(self, builder: MemberBuilder, data: bytes) -> None: ...
+    async def finish(self, builder: MemberBuilder, tail: bytes) -> bytes: ...
+    async def append(self, relpath: str, members: bytes, max_id: int) -> int: ...
+    async def fail(self, relpath: str, members: bytes, max_id: int, error: str) -> Path: ...
 
 
 @attrs.frozen
 class Chunk:
-    """Records of one batch for one file."""
+    """Records of one journal batch for one file."""
 
     tag: str
-    lines: list[bytes]
-    size: int
+    batch_id: int
+    data: bytes
+    count: int
 
 
 @attrs.frozen
@@ -39,31 +51,39 @@ class WriterSettings:
     flush_interval_s: float
     chunk_limit: int
     retry_max_interval_s: float
+    retry_timeout_s: float
 
 
 class DestinationWriter:
     """Flushes on `flush_interval`, at `chunk_limit` bytes, on request and when closed.
 
+    A failed write keeps everything pending and is retried with exponential backoff
+    (1 s doubling, up to `retry_max_interval`); past `retry_timeout` the chunk moves to
+    the failed/ area. `written(batch_ids)` is told of every group that reached a file.
     A `predecessor` (the closed writer of the same file) finishes before this one writes.
-
-    A failed write keeps the records pending and is retried with exponential backoff
-    (1 s doubling, up to `retry_max_interval`); nothing is dropped silently.
     """
 
     def __init__(self, path: str, *, store: Store, settings: WriterSettings,
-                 telemetry: Telemetry, predecessor: "DestinationWriter | None" = None) -> None:
+                 telemetry: Telemetry, written: Callable[[Iterable[int]], None],
+                 predecessor: "DestinationWriter | None" = None) -> None:
         self.path = path
-        self._predecessor = predecessor
         self.finished = trio.Event()
         self._store = store
         self._settings = settings
         self._telemetry = telemetry
+        self._written = written
+        self._predecessor = predecessor
         self._send, self._receive = trio.open_memory_channel[Chunk | FlushRequest](WRITER_QUEUE)
-        self._pending: list[bytes] = []
+        self._builder = MemberBuilder()
+        self._raw: list[bytes] = []
+        self._raw_bytes = 0
+        self._ready = b""  # finished members whose append failed
         self._pending_bytes = 0
+        self._batch_ids: list[int] = []
         self._by_tag: Counter[str] = Counter()
         self._deadline = math.inf
         self._failures = 0
+        self._failing_since: float | None = None
 
     async def submit(self, chunk: Chunk) -> None:
         await self._send.send(chunk)
@@ -89,14 +109,15 @@ class DestinationWriter:
                 self._predecessor = None
             async with self._receive:
                 await self._serve()
-            while self._pending:
+            while self._batch_ids:
                 if not await self._flush():
                     await trio.sleep_until(self._deadline)
         finally:
             self.finished.set()
-            if self._pending:
-                log.event(logging.ERROR, "records_not_written", path=self.path,
-                          records=len(self._pending), reason="shutdown before a write succeeded")
+            if self._batch_ids:
+                log.event(logging.WARNING, "left_in_journal", path=self.path,
+                          records=sum(self._by_tag.values()),
+                          detail="not written before shutdown; recovered at next start")
 
     async def _serve(self) -> None:
         while True:
@@ -104,36 +125,68 @@ class DestinationWriter:
             if message is Wake.CLOSED:
                 return
             if isinstance(message, Chunk):
-                self._add(message)
+                await self._add(message)
                 if self._pending_bytes < self._settings.chunk_limit:
                     continue
             await self._flush()
             if isinstance(message, FlushRequest):
                 message.done.set()
 
-    def _add(self, chunk: Chunk) -> None:
-        self._pending.extend(chunk.lines)
-        self._pending_bytes += chunk.size
-        self._by_tag[chunk.tag] += len(chunk.lines)
+    async def _add(self, chunk: Chunk) -> None:
+        self._raw.append(chunk.data)
+        self._raw_bytes += len(chunk.data)
+        self._pending_bytes += len(chunk.data)
+        self._batch_ids.append(chunk.batch_id)
+        self._by_tag[chunk.tag] += chunk.count
         if self._deadline == math.inf:
             self._deadline = trio.current_time() + self._settings.flush_interval_s
+        if self._raw_bytes >= COMPRESS_BLOCK:
+            await self._store.compress(self._builder, self._take_raw())
+
+    def _take_raw(self) -> bytes:
+        data = b"".join(self._raw)
+        self._raw, self._raw_bytes = [], 0
+        return data
 
     async def _flush(self) -> bool:
-        """Append everything pending as one member; False (and a retry deadline) on failure."""
-        if not self._pending:
+        """Append everything pending; False (and a retry deadline) on failure."""
+        if not self._batch_ids:
             return True
+        if self._raw or self._builder.compressed_bytes:
+            self._ready += await self._store.finish(self._builder, self._take_raw())
+            self._builder = MemberBuilder()
         started = trio.current_time()
         try:
-            size = await self._store(self.path, b"".join(self._pending))
+            size = await self._store.append(self.path, self._ready, max(self._batch_ids))
         except StorageError as exc:
-            self._failures += 1
-            delay = min(RETRY_BASE_S * 2 ** (self._failures - 1),
-                        self._settings.retry_max_interval_s)
-            self._deadline = trio.current_time() + delay
-            self._telemetry.write_failed(self.path, str(exc), len(self._pending), delay)
-            return False
+            return await self._failed(exc)
         self._telemetry.records_written(self.path, self._by_tag, size,
                                         trio.current_time() - started)
-        self._pending, self._pending_bytes, self._by_tag = [], 0, Counter()
-        self._deadline, self._failures = math.inf, 0
+        self._settled()
         return True
+
+    async def _failed(self, exc: StorageError) -> bool:
+        now = trio.current_time()
+        self._failing_since = self._failing_since if self._failing_since is not None else now
+        if now - self._failing_since >= self._settings.retry_timeout_s:
+            try:
+                moved = await self._store.fail(self.path, self._ready, max(self._batch_ids),
+                                               str(exc))
+            except StorageError as fail_exc:
+                exc = fail_exc
+            else:
+                self._telemetry.chunk_failed(self.path, str(exc), sum(self._by_tag.values()),
+                                             str(moved))
+                self._settled()
+                return True
+        self._failures += 1
+        delay = min(RETRY_BASE_S * 2 ** (self._failures - 1), self._settings.retry_max_interval_s)
+        self._deadline = now + delay
+        self._telemetry.write_failed(self.path, str(exc), sum(self._by_tag.values()), delay)
+        return False
+
+    def _settled(self) -> None:
+        self._written(self._batch_ids)
+        self._ready, self._pending_bytes, self._batch_ids = b"", 0, []
+        self._by_tag = Counter()
+        self._deadline, self._failures, self._failing_since = math.inf, 0, None

@@ -19,7 +19,7 @@ from mwdlogd.errors import IngestError
 from mwdlogd.pipeline.normalize import Context, normalize_batch
 from mwdlogd.proto.auth import TokenTable
 from mwdlogd.proto.ingest import RequestReader
-from mwdlogd.runtime.pipeline import Pipeline, ShuttingDown
+from mwdlogd.runtime.pipeline import Pipeline, Refused
 from mwdlogd.servers.http_io import (
     json_response,
     new_connection,
@@ -138,6 +138,10 @@ class HttpsIngestServer:
         try:
             reader = RequestReader(request, tokens=self._tokens,
                                    body_limit=self._http.body_size_limit)
+            if self._pipeline.overloaded:
+                raise IngestError(503, "buffer_full", f"buffer holds "
+                                  f"{self._pipeline.buffered_bytes} bytes, over "
+                                  f"buffer.total_limit; retry later")
             while isinstance(event := await read_event(conn, stream), h11.Data):
                 reader.receive_data(event.data)
             accepted = reader.finish()
@@ -154,9 +158,8 @@ class HttpsIngestServer:
         commit_started = trio.current_time()
         try:
             await self._pipeline.commit(accepted.tag, routed)
-        except ShuttingDown:
-            await self._refuse(conn, stream, peer, IngestError(
-                503, "shutting_down", "server is shutting down; retry another instance"))
+        except Refused as exc:
+            await self._refuse(conn, stream, peer, IngestError(503, exc.reason, str(exc)))
             return
         self._telemetry.http_accepted(accepted.tag, len(routed),
                                       trio.current_time() - commit_started)

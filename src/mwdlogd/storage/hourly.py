@@ -1,18 +1,43 @@
-"""Hourly files: multi-member gzip JSON lines; a flush appends one complete member."""
+"""Hourly files: multi-member gzip JSON lines; a flush appends complete members.
 
+Appends go through the intent log (storage/intents.py), so a crash at any instant
+leaves each file either without the member or, after recovery, with it exactly once.
+"""
+
+import contextlib
 import os
 import zlib
 
 from mwdlogd.errors import StorageError
+from mwdlogd.storage.intents import IntentLog
 
 # zlib level 6 is gzip's default; compression is isolated here so igzip can replace it.
 GZIP_LEVEL = 6
 
 
+class MemberBuilder:
+    """One gzip member, compressed piece by piece as records arrive (bounded memory)."""
+
+    def __init__(self) -> None:
+        self._compressor = zlib.compressobj(GZIP_LEVEL, zlib.DEFLATED, 31)
+        self._parts: list[bytes] = []
+
+    def add(self, data: bytes) -> None:
+        self._parts.append(self._compressor.compress(data))
+
+    def finish(self, tail: bytes = b"") -> bytes:
+        """The complete member, with `tail` as its last records."""
+        self._parts.append(self._compressor.compress(tail))
+        self._parts.append(self._compressor.flush())
+        return b"".join(self._parts)
+
+    @property
+    def compressed_bytes(self) -> int:
+        return sum(map(len, self._parts))
+
+
 def compress_member(data: bytes) -> bytes:
-    """One complete gzip member (mtime 0, so equal input gives equal bytes)."""
-    compressor = zlib.compressobj(GZIP_LEVEL, zlib.DEFLATED, 31)
-    return compressor.compress(data) + compressor.flush()
+    return MemberBuilder().finish(data)
 
 
 def destination(root: str, relpath: str) -> str:
@@ -23,27 +48,56 @@ def destination(root: str, relpath: str) -> str:
     return full
 
 
-def append_member(root: str, relpath: str, data: bytes) -> int:
-    """Compress `data` into one gzip member, append it to the file and fsync.
+def append_members(root: str, relpath: str, members: bytes, max_id: int,
+                   intents: IntentLog) -> int:
+    """Append complete gzip members and fsync, under an intent; returns bytes appended.
 
-    Blocking: call it from a worker thread. Returns the bytes appended; raises
-    StorageError (with the errno text) when the directory or file cannot be written.
+    Blocking: call it from a worker thread. On failure the file is cut back to its size
+    before (no torn member stays behind) and StorageError names the path and errno text.
     """
     path = destination(root, relpath)
-    member = compress_member(data)
     try:
         os.makedirs(os.path.dirname(path), exist_ok=True)
         fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
-        try:
-            view = memoryview(member)
-            while view:
-                view = view[os.write(fd, view):]
-            os.fsync(fd)
-        finally:
-            os.close(fd)
     except OSError as exc:
+        raise StorageError(path, "open", exc.strerror or str(exc)) from exc
+    try:
+        size_before = os.fstat(fd).st_size
+        intents.begin(relpath, size_before, max_id)
+        _write_all(fd, path, members, size_before)
+        intents.done(relpath, max_id)
+    finally:
+        os.close(fd)
+    return len(members)
+
+
+def _write_all(fd: int, path: str, data: bytes, size_before: int) -> None:
+    try:
+        view = memoryview(data)
+        while view:
+            view = view[os.write(fd, view):]
+        os.fsync(fd)
+    except OSError as exc:
+        # If even this fails, the intent stays open and recovery cuts the file back.
+        with contextlib.suppress(OSError):
+            os.ftruncate(fd, size_before)
         raise StorageError(path, "append", exc.strerror or str(exc)) from exc
-    return len(member)
+
+
+def truncate_to(root: str, relpath: str, size: int) -> int:
+    """Cut a file back to `size` (recovery of an unfinished append); bytes removed."""
+    path = destination(root, relpath)
+    try:
+        current = os.path.getsize(path)
+    except FileNotFoundError:
+        return 0
+    if current <= size:
+        return 0
+    with open(path, "r+b") as file:
+        file.truncate(size)
+        file.flush()
+        os.fsync(file.fileno())
+    return current - size
 
 
 def check_writable(root: str) -> str | None:

@@ -1,0 +1,38 @@
+"""The writers' view of the disk: blocking storage functions run in worker threads."""
+
+from pathlib import Path
+
+import trio
+
+from mwdlogd.storage.failed import move_to_failed
+from mwdlogd.storage.hourly import MemberBuilder, append_members
+from mwdlogd.storage.intents import IntentLog
+
+
+class FileStore:
+    """Hourly-file appends, compression and the failed/ area, behind one thread limiter.
+
+    Calls are not abandoned on cancel (a write never outlives its task).
+    """
+
+    def __init__(self, *, root: str, failed_dir: Path, intents: IntentLog,
+                 limiter: trio.CapacityLimiter) -> None:
+        self.root = root
+        self._failed_dir = failed_dir
+        self._intents = intents
+        self._limiter = limiter
+
+    async def compress(self, builder: MemberBuilder, data: bytes) -> None:
+        await trio.to_thread.run_sync(builder.add, data, limiter=self._limiter)
+
+    async def finish(self, builder: MemberBuilder, tail: bytes) -> bytes:
+        return await trio.to_thread.run_sync(builder.finish, tail, limiter=self._limiter)
+
+    async def append(self, relpath: str, members: bytes, max_id: int) -> int:
+        return await trio.to_thread.run_sync(append_members, self.root, relpath, members,
+                                             max_id, self._intents, limiter=self._limiter)
+
+    async def fail(self, relpath: str, members: bytes, max_id: int, error: str) -> Path:
+        return await trio.to_thread.run_sync(move_to_failed, self._failed_dir, relpath,
+                                             members, max_id, error, self._intents,
+                                             limiter=self._limiter)
