@@ -7,11 +7,12 @@ from typing import Any
 import attrs
 import pytest
 import trio
-from helpers import TOKEN
 
 from mwdlogd.app import Addresses, App
 from mwdlogd.certs import init_certs
 from mwdlogd.config import Config, resolve_paths, structure_config, validate
+
+from helpers import TOKEN
 
 
 @pytest.fixture(scope="session")

@@ -11,6 +11,7 @@ from urllib.parse import quote_from_bytes
 import msgpack
 import pytest
 import trio
+
 from conftest import Running
 from helpers import (
     CAPTURES,

@@ -13,7 +13,6 @@ from collections.abc import Iterator
 import h11
 import msgpack
 import pytest
-from helpers import CAPTURES
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
@@ -21,6 +20,8 @@ from mwdlogd.errors import IngestError
 from mwdlogd.proto.auth import Credential, TokenTable
 from mwdlogd.proto.bodies import gunzip_bounded, parse_json, parse_msgpack, parse_ndjson
 from mwdlogd.proto.ingest import Accepted, RequestReader, tag_of
+
+from helpers import CAPTURES
 
 TOKENS = TokenTable([Credential("engine", b"abc"), Credential("other", b"0123456789abcdef"),
                      Credential("acme-only", b"acme-secret", frozenset({"acme"}))])

@@ -14,6 +14,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+
 from conftest import config_raw
 from helpers import TOKEN, engine_records, ids_by_file, ndjson
 from server_process import ServerProcess, write_config

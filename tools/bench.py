@@ -33,9 +33,9 @@ import trio
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / "tests"))
-from server_process import ServerProcess  # noqa: E402
-
 from mwdlogd.certs import init_certs  # noqa: E402
+
+from server_process import ServerProcess  # noqa: E402
 
 TOKEN = "bench-token-0123456789"
 BODIES_PER_CONNECTION = 8

@@ -207,13 +207,13 @@ class Pipeline:
     async def release(self) -> None:
         """Delete journal segments that are wholly written (after the final flush)."""
         await trio.to_thread.run_sync(_append_and_release, self._journal, self._intents, [],
-                                      self._tracker.watermark(), limiter=self._limiter)
+                                      self._tracker.watermark(), True, limiter=self._limiter)
 
 
 def _append_and_release(journal: Journal, intents: IntentLog, payloads: list[bytes],
-                        watermark: int) -> list[int]:
+                        watermark: int, final: bool = False) -> list[int]:
     ids = journal.append(payloads) if payloads else []
-    journal.release(watermark)
+    journal.release(watermark, final=final)
     intents.forget_below(watermark)
     return ids
 

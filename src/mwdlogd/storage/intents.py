@@ -46,9 +46,15 @@ class IntentLog:
             data = self.path.read_bytes() if self.path.exists() else b""
         except OSError as exc:
             raise StorageError(str(self.path), "read intent log", str(exc)) from exc
-        records, _ = framing.scan(MAGIC, data)
+        records, valid = framing.scan(MAGIC, data)
         for _, payload in records:
             self._apply(msgpack.unpackb(payload))
+        try:
+            self._fd = os.open(self.path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o600)
+            os.ftruncate(self._fd, valid)  # a torn last entry was never fsynced: drop it
+        except OSError as exc:
+            raise StorageError(str(self.path), "open intent log", str(exc)) from exc
+        self._size = valid
         return dict(self._pending)
 
     def settle(self) -> None:

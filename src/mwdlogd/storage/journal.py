@@ -121,14 +121,15 @@ class Journal:
         self._sealed.append(self._active)
         self._start_segment()
 
-    def release(self, watermark: int) -> int:
+    def release(self, watermark: int, *, final: bool = False) -> int:
         """Delete segments whose batches all have ids below `watermark`; bytes freed.
 
         The active segment is sealed first when it is wholly written and past
-        RELEASE_ACTIVE_BYTES, so an idle server does not keep old batches on disk.
+        RELEASE_ACTIVE_BYTES (or at shutdown, `final`), so old batches do not linger.
         """
         active = self._active
-        if active and -1 < active.last_id < watermark and active.size >= RELEASE_ACTIVE_BYTES:
+        if active and -1 < active.last_id < watermark and (
+                final or active.size >= RELEASE_ACTIVE_BYTES):
             self._seal()
         freed = 0
         while self._sealed and self._sealed[0].last_id < watermark:
