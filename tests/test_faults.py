@@ -1,0 +1,160 @@
+"""Disk full, permission denied and overload against the real server process.
+
+Needs root (CI and the dev machines run as root): a small tmpfs is mounted as the storage
+root to make ENOSPC real, and the server runs without CAP_DAC_OVERRIDE so that a mode-000
+directory refuses it. Every acked record must land exactly once once the fault clears.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import shutil
+import signal
+import subprocess
+import sys
+import threading
+import urllib.request
+from collections import Counter
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from conftest import config_raw
+from helpers import client_context, read_tree
+from load_client import Load
+from server_process import ServerProcess, write_config
+
+pytestmark = pytest.mark.skipif(os.geteuid() != 0 or shutil.which("setpriv") is None,
+                                reason="needs root (mount, setpriv)")
+NO_DAC = ["setpriv", "--bounding-set=-dac_override,-dac_read_search",
+          "--inh-caps=-dac_override,-dac_read_search"]
+
+
+@pytest.fixture
+def small_disk(tmp_path: Path) -> Iterator[Path]:
+    mountpoint = tmp_path / "small"
+    mountpoint.mkdir()
+    subprocess.run(["mount", "-t", "tmpfs", "-o", "size=256k", "tmpfs", str(mountpoint)],
+                   check=True)
+    try:
+        yield mountpoint
+    finally:
+        subprocess.run(["umount", "-l", str(mountpoint)], check=False)
+
+
+def grow(mountpoint: Path) -> None:
+    subprocess.run(["mount", "-o", "remount,size=512m", str(mountpoint)], check=True)
+
+
+def scrape(server: ServerProcess) -> dict[str, float]:
+    with urllib.request.urlopen(f"http://{server.addresses['metrics']}/metrics") as reply:
+        text = reply.read().decode()
+    return {m[0]: float(m[1]) for m in re.findall(r"^(\S+) (\S+)$", text, re.M)}
+
+
+RETRIES = 'fluentd_output_status_retry_count{plugin_id="hourly_files",type="file"}'
+ERRORS = 'fluentd_output_status_num_errors{plugin_id="hourly_files",type="file"}'
+
+
+def finish_and_check(server: ServerProcess, load: Load, root: Path) -> None:
+    """Stop the load, flush, drain, then every acked id is stored exactly once."""
+    load.stop()
+    mark = len(server.lines)
+    server.signal(signal.SIGUSR1)
+    server.wait_for("flush_done", start=mark)
+    server.signal(signal.SIGTERM)
+    assert server.wait() == 0
+    server.wait_for("shutdown_complete")
+    stored = Counter(r["id"] for records in read_tree(root).values() for r in records)
+    assert [i for i, n in stored.items() if n > 1] == []
+    assert sorted(load.acked - set(stored)) == []
+    assert load.acked
+
+
+def fault_config(tmp_path: Path, pki: Path, root: Path, **buffer: str) -> Path:
+    raw = config_raw(tmp_path, pki, storage={"root": str(root)},
+                     buffer={"flush_interval": "100ms", "retry_max_interval": "200ms",
+                             **buffer})
+    return write_config(tmp_path / "config.toml", raw)
+
+
+def test_disk_full_retries_answers_503_then_everything_lands(
+        tmp_path: Path, pki: Path, small_disk: Path) -> None:
+    server = ServerProcess(fault_config(tmp_path, pki, small_disk, total_limit="1MiB"))
+    load = Load(client_context(pki), pad=2000)
+    try:
+        load.serve(int(server.addresses["http"].rpartition(":")[2]))
+        server.wait_for(r"write_failed .*No space left on device")
+        load.wait_for_status(503)
+        metrics = scrape(server)
+        assert metrics[RETRIES] > 0 and metrics[ERRORS] > 0
+        assert metrics['mwdlogd_rejected_requests_total{protocol="http",reason="buffer_full"}'] > 0
+        grow(small_disk)
+        finish_and_check(server, load, small_disk)
+    finally:
+        load.stop()
+        server.stop()
+
+
+def test_permission_denied_retries_then_lands_when_fixed(tmp_path: Path, pki: Path) -> None:
+    root = tmp_path / "logs"
+    (root / "c0").mkdir(parents=True)
+    (root / "c0").chmod(0)
+    config = fault_config(tmp_path, pki, root)
+    server = ServerProcess(None, argv=[*NO_DAC, sys.executable, "-m", "mwdlogd", "run",
+                                       "--config", str(config)])
+    load = Load(client_context(pki), customers=("c0", "c1"))
+    try:
+        load.serve(int(server.addresses["http"].rpartition(":")[2]))
+        server.wait_for(r"write_failed path=c0/.*Permission denied")
+        load.wait_for_acks(200)
+        assert scrape(server)[RETRIES] > 0
+        mark = len(server.lines)
+        server.signal(signal.SIGUSR1)
+        server.wait_for("flush_done", start=mark)
+        assert list((root / "c1").rglob("*.log.gz"))  # other customers are unaffected
+        (root / "c0").chmod(0o755)
+        assert not list((root / "c0").rglob("*.log.gz"))
+        (root / "c0").chmod(0o755)
+        finish_and_check(server, load, root)
+        assert list((root / "c0").rglob("*.log.gz"))
+    finally:
+        (root / "c0").chmod(0o755)
+        load.stop()
+        server.stop()
+
+
+OVERLOAD_S = 30.0
+RSS_LIMIT_MB = 200  # documented in README for buffer.total_limit = 16MiB
+
+
+def test_overload_keeps_memory_bounded_and_loses_nothing(
+        tmp_path: Path, pki: Path, small_disk: Path) -> None:
+    """30 s of load at full speed; for the first 20 s the disk takes nothing at all."""
+    server = ServerProcess(fault_config(tmp_path, pki, small_disk, total_limit="16MiB",
+                                        flush_interval="500ms"))
+    load = Load(client_context(pki), pad=2000)
+    try:
+        load.serve(int(server.addresses["http"].rpartition(":")[2]))
+        load.wait_for_status(503)
+        threading.Event().wait(OVERLOAD_S * 2 / 3)  # the offered load's duration
+        grow(small_disk)
+        threading.Event().wait(OVERLOAD_S / 3)
+        peak_mb = vm_hwm_mb(server.process.pid)
+        finish_and_check(server, load, small_disk)
+    finally:
+        load.stop()
+        server.stop()
+    assert load.statuses[503] > 0
+    print(f"overload: peak RSS {peak_mb:.0f} MB, statuses {dict(load.statuses)}, "
+          f"acked {len(load.acked)}")
+    assert peak_mb < RSS_LIMIT_MB
+
+
+def vm_hwm_mb(pid: int) -> float:
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmHWM:"):
+            return int(line.split()[1]) / 1024
+    raise AssertionError("no VmHWM")
