@@ -277,7 +277,8 @@ def main() -> int:
         elapsed = trio.run(load, host, int(port), context, args, stats)
         result: dict[str, Any] = {
             "machine": machine(), "connections": args.connections, "batch": args.batch,
-            "gzip": args.gzip, "fsync": not args.no_fsync, "duration_s": round(elapsed, 2), "acked_records": stats.records,
+            "gzip": args.gzip, "fsync": not args.no_fsync, "duration_s": round(elapsed, 2),
+            "acked_records": stats.records,
             "records_per_s": round(stats.records / elapsed), "errors": stats.errors,
             "ack_p50_ms": round(percentile(stats.latencies, 0.5) * 1000, 2),
             "ack_p99_ms": round(percentile(stats.latencies, 0.99) * 1000, 2),
