@@ -158,3 +158,33 @@ def vm_hwm_mb(pid: int) -> float:
         if line.startswith("VmHWM:"):
             return int(line.split()[1]) / 1024
     raise AssertionError("no VmHWM")
+
+
+def test_shutdown_timeout_leaves_the_rest_in_the_journal(tmp_path: Path, pki: Path) -> None:
+    root = tmp_path / "logs"
+    (root / "c0").mkdir(parents=True)
+    (root / "c0").chmod(0)
+    raw = config_raw(tmp_path, pki, storage={"root": str(root)},
+                     server={"shutdown_timeout": "1s"},
+                     buffer={"flush_interval": "100ms", "retry_max_interval": "200ms"})
+    config = write_config(tmp_path / "config.toml", raw)
+    argv = [*NO_DAC, sys.executable, "-m", "mwdlogd", "run", "--config", str(config)]
+    server = ServerProcess(None, argv=argv)
+    load = Load(client_context(pki), customers=("c0",))
+    try:
+        load.serve(int(server.addresses["http"].rpartition(":")[2]))
+        load.wait_for_acks(100)
+        load.stop()
+        server.signal(signal.SIGTERM)
+        assert server.wait() == 0
+        left = server.wait_for(r"shutdown_incomplete .*batches_left_in_journal=[1-9]")
+        assert "bytes_left_in_journal=" in left
+        (root / "c0").chmod(0o755)
+        again = ServerProcess(None, argv=argv)
+        replayed = again.wait_for(r" recovered ")
+        assert "records_replayed=0" not in replayed
+        finish_and_check(again, load, root)
+    finally:
+        (root / "c0").chmod(0o755)
+        load.stop()
+        server.stop()

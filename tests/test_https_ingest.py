@@ -338,3 +338,18 @@ async def test_fluentd_captures_replayed_over_tls(server: Running, pki: Path, na
     assert [r["seq"] for r in landed] == expected
     # Fluentd's sample records carry `customer`, not customer_name: the invalid stream.
     assert all(r["invalid_reason"] == "customer_name is missing" for r in landed)
+
+
+async def test_health_is_503_when_storage_is_not_writable(server: Running) -> None:
+    from helpers import split_address
+    server.root.rmdir()
+    server.root.write_text("a file where the storage root should be")
+    host, port = split_address(server.addresses.health)
+    stream = await trio.open_tcp_stream(host, port)
+    await stream.send_all(b"GET /health HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
+    reply = b""
+    while chunk := await stream.receive_some(65536):
+        reply += chunk
+    assert reply.startswith(b"HTTP/1.1 503 ")
+    status = json.loads(reply.split(b"\r\n\r\n", 1)[1])
+    assert status["status"] == "unavailable" and "cannot create" in status["problem"]
