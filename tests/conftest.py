@@ -37,6 +37,7 @@ def config_raw(tmp_path: Path, pki: Path, **sections: dict[str, Any]) -> dict[st
         "tls": {"cert": str(pki / "server.crt"), "key": str(pki / "server.key"),
                 "ca": str(pki / "ca.crt")},
         "http": {"bind": "127.0.0.1", "port": 0},
+        "forward": {"bind": "127.0.0.1", "port": 0},
         "auth": {"tokens": [{"name": "engine-01", "token": TOKEN},
                             {"name": "acme-only", "token": "acme-token-0123456789",
                              "customers": ["acme"]},

@@ -104,7 +104,7 @@ def test_curl_refusals(server: ServerProcess, pki: Path, tmp_path: Path) -> None
 def test_fresh_checkout_flow_creates_dev_certs(tmp_path: Path) -> None:
     """README's first command on a fresh machine: the repo's config.toml, no certs yet."""
     shutil.copy(REPO / "config.toml", tmp_path / "config.toml")
-    ports = {f"MWDLOGD_{s}_PORT": "0" for s in ("HTTP", "HEALTH", "METRICS", "MONITOR")}
+    ports = {f"MWDLOGD_{s}_PORT": "0" for s in ("HTTP", "FORWARD", "HEALTH", "METRICS", "MONITOR")}
     server = ServerProcess(tmp_path / "config.toml", cwd=tmp_path, env=ports)
     try:
         assert "dev_certs_created" in "\n".join(server.lines)

@@ -187,6 +187,7 @@ def bench_config(work: Path, pki: Path, args: argparse.Namespace) -> Path:
         "tls": {"cert": str(pki / "server.crt"), "key": str(pki / "server.key"),
                 "ca": str(pki / "ca.crt")},
         "http": {"bind": "127.0.0.1", "port": 0},
+        "forward": {"bind": "127.0.0.1", "port": 0},
         "auth": {"tokens": [{"name": "bench", "token": TOKEN}]},
         "storage": {"root": str(work / "logs")},
         "buffer": {"path": str(work / "buffer"), "fsync": not args.no_fsync},

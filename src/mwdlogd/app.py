@@ -14,15 +14,18 @@ from mwdlogd import log
 from mwdlogd.config import DEV_TOKEN, Config
 from mwdlogd.errors import StorageError
 from mwdlogd.proto.auth import Credential, TokenTable
+from mwdlogd.runtime.dedupe import ChunkMemory
 from mwdlogd.runtime.filestore import FileStore
 from mwdlogd.runtime.pipeline import Message, Pipeline
 from mwdlogd.runtime.router import Router
 from mwdlogd.runtime.tracker import BatchTracker
 from mwdlogd.runtime.writer import WriterSettings
+from mwdlogd.servers.forward import ForwardServer, ForwardSettings
 from mwdlogd.servers.http_io import Response, json_response
 from mwdlogd.servers.https import HttpsIngestServer, IngestSettings
 from mwdlogd.servers.plain_http import not_found, run_plain_http
 from mwdlogd.servers.tls import server_context
+from mwdlogd.storage.chunk_ids import ChunkIdLog
 from mwdlogd.storage.hourly import check_writable
 from mwdlogd.storage.intents import IntentLog
 from mwdlogd.storage.journal import Journal
@@ -37,6 +40,7 @@ ROUTER_QUEUE = 16
 @attrs.frozen
 class Addresses:
     http: str
+    forward: str
     health: str
     metrics: str
 
@@ -57,8 +61,11 @@ class App:
         intents = IntentLog(buffer / "intents.log", fsync=config.buffer.fsync)
         self.journal = Journal(buffer / "journal", fsync=config.buffer.fsync)
         self.tracker = BatchTracker()
-        self.pipeline = Pipeline(journal=self.journal, intents=intents, tracker=self.tracker,
-                                 total_limit=config.buffer.total_limit,
+        chunk_ids = ChunkIdLog(buffer / "chunk-ids.log", window_s=config.forward.dedupe_window,
+                               fsync=config.buffer.fsync)
+        self.pipeline = Pipeline(journal=self.journal, intents=intents, chunk_ids=chunk_ids,
+                                 memory=ChunkMemory(config.forward.dedupe_window),
+                                 tracker=self.tracker, total_limit=config.buffer.total_limit,
                                  limiter=trio.CapacityLimiter(1))
         self.telemetry.watch_buffer(lambda: self.tracker.buffered_bytes,
                                     lambda: self.tracker.open_batches)
@@ -75,8 +82,10 @@ class App:
         self._stop = trio.Event()
         self._router_done = trio.Event()
         self._https_done = trio.Event()
+        self._forward_done = trio.Event()
         self.stopped = trio.Event()
         self.https: HttpsIngestServer | None = None
+        self.forward: ForwardServer | None = None
 
     def request_stop(self) -> None:
         """Begin the drain: stop accepting, finish requests, flush, then `run` returns."""
@@ -103,20 +112,26 @@ class App:
             settings=IngestSettings(self.config.http, self.config.server.hostname),
             ssl_context=context, tokens=token_table(self.config), pipeline=self.pipeline,
             telemetry=self.telemetry)
+        self.forward = ForwardServer(
+            settings=ForwardSettings(self.config.forward, self.config.server.hostname),
+            ssl_context=context if self.config.forward.transport == "tls" else None,
+            pipeline=self.pipeline, telemetry=self.telemetry)
         async with trio.open_nursery() as nursery:
             to_router, from_pipeline = trio.open_memory_channel[Message](ROUTER_QUEUE)
             nursery.start_soon(self._run_router, from_pipeline)
             await nursery.start(self.pipeline.run, to_router)
             addresses = Addresses(
                 http=await nursery.start(self._run_https),
+                forward=await nursery.start(self._run_forward),
                 health=await nursery.start(run_plain_http, self.config.health.bind,
                                            self.config.health.port, self._health),
                 metrics=await nursery.start(run_plain_http, self.config.metrics.bind,
                                             self.config.metrics.port, self._metrics))
             if self._handle_signals:
                 await nursery.start(self._watch_signals)
-            log.event(logging.INFO, "listening", http=addresses.http, health=addresses.health,
-                      metrics=addresses.metrics, storage=self.config.storage.root)
+            log.event(logging.INFO, "listening", http=addresses.http, forward=addresses.forward,
+                      health=addresses.health, metrics=addresses.metrics,
+                      storage=self.config.storage.root)
             task_status.started(addresses)
             await self._stop.wait()
             await self._drain()
@@ -134,9 +149,12 @@ class App:
         log.event(logging.INFO, "shutdown_started", timeout_s=timeout,
                   open_files=self.router.open_files)
         with trio.move_on_after(timeout) as scope:
-            assert self.https is not None
+            assert self.https is not None and self.forward is not None
+            self.pipeline.stop_waiting()
             self.https.stop_accepting()
+            self.forward.stop_accepting()
             await self._https_done.wait()
+            await self._forward_done.wait()
             await self.pipeline.close()
             await self._router_done.wait()
             await self.pipeline.release()
@@ -155,6 +173,13 @@ class App:
             await self.https.run(task_status=task_status)
         finally:
             self._https_done.set()
+
+    async def _run_forward(self, *, task_status: trio.TaskStatus[str]) -> None:
+        assert self.forward is not None
+        try:
+            await self.forward.run(task_status=task_status)
+        finally:
+            self._forward_done.set()
 
     async def _watch_signals(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED
                              ) -> None:

@@ -13,8 +13,25 @@ def loads(data: str | bytes) -> Any:
 
 
 def dumps_line(value: Any) -> bytes:
-    """One compact UTF-8 JSON line, newline-terminated, non-ASCII kept as is."""
-    return (_encoder.encode(value) + "\n").encode("utf-8", "surrogateescape")
+    """One compact UTF-8 JSON line, newline-terminated, non-ASCII kept as is.
+
+    Never fails on msgpack input: map keys JSON cannot take become text, and text that
+    was not valid UTF-8 on the wire is stored with U+FFFD in place of the bad bytes.
+    """
+    try:
+        text = _encoder.encode(value)
+    except TypeError:
+        text = _encoder.encode(_text_keys(value))
+    return (text + "\n").encode("utf-8", "replace")
+
+
+def _text_keys(value: Any) -> Any:
+    if isinstance(value, dict):
+        return {k if isinstance(k, str) else str(_jsonable(k)): _text_keys(v)
+                for k, v in value.items()}
+    if isinstance(value, list):
+        return [_text_keys(v) for v in value]
+    return value
 
 
 def _jsonable(value: Any) -> Any:

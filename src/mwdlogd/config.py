@@ -65,13 +65,28 @@ class HttpConfig:
 
 
 @attrs.frozen
+class ForwardUser:
+    username: str
+    password: str = attrs.field(repr=False)
+
+
+@attrs.frozen
 class ForwardConfig:
     bind: str = attrs.field(default="0.0.0.0", metadata=_doc("forward ingest address"))
     port: int = attrs.field(default=24224, metadata=_doc("forward ingest port"))
     shared_key: str = attrs.field(default="", metadata=_doc("shared_key handshake; empty = off"))
-    self_hostname: str = attrs.field(default="logserver", metadata=_doc("hostname sent in HELO"))
+    self_hostname: str = attrs.field(default="logserver", metadata=_doc(
+        "hostname this server gives in PONG"))
     message_size_limit: Size = attrs.field(default=Size(64 * 1024**2), metadata=_doc(
         "largest forward message, checked again after gunzip"))
+    transport: str = attrs.field(default="tls", metadata=_doc(
+        "tls (with [tls] settings, mTLS by default) or tcp (plain; only on trusted networks)"))
+    users: tuple[ForwardUser, ...] = attrs.field(default=(), metadata=_doc(
+        "with shared_key: [{ username, password }] required in PING; empty = no user auth"))
+    idle_timeout: Duration = attrs.field(default=Duration(300.0), metadata=_doc(
+        "close a forward connection idle this long"))
+    dedupe_window: Duration = attrs.field(default=Duration(3600.0), metadata=_doc(
+        "acked chunk ids remembered this long: a resend within it is acked, not stored"))
 
 
 @attrs.frozen
@@ -274,6 +289,11 @@ def validate(config: Config) -> None:
         port = getattr(config, section).port
         if not 0 <= port <= 65535:
             raise ConfigError(f"{section}.port", f"must be 0..65535, got {port}")
+    if config.forward.transport not in ("tls", "tcp"):
+        raise ConfigError("forward.transport", f"must be 'tls' or 'tcp', got "
+                          f"{config.forward.transport!r}")
+    if config.forward.users and not config.forward.shared_key:
+        raise ConfigError("forward.users", "user auth needs forward.shared_key to be set")
     if config.http.body_size_limit <= 0:
         raise ConfigError("http.body_size_limit", "must be greater than 0")
     if config.buffer.chunk_limit <= 0:

@@ -44,6 +44,11 @@ class Telemetry:
                                      "after retry_timeout", registry=r)
         self.failed_records = Counter("mwdlogd_failed_records", "Records moved to "
                                       "buffer/failed after retry_timeout", registry=r)
+        self.duplicate_chunks = Counter("mwdlogd_forward_duplicate_chunks",
+                                        "Forward resends acked without storing again",
+                                        registry=r)
+        self.handshake_failures = Counter("mwdlogd_forward_handshake_failures",
+                                          "Failed shared_key handshakes", ["reason"], registry=r)
         self.requests = Counter("mwdlogd_http_requests", "HTTPS ingest requests by status",
                                 ["status"], registry=r)
         self.rejected = Counter("mwdlogd_rejected_requests", "Refused requests by reason",
@@ -77,6 +82,26 @@ class Telemetry:
         self.rejected.labels("http", reason).inc()
         self._peer_mistake(f"http:{reason}", "request_rejected", peer=peer, status=status,
                            reason=reason, detail=detail)
+
+    def forward_accepted(self, tag: str, records: int, duplicate: bool, latency_s: float) -> None:
+        if duplicate:
+            self.duplicate_chunks.inc()
+            log.event(logging.INFO, "forward_resend_acked", tag=tag,
+                      detail="chunk id already durable; acked without storing again")
+        else:
+            self.input_records.labels(tag, self.hostname).inc(records)
+        self.ack_latency.labels("forward").observe(latency_s)
+
+    def forward_rejected(self, peer: str, reason: str, detail: str) -> None:
+        self.rejected.labels("forward", reason).inc()
+        self._peer_mistake(f"forward:{reason}", "forward_connection_closed", peer=peer,
+                           reason=reason, detail=detail)
+
+    def forward_handshake_failed(self, peer: str, reason: str, hostname: str) -> None:
+        self.rejected.labels("forward", "handshake").inc()
+        self.handshake_failures.labels(reason).inc()
+        self._peer_mistake("forward:handshake", "forward_handshake_failed", peer=peer,
+                           reason=reason, client_hostname=hostname)
 
     def tls_handshake_failed(self, protocol: str, peer: str, error: str) -> None:
         self.rejected.labels(protocol, "tls_handshake").inc()

@@ -76,8 +76,10 @@ def normalize(record: dict[str, Any], event_time: float | None, ctx: Context,
         event_time = ctx.default_time
         if "time" in record:
             event_time = event_time_of(record["time"])
-            if event_time is None:
-                reason, event_time = "time is not epoch seconds in range", ctx.received_at
+    elif not 0 <= event_time < MAX_EVENT_TIME:
+        event_time = None
+    if event_time is None:
+        reason, event_time = "time is not epoch seconds in range", ctx.received_at
     out["received_at"] = received_at
     out["logserver_hostname"] = ctx.hostname
     out["timestamp"] = format_timestamp(event_time)

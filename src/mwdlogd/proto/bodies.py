@@ -4,7 +4,6 @@ Each returns the records as a list of dicts or raises IngestError naming the pro
 a body is accepted whole or not at all.
 """
 
-import zlib
 from collections.abc import Callable
 from typing import Any
 from urllib.parse import unquote_to_bytes
@@ -13,26 +12,20 @@ import msgpack
 
 from mwdlogd import codec
 from mwdlogd.errors import IngestError
+from mwdlogd.proto.gzipped import GzipMalformed, GzipTooLarge, gunzip_bounded
 
 Records = list[dict[str, Any]]
 
 
-def gunzip_bounded(data: bytes, limit: int) -> bytes:
-    """Inflate every gzip member in `data`; refuses output past `limit` as it inflates."""
-    out = bytearray()
-    while data:
-        inflater = zlib.decompressobj(wbits=31)
-        try:
-            out += inflater.decompress(data, limit + 1 - len(out))
-        except zlib.error as exc:
-            raise IngestError(400, "malformed_body", f"gzip body does not inflate: {exc}") from None
-        if len(out) > limit:
-            raise IngestError(413, "body_too_large",
-                              f"body inflates past {limit} bytes (gzip bomb or oversized)")
-        if not inflater.eof:
-            raise IngestError(400, "malformed_body", "gzip body is truncated")
-        data = inflater.unused_data
-    return bytes(out)
+def gunzip_body(data: bytes, limit: int) -> bytes:
+    """Inflate a gzip request body; 413 past `limit`, 400 when it is not valid gzip."""
+    try:
+        return gunzip_bounded(data, limit)
+    except GzipTooLarge:
+        raise IngestError(413, "body_too_large",
+                          f"body inflates past {limit} bytes (gzip bomb or oversized)") from None
+    except GzipMalformed as exc:
+        raise IngestError(400, "malformed_body", f"gzip body: {exc}") from None
 
 
 def _not_object(index: int, value: object) -> IngestError:

@@ -16,7 +16,7 @@ import h11
 from mwdlogd.errors import IngestError
 from mwdlogd.pipeline.normalize import event_time_of
 from mwdlogd.proto.auth import Credential, TokenTable
-from mwdlogd.proto.bodies import Records, check_encoding, gunzip_bounded, parser_for
+from mwdlogd.proto.bodies import Records, check_encoding, gunzip_body, parser_for
 
 _TAG = re.compile(r"^[A-Za-z0-9_.-]{1,256}$")
 
@@ -100,7 +100,7 @@ class RequestReader:
     def finish(self) -> Accepted:
         body = bytes(self._body)
         if self._gzip:
-            body = gunzip_bounded(body, self._limit)
+            body = gunzip_body(body, self._limit)
         if not body.strip():
             raise IngestError(400, "empty_body", "request body is empty")
         records = self._parse(body)

@@ -7,6 +7,7 @@ the next one (group commit).
 """
 
 import logging
+import time
 from collections.abc import Iterable
 from typing import Any
 
@@ -18,7 +19,9 @@ from mwdlogd import log
 from mwdlogd.errors import MwdlogdError
 from mwdlogd.pipeline.normalize import Routed
 from mwdlogd.runtime.channels import Wake, receive_until
+from mwdlogd.runtime.dedupe import ChunkMemory
 from mwdlogd.runtime.tracker import BatchTracker
+from mwdlogd.storage.chunk_ids import ChunkIdLog
 from mwdlogd.storage.hourly import truncate_to
 from mwdlogd.storage.intents import IntentLog
 from mwdlogd.storage.journal import Journal
@@ -63,6 +66,7 @@ class Submission:
     groups: list[Group]
     size: int
     batch_id: int = -1
+    dedupe_key: str | None = None  # forward: client identity + chunk id
     error: Refused | None = None
     done: trio.Event = attrs.field(factory=trio.Event)
 
@@ -71,14 +75,21 @@ class Submission:
         return sum(g.count for g in self.groups)
 
     def payload(self) -> bytes:
-        return bytes(msgpack.packb([self.tag, [[g.path, g.hour, g.count, g.data]
-                                         for g in self.groups]]))
+        groups = [[g.path, g.hour, g.count, g.data] for g in self.groups]
+        return bytes(msgpack.packb([self.tag, groups, self.dedupe_key],
+                                   unicode_errors="surrogateescape"))
 
     @classmethod
     def from_payload(cls, batch_id: int, payload: bytes) -> "Submission":
-        tag, groups = msgpack.unpackb(payload)
+        tag, groups, dedupe_key = msgpack.unpackb(payload, unicode_errors="surrogateescape")
         kept = [Group(path, hour, data, count) for path, hour, count, data in groups]
-        return cls(tag, kept, sum(len(g.data) for g in kept), batch_id)
+        return cls(tag, kept, sum(len(g.data) for g in kept), batch_id, dedupe_key)
+
+
+@attrs.frozen
+class Committed:
+    records: int
+    duplicate: bool  # a forward resend of a chunk already durable: acked, not stored
 
 
 @attrs.frozen
@@ -101,15 +112,21 @@ def group_routed(tag: str, routed: Iterable[Routed]) -> Submission:
 
 
 class Pipeline:
-    def __init__(self, *, journal: Journal, intents: IntentLog, tracker: BatchTracker,
-                 total_limit: int, limiter: trio.CapacityLimiter) -> None:
+    def __init__(self, *, journal: Journal, intents: IntentLog, chunk_ids: ChunkIdLog,
+                 memory: ChunkMemory, tracker: BatchTracker, total_limit: int,
+                 limiter: trio.CapacityLimiter) -> None:
         self._journal = journal
         self._intents = intents
+        self._chunk_ids = chunk_ids
+        self._memory = memory
         self._tracker = tracker
         self._total_limit = total_limit
         self._limiter = limiter
         self._send, self._receive = trio.open_memory_channel[Message](PIPELINE_QUEUE)
         self._replay: list[Submission] = []
+        self._room = trio.Event()
+        self._stopping = False
+        tracker.on_release = self._room.set
 
     @property
     def overloaded(self) -> bool:
@@ -119,12 +136,45 @@ class Pipeline:
     def buffered_bytes(self) -> int:
         return self._tracker.buffered_bytes
 
-    async def commit(self, tag: str, routed: Iterable[Routed]) -> int:
-        """Durable once this returns (the ack point); the batch's record count."""
-        submission = group_routed(tag, routed)
-        if self._tracker.buffered_bytes + submission.size > self._total_limit:
-            raise Overloaded(f"buffer holds {self._tracker.buffered_bytes} bytes; "
+    async def commit(self, tag: str, routed: Iterable[Routed], *, dedupe_key: str | None = None,
+                     wait_for_room: bool = False) -> Committed:
+        """Durable once this returns (the ack point). Raises Refused without keeping
+        anything. `wait_for_room` waits while the buffer is full instead of refusing;
+        a `dedupe_key` already durable makes this a duplicate that is not stored."""
+        if dedupe_key is None:
+            return await self._commit(group_routed(tag, routed), wait_for_room)
+        while not self._memory.is_durable(dedupe_key):
+            first_copy = self._memory.in_flight(dedupe_key)
+            if first_copy is None:
+                break
+            await first_copy.wait()
+        else:
+            return Committed(0, True)
+        self._memory.begin(dedupe_key)
+        durable = False
+        try:
+            submission = group_routed(tag, routed)
+            submission.dedupe_key = dedupe_key
+            committed = await self._commit(submission, wait_for_room)
+            durable = True
+            return committed
+        finally:
+            self._memory.finish(dedupe_key, durable)
+
+    async def _commit(self, submission: Submission, wait_for_room: bool) -> Committed:
+        if submission.size > self._total_limit:
+            raise Overloaded(f"batch of {submission.size} bytes can never fit "
                              f"buffer.total_limit={self._total_limit}")
+        while self._tracker.buffered_bytes + submission.size > self._total_limit:
+            if self._stopping:
+                raise ShuttingDown("server is shutting down")
+            if not wait_for_room:
+                raise Overloaded(f"buffer holds {self._tracker.buffered_bytes} bytes; "
+                                 f"buffer.total_limit={self._total_limit}")
+            if self._room.is_set():  # waiters share one event, renewed once it has fired
+                self._room = trio.Event()
+                self._tracker.on_release = self._room.set
+            await self._room.wait()
         try:
             await self._send.send(submission)
         except (trio.ClosedResourceError, trio.BrokenResourceError):
@@ -132,7 +182,7 @@ class Pipeline:
         await submission.done.wait()
         if submission.error is not None:
             raise submission.error
-        return submission.count
+        return Committed(submission.count, False)
 
     async def flush(self) -> None:
         """Returns once everything acked before the call has been tried in its file."""
@@ -143,14 +193,22 @@ class Pipeline:
             return  # shutting down: the drain flushes everything anyway
         await marker.done.wait()
 
+    def stop_waiting(self) -> None:
+        """Shutdown begins: commits waiting for buffer room give up (nothing was kept)."""
+        self._stopping = True
+        self._room.set()
+
     async def close(self) -> None:
         """Stop accepting; `run` journals what it has, then closes the router's channel."""
         await self._send.aclose()
 
     async def recover(self, root: str) -> None:
         """Cut files back to before unfinished appends; queue what the journal still owes."""
-        replay, report = await trio.to_thread.run_sync(
-            _recover, self._journal, self._intents, root, limiter=self._limiter)
+        replay, keys, report = await trio.to_thread.run_sync(
+            _recover, self._journal, self._intents, self._chunk_ids, root,
+            limiter=self._limiter)
+        for at, key in keys:
+            self._memory.remember(key, at)
         for submission in replay:
             self._tracker.open(submission.batch_id, len(submission.groups), submission.size)
         self._tracker.next_id = self._journal.next_id
@@ -187,10 +245,11 @@ class Pipeline:
         batches = [m for m in group if isinstance(m, Submission)]
         payloads = [s.payload() for s in batches]
         watermark = self._tracker.watermark()
+        keys = [s.dedupe_key for s in batches if s.dedupe_key is not None]
         try:
             ids = await trio.to_thread.run_sync(_append_and_release, self._journal,
-                                                self._intents, payloads, watermark,
-                                                limiter=self._limiter)
+                                                self._intents, self._chunk_ids, payloads, keys,
+                                                watermark, limiter=self._limiter)
         except MwdlogdError as exc:
             log.event(logging.ERROR, "journal_append_failed", error=str(exc),
                       batches=len(batches))
@@ -206,31 +265,40 @@ class Pipeline:
 
     async def release(self) -> None:
         """Delete journal segments that are wholly written (after the final flush)."""
-        await trio.to_thread.run_sync(_append_and_release, self._journal, self._intents, [],
-                                      self._tracker.watermark(), True, limiter=self._limiter)
+        await trio.to_thread.run_sync(_append_and_release, self._journal, self._intents,
+                                      self._chunk_ids, [], [], self._tracker.watermark(), True,
+                                      limiter=self._limiter)
 
 
-def _append_and_release(journal: Journal, intents: IntentLog, payloads: list[bytes],
-                        watermark: int, final: bool = False) -> list[int]:
+def _append_and_release(journal: Journal, intents: IntentLog, chunk_ids: ChunkIdLog,
+                        payloads: list[bytes], keys: list[str], watermark: int,
+                        final: bool = False) -> list[int]:
     ids = journal.append(payloads) if payloads else []
+    chunk_ids.append(keys, time.time())
+    if journal.releasable(watermark, final=final):
+        chunk_ids.sync()  # the ids must be on disk before the batches holding them go
     journal.release(watermark, final=final)
     intents.forget_below(watermark)
     return ids
 
 
-def _recover(journal: Journal, intents: IntentLog, root: str
-             ) -> tuple[list[Submission], dict[str, Any]]:
+def _recover(journal: Journal, intents: IntentLog, chunk_ids: ChunkIdLog, root: str
+             ) -> tuple[list[Submission], list[tuple[float, str]], dict[str, Any]]:
     unfinished = intents.open()
     cut = sum(truncate_to(root, path, size) for path, (size, _) in unfinished.items())
     intents.settle()
+    keys = chunk_ids.open()
     replay, records = [], 0
     for batch_id, payload in journal.open(min_next_id=intents.max_id + 1):
         submission = Submission.from_payload(batch_id, payload)
+        if submission.dedupe_key is not None:
+            keys.append((time.time(), submission.dedupe_key))
         submission.groups = [g for g in submission.groups
                              if batch_id > intents.committed(g.path)]
         if submission.groups:
             submission.size = sum(len(g.data) for g in submission.groups)
             replay.append(submission)
             records += submission.count
-    return replay, {"files_cut_back": len(unfinished), "bytes_cut": cut,
-                    "batches_replayed": len(replay), "records_replayed": records}
+    return replay, keys, {"files_cut_back": len(unfinished), "bytes_cut": cut,
+                          "batches_replayed": len(replay), "records_replayed": records,
+                          "chunk_ids_remembered": len(keys)}

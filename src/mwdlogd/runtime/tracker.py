@@ -1,7 +1,7 @@
 """Which journal batches are not yet wholly in their hourly files, and how many bytes."""
 
 import heapq
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 
 
 class BatchTracker:
@@ -16,6 +16,7 @@ class BatchTracker:
         self._heap: list[int] = []
         self.buffered_bytes = 0
         self.next_id = 0
+        self.on_release: Callable[[], None] = lambda: None  # told when bytes are freed
 
     def open(self, batch_id: int, groups: int, size: int) -> None:
         self._open[batch_id] = [groups, size]
@@ -31,6 +32,7 @@ class BatchTracker:
             if entry[0] == 0:
                 self.buffered_bytes -= entry[1]
                 del self._open[batch_id]
+                self.on_release()
 
     @property
     def open_batches(self) -> int:

@@ -121,6 +121,13 @@ class Journal:
         self._sealed.append(self._active)
         self._start_segment()
 
+    def releasable(self, watermark: int, *, final: bool = False) -> bool:
+        """Would `release` delete anything?"""
+        active = self._active
+        return bool(self._sealed and self._sealed[0].last_id < watermark) or bool(
+            active and -1 < active.last_id < watermark
+            and (final or active.size >= RELEASE_ACTIVE_BYTES))
+
     def release(self, watermark: int, *, final: bool = False) -> int:
         """Delete segments whose batches all have ids below `watermark`; bytes freed.
 

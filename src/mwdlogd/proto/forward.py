@@ -1,0 +1,270 @@
+"""Server side of the Fluentd Forward Protocol v1, sans-IO (bytes in, events out).
+
+Handles all four modes (Message, Forward, PackedForward, CompressedPackedForward with
+several gzip members), EventTime, the `size`/`chunk`/`compressed` options and the
+shared_key handshake (HELO/PING/PONG, optional username/password). Strings are decoded
+with surrogateescape, so the entries blob (str32 holding msgpack or gzip bytes, as
+Fluentd sends it) and the `chunk` id survive byte for byte.
+"""
+
+import hashlib
+import hmac
+import os
+from collections.abc import Mapping
+from typing import Any, Final
+
+import attrs
+import msgpack
+
+from mwdlogd.errors import MwdlogdError
+from mwdlogd.proto.gzipped import GzipMalformed, GzipTooLarge, gunzip_bounded
+
+EVENT_TIME_EXT = 0
+NEED_DATA: Final = object()
+# Enough of a message's start to read its tag (Fluentd tags are short) and the length its
+# entries field declares, so an oversized declaration is refused before any body arrives.
+HEAD_BYTES = 512
+_LENGTH_PREFIX = {0xD9: 1, 0xDA: 2, 0xDB: 4, 0xC4: 1, 0xC5: 2, 0xC6: 4}
+
+
+class ForwardProtocolError(MwdlogdError):
+    """The peer broke the protocol; `reason` is a fixed code (the metric label)."""
+
+    def __init__(self, reason: str, detail: str) -> None:
+        super().__init__(f"{reason}: {detail}")
+        self.reason = reason
+        self.detail = detail
+
+
+@attrs.frozen
+class Entries:
+    tag: str
+    entries: list[tuple[float, dict[str, Any]]]
+    chunk: str | None  # echo in the ack exactly as received
+
+
+@attrs.frozen
+class Pong:
+    """The handshake answer to send; when not `ok`, close after sending it."""
+
+    ok: bool
+    data: bytes
+    reason: str
+    client_hostname: str
+    username: str
+
+
+def _ext_hook(code: int, data: bytes) -> object:
+    if code == EVENT_TIME_EXT and len(data) == 8:
+        return int.from_bytes(data[:4], "big") + int.from_bytes(data[4:], "big") / 1e9
+    return msgpack.ExtType(code, data)
+
+
+def _time(value: object, where: str) -> float:
+    if isinstance(value, msgpack.Timestamp):
+        return float(value.to_unix())
+    if isinstance(value, int | float) and not isinstance(value, bool):
+        return float(value)
+    raise ForwardProtocolError("wrong_shape", f"{where}: time is {type(value).__name__}")
+
+
+def _bytes(value: object) -> bytes:
+    if isinstance(value, bytes):
+        return value
+    if isinstance(value, str):
+        return value.encode("utf-8", "surrogateescape")
+    raise TypeError(type(value).__name__)
+
+
+def _packer() -> msgpack.Packer:
+    return msgpack.Packer(use_bin_type=True, unicode_errors="surrogateescape")
+
+
+def sha512_hex(*parts: bytes) -> str:
+    return hashlib.sha512(b"".join(parts)).hexdigest()
+
+
+class ForwardConnection:
+    """One connection's protocol state. The caller sends `helo()` first when a shared key
+    is set, feeds bytes with `receive_data`, and acts on each `next_event()`."""
+
+    def __init__(self, *, max_message_bytes: int, shared_key: bytes | None = None,
+                 self_hostname: str = "logserver", users: Mapping[str, bytes] | None = None,
+                 nonce: bytes | None = None, auth_salt: bytes | None = None) -> None:
+        self._limit = max_message_bytes
+        self._shared_key = shared_key
+        self._self_hostname = self_hostname
+        self._users = dict(users or {})
+        self._nonce = nonce or os.urandom(16)
+        self._auth_salt = auth_salt or os.urandom(16)
+        self.established = shared_key is None
+        self._unpacker = msgpack.Unpacker(
+            raw=False, unicode_errors="surrogateescape", ext_hook=_ext_hook,
+            strict_map_key=False, max_buffer_size=max_message_bytes)
+        self._fed = 0
+        self._recent, self._recent_at = b"", 0  # the last bytes fed, and their offset
+        self._head, self._head_at = bytearray(), 0  # the start of the message being read
+
+    def helo(self) -> bytes:
+        return bytes(_packer().pack(["HELO", {"nonce": self._nonce, "auth": self._auth_salt,
+                                              "keepalive": True}]))
+
+    def receive_data(self, data: bytes) -> None:
+        try:
+            self._unpacker.feed(data)
+        except msgpack.BufferFull:
+            raise ForwardProtocolError(
+                "too_large", f"message over forward.message_size_limit={self._limit} bytes"
+            ) from None
+        self._recent, self._recent_at = data, self._fed
+        self._fed += len(data)
+        room = HEAD_BYTES - len(self._head)
+        if room > 0:
+            skip = max(self._head_at + len(self._head) - self._recent_at, 0)
+            self._head += data[skip:skip + room]
+
+    def next_event(self) -> Entries | Pong | object:
+        """Entries, a Pong to send, or NEED_DATA; raises ForwardProtocolError."""
+        try:
+            message = next(self._unpacker)
+        except StopIteration:
+            self._refuse_oversized_declaration()
+            return NEED_DATA
+        except (ValueError, TypeError) as exc:  # format errors, limits, bad UTF-8, list keys
+            reason = "too_large" if "exceeds max" in str(exc) else "malformed_msgpack"
+            raise ForwardProtocolError(reason, str(exc)) from None
+        except msgpack.UnpackException as exc:
+            raise ForwardProtocolError("malformed_msgpack", str(exc)) from None
+        self._head_at = self._unpacker.tell()  # the next message starts in the recent bytes
+        self._head = bytearray(self._recent[self._head_at - self._recent_at:][:HEAD_BYTES])
+        if not self.established:
+            return self._ping(message)
+        return self._entries(message)
+
+    def _refuse_oversized_declaration(self) -> None:
+        """Read `[tag, <str/bin header>` from the message start; refuse a length over the
+        limit now instead of buffering towards it."""
+        head = self._head
+        if len(head) < 2 or not (0x92 <= head[0] <= 0x94):
+            return
+        tag_at, tag_len = 2, head[1] - 0xA0
+        if head[1] == 0xD9 and len(head) > 2:
+            tag_at, tag_len = 3, head[2]
+        elif not 0 <= tag_len < 32:
+            return
+        at = tag_at + tag_len
+        width = _LENGTH_PREFIX.get(head[at]) if at < len(head) else None
+        if width is None or at + 1 + width > len(head):
+            return
+        declared = int.from_bytes(head[at + 1:at + 1 + width], "big")
+        if declared > self._limit:
+            raise ForwardProtocolError(
+                "too_large", f"entries declare {declared} bytes > "
+                f"forward.message_size_limit={self._limit}")
+
+    def ack(self, chunk: str) -> bytes:
+        """`{"ack": chunk}` with the chunk exactly as it came."""
+        return bytes(_packer().pack({"ack": chunk}))
+
+    def _ping(self, message: Any) -> Pong:
+        if not (isinstance(message, list) and len(message) == 6 and message[0] == "PING"):
+            return self._pong_failure("invalid ping message", "", "")
+        _, hostname, salt, digest, username, password_digest = message
+        try:
+            key, nonce, salt_b = _bytes(self._shared_key), self._nonce, _bytes(salt)
+            hostname_s, username_s = str(hostname), str(username)
+            expected = sha512_hex(salt_b, _bytes(hostname), nonce, key)
+            if hostname_s == self._self_hostname:
+                return self._pong_failure(
+                    "same hostname between input and output: invalid configuration",
+                    hostname_s, username_s)
+            if not hmac.compare_digest(expected.encode(), _bytes(digest)):
+                return self._pong_failure("shared_key mismatch", hostname_s, username_s)
+            if self._users and not self._user_ok(username_s, _bytes(password_digest)):
+                return self._pong_failure("username/password mismatch", hostname_s, username_s)
+        except TypeError:
+            return self._pong_failure("invalid ping message", "", "")
+        self.established = True
+        pong = ["PONG", True, "", self._self_hostname,
+                sha512_hex(salt_b, self._self_hostname.encode(), nonce, key)]
+        return Pong(True, bytes(_packer().pack(pong)), "", hostname_s, username_s)
+
+    def _user_ok(self, username: str, password_digest: bytes) -> bool:
+        password = self._users.get(username)
+        expected = sha512_hex(self._auth_salt, username.encode(), password or b"")
+        return hmac.compare_digest(expected.encode(), password_digest) and password is not None
+
+    def _pong_failure(self, reason: str, hostname: str, username: str) -> Pong:
+        data = bytes(_packer().pack(["PONG", False, reason, "", ""]))
+        return Pong(False, data, reason, hostname, username)
+
+    def _entries(self, message: Any) -> Entries:
+        if not (isinstance(message, list) and 2 <= len(message) <= 4
+                and isinstance(message[0], str)):
+            raise ForwardProtocolError("wrong_shape", f"expected [tag, ...], got "
+                                       f"{_describe(message)}")
+        tag, body = message[0], message[1]
+        if isinstance(body, list):  # Forward
+            entries = [self._entry(e, n) for n, e in enumerate(body)]
+            option = message[2] if len(message) > 2 else None
+        elif isinstance(body, str | bytes):  # PackedForward, maybe compressed
+            option = message[2] if len(message) > 2 else None
+            entries = self._packed(_bytes(body), option)
+        else:  # Message: [tag, time, record(, option)]
+            if len(message) < 3 or not isinstance(message[2], dict):
+                raise ForwardProtocolError("wrong_shape", f"message mode needs "
+                                           f"[tag, time, record], got {_describe(message)}")
+            entries = [(_time(body, "message"), message[2])]
+            option = message[3] if len(message) > 3 else None
+        return Entries(tag, entries, self._options(option, len(entries)))
+
+    def _entry(self, entry: Any, index: int) -> tuple[float, dict[str, Any]]:
+        if not (isinstance(entry, list) and len(entry) == 2 and isinstance(entry[1], dict)):
+            raise ForwardProtocolError("wrong_shape", f"entry {index}: expected [time, record], "
+                                       f"got {_describe(entry)}")
+        return _time(entry[0], f"entry {index}"), entry[1]
+
+    def _packed(self, blob: bytes, option: object) -> list[tuple[float, dict[str, Any]]]:
+        compressed = option.get("compressed") if isinstance(option, dict) else None
+        if compressed == "gzip":
+            try:
+                blob = gunzip_bounded(blob, self._limit)
+            except GzipTooLarge as exc:
+                raise ForwardProtocolError("too_large", f"entries {exc} "
+                                           f"(forward.message_size_limit)") from None
+            except GzipMalformed as exc:
+                raise ForwardProtocolError("bad_gzip", str(exc)) from None
+        elif compressed not in (None, "text"):
+            raise ForwardProtocolError("wrong_shape", f"unknown compressed={compressed!r}")
+        unpacker = msgpack.Unpacker(raw=False, unicode_errors="replace", ext_hook=_ext_hook,
+                                    strict_map_key=False, max_buffer_size=max(len(blob), 1))
+        unpacker.feed(blob)
+        entries, consumed = [], 0
+        try:
+            for index, entry in enumerate(unpacker):
+                entries.append(self._entry(entry, index))
+                consumed = unpacker.tell()
+        except (ValueError, TypeError, msgpack.UnpackException) as exc:
+            raise ForwardProtocolError("malformed_msgpack", f"entries: {exc}") from None
+        if consumed != len(blob):
+            raise ForwardProtocolError("malformed_msgpack",
+                                       f"entries blob truncated after {consumed} of {len(blob)}")
+        return entries
+
+    def _options(self, option: object, count: int) -> str | None:
+        if option is None:
+            return None
+        if not isinstance(option, dict):
+            raise ForwardProtocolError("wrong_shape", f"option is {_describe(option)}")
+        size = option.get("size")
+        if size is not None and size != count:
+            raise ForwardProtocolError("size_mismatch", f"option size={size} but {count} entries")
+        chunk = option.get("chunk")
+        if chunk is not None and not isinstance(chunk, str):
+            raise ForwardProtocolError("wrong_shape", f"chunk is {_describe(chunk)}")
+        return chunk
+
+
+def _describe(value: object) -> str:
+    text = repr(value)
+    return text if len(text) <= 60 else text[:57] + "..."

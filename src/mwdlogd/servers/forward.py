@@ -1,0 +1,160 @@
+"""Forward-protocol ingest (DESIGN §1): TLS or TCP streams around ForwardConnection.
+
+A short loop per connection: HELO first when a shared key is set, answer PING with
+PONG, read on NEED_DATA, hand entries to the pipeline, write the ack once durable.
+Not reading while a batch waits for buffer room is the TCP backpressure of DESIGN §4.
+Heartbeat connections (connect and close, or a bare handshake) cost a few objects and
+log nothing above debug.
+"""
+
+import logging
+import ssl
+import time
+
+import attrs
+import trio
+
+from mwdlogd import log
+from mwdlogd.config import ForwardConfig
+from mwdlogd.pipeline.normalize import Context, normalize_batch
+from mwdlogd.proto.forward import NEED_DATA, Entries, ForwardConnection, ForwardProtocolError, Pong
+from mwdlogd.runtime.pipeline import Pipeline, Refused
+from mwdlogd.servers.http_io import RECEIVE_BYTES
+from mwdlogd.servers.tls import peer_name
+from mwdlogd.telemetry import Telemetry
+
+# A TLS handshake (and, with a shared key, the PING) must arrive within this time.
+HANDSHAKE_TIMEOUT_S = 30.0
+
+
+@attrs.frozen
+class ForwardSettings:
+    forward: ForwardConfig
+    hostname: str
+
+
+class _Close(Exception):
+    """End this connection now (already logged and counted)."""
+
+
+class ForwardServer:
+    def __init__(self, *, settings: ForwardSettings, ssl_context: ssl.SSLContext | None,
+                 pipeline: Pipeline, telemetry: Telemetry) -> None:
+        self._config = settings.forward
+        self._hostname = settings.hostname
+        self._ssl_context = ssl_context
+        self._pipeline = pipeline
+        self._telemetry = telemetry
+        self._users = {u.username: u.password.encode() for u in settings.forward.users}
+        self._accept_scope = trio.CancelScope()
+        self._idle_scopes: set[trio.CancelScope] = set()
+        self.draining = False
+
+    async def run(self, *, task_status: trio.TaskStatus[str] = trio.TASK_STATUS_IGNORED) -> None:
+        """Serves until `stop_accepting()`, then returns once every connection has closed."""
+        bind, port = self._config.bind, self._config.port
+        listeners: list[trio.abc.Listener[trio.abc.Stream]]
+        if self._ssl_context is not None:
+            listeners = list(await trio.open_ssl_over_tcp_listeners(
+                port, self._ssl_context, host=bind, https_compatible=True))
+            sock = listeners[0].transport_listener.socket  # type: ignore[attr-defined]
+        else:
+            listeners = list(await trio.open_tcp_listeners(port, host=bind))
+            sock = listeners[0].socket  # type: ignore[attr-defined]
+        address = "{}:{}".format(*sock.getsockname()[:2])
+        async with trio.open_nursery() as handlers:
+            task_status.started(address)
+            with self._accept_scope:
+                await trio.serve_listeners(self._handle, listeners, handler_nursery=handlers)
+
+    def stop_accepting(self) -> None:
+        self.draining = True
+        self._accept_scope.cancel()
+        for scope in self._idle_scopes:
+            scope.cancel()
+
+    async def _handle(self, stream: trio.abc.Stream) -> None:
+        """Never raises: an exception reaching serve_listeners would stop the server."""
+        self._telemetry.connection_opened("forward")
+        peer = peer_name(stream)
+        try:
+            if await self._tls_handshake(stream, peer):
+                await self._serve(stream, peer_name(stream))
+        except (trio.BrokenResourceError, trio.ClosedResourceError, _Close):
+            pass
+        except ForwardProtocolError as exc:
+            self._telemetry.forward_rejected(peer, exc.reason, exc.detail)
+        except Exception:
+            log.logger.exception("forward handler failed for %s", peer)
+        finally:
+            await trio.aclose_forcefully(stream)
+            log.event(logging.DEBUG, "forward_connection_closed", peer=peer)
+
+    async def _tls_handshake(self, stream: trio.abc.Stream, peer: str) -> bool:
+        if not isinstance(stream, trio.SSLStream):
+            return True
+        try:
+            with trio.fail_after(HANDSHAKE_TIMEOUT_S):
+                await stream.do_handshake()
+        except (trio.BrokenResourceError, trio.TooSlowError) as exc:
+            cause = exc.__cause__ or exc
+            self._telemetry.tls_handshake_failed("forward", peer, str(cause) or
+                                                 type(cause).__name__)
+            return False
+        return True
+
+    async def _serve(self, stream: trio.abc.Stream, peer: str) -> None:
+        shared_key = self._config.shared_key.encode() or None
+        conn = ForwardConnection(max_message_bytes=self._config.message_size_limit,
+                                 shared_key=shared_key, self_hostname=self._config.self_hostname,
+                                 users=self._users)
+        identity = peer.rpartition(":")[0] if "/" not in peer else peer.split("/", 1)[1]
+        if shared_key is not None:
+            await stream.send_all(conn.helo())
+        while True:
+            event = conn.next_event()
+            if event is NEED_DATA:
+                data = await self._receive(stream, conn.established)
+                if not data:
+                    return
+                conn.receive_data(data)
+            elif isinstance(event, Pong):
+                await stream.send_all(event.data)
+                if not event.ok:
+                    self._telemetry.forward_handshake_failed(peer, event.reason,
+                                                             event.client_hostname)
+                    return
+                identity = f"{identity}/{event.username or event.client_hostname}"
+            elif isinstance(event, Entries):
+                await self._store(stream, conn, event, peer, identity)
+
+    async def _receive(self, stream: trio.abc.Stream, established: bool) -> bytes:
+        """Next bytes; b"" on EOF, on idle timeout and when draining."""
+        if self.draining:
+            return b""
+        timeout = self._config.idle_timeout if established else HANDSHAKE_TIMEOUT_S
+        with trio.move_on_after(timeout) as scope:
+            self._idle_scopes.add(scope)
+            try:
+                return bytes(await stream.receive_some(RECEIVE_BYTES))
+            finally:
+                self._idle_scopes.discard(scope)
+        return b""
+
+    async def _store(self, stream: trio.abc.Stream, conn: ForwardConnection, event: Entries,
+                     peer: str, identity: str) -> None:
+        received_at = time.time()
+        ctx = Context(event.tag, received_at, received_at, self._hostname)
+        routed = normalize_batch(((record, at) for at, record in event.entries), ctx)
+        key = f"{identity}\0{event.chunk}" if event.chunk is not None else None
+        started = trio.current_time()
+        try:
+            committed = await self._pipeline.commit(event.tag, routed, dedupe_key=key,
+                                                    wait_for_room=True)
+        except Refused as exc:
+            self._telemetry.forward_rejected(peer, exc.reason, str(exc))
+            raise _Close from exc
+        self._telemetry.forward_accepted(event.tag, committed.records, committed.duplicate,
+                                         trio.current_time() - started)
+        if event.chunk is not None:
+            await stream.send_all(conn.ack(event.chunk))

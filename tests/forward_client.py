@@ -1,0 +1,79 @@
+"""A raw forward-protocol test client: frames built by hand with msgpack, so tests can send
+what libraries never do (fragments, bad handshakes, wrong shapes)."""
+
+from __future__ import annotations
+
+import gzip
+import hashlib
+from typing import Any
+
+import msgpack
+import trio
+
+KEY = "secret123"
+
+
+def event_time(seconds: int, nanos: int = 0) -> msgpack.ExtType:
+    return msgpack.ExtType(0, seconds.to_bytes(4, "big") + nanos.to_bytes(4, "big"))
+
+
+def packed(tag: str, records: list[dict[str, Any]], *, chunk: str | None = None,
+           compress: bool = False, at: int = 1732500000) -> bytes:
+    """PackedForward as out_forward sends it: entries as str32 holding raw msgpack."""
+    blob = b"".join(msgpack.packb([event_time(at, 5), r]) for r in records)
+    if compress:
+        blob = b"".join(gzip.compress(msgpack.packb([event_time(at, 5), r])) for r in records)
+    option: dict[str, Any] = {"size": len(records), "compressed": "gzip" if compress else "text"}
+    if chunk is not None:
+        option["chunk"] = chunk
+    header = msgpack.packb(tag) + b"\xdb" + len(blob).to_bytes(4, "big")
+    return b"\x93" + header + blob + msgpack.packb(option)
+
+
+def ping(helo: list[Any], *, key: str = KEY, hostname: str = "engine-01",
+         username: str = "", password: str = "") -> bytes:
+    nonce, auth = helo[1]["nonce"], helo[1]["auth"] or b""
+    salt = b"0123456789abcdef0123456789abcdef"
+    digest = hashlib.sha512(salt + hostname.encode() + nonce + key.encode()).hexdigest()
+    user_digest = hashlib.sha512(auth + username.encode() + password.encode()).hexdigest() \
+        if username else ""
+    return msgpack.packb(["PING", hostname, salt.decode(), digest, username, user_digest])
+
+
+class RawForward:
+    def __init__(self, stream: trio.abc.Stream) -> None:
+        self.stream = stream
+        self.unpacker = msgpack.Unpacker(raw=False)
+
+    @classmethod
+    async def connect(cls, address: str, context: Any = None) -> RawForward:
+        host, _, port = address.rpartition(":")
+        stream: trio.abc.Stream
+        if context is None:
+            stream = await trio.open_tcp_stream(host, int(port))
+        else:
+            stream = await trio.open_ssl_over_tcp_stream(host, int(port), ssl_context=context,
+                                                         https_compatible=True)
+        return cls(stream)
+
+    async def send(self, data: bytes) -> None:
+        await self.stream.send_all(data)
+
+    async def receive(self) -> Any:
+        """The next msgpack object from the server; EOFError when it closed."""
+        while True:
+            for obj in self.unpacker:
+                return obj
+            data = await self.stream.receive_some(65536)
+            if not data:
+                raise EOFError("server closed the connection")
+            self.unpacker.feed(data)
+
+    async def handshake(self, **kwargs: Any) -> list[Any]:
+        helo = await self.receive()
+        assert helo[0] == "HELO"
+        await self.send(ping(helo, **kwargs))
+        return list(await self.receive())
+
+    async def aclose(self) -> None:
+        await trio.aclose_forcefully(self.stream)

@@ -1,0 +1,218 @@
+"""The sans-IO forward core: every mode, real Fluentd captures, handshakes, limits, fuzz."""
+
+from __future__ import annotations
+
+import gzip
+from typing import Any
+
+import msgpack
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from mwdlogd.proto.forward import NEED_DATA, Entries, ForwardConnection, ForwardProtocolError, Pong
+
+from forward_client import KEY, event_time, packed, ping
+from helpers import CAPTURES
+
+LIMIT = 1 << 20
+RECORD = {"id": "a", "msg": "ログ ✓"}
+
+
+def events(data: bytes, step: int | None = None, **kwargs: Any) -> list[Any]:
+    conn = ForwardConnection(max_message_bytes=kwargs.pop("limit", LIMIT), **kwargs)
+    out = []
+    chunks = [data] if step is None else [data[i:i + step] for i in range(0, len(data), step)]
+    for chunk in chunks:
+        conn.receive_data(chunk)
+        while (event := conn.next_event()) is not NEED_DATA:
+            out.append(event)
+    return out
+
+
+MODES = {
+    "message-int-time": (msgpack.packb(["t", 1732500000, RECORD]), [(1732500000.0, RECORD)]),
+    "message-event-time": (msgpack.packb(["t", event_time(1732500000, 500_000_000), RECORD,
+                                          {"chunk": "c1\n"}]), [(1732500000.5, RECORD)]),
+    "message-float-time": (msgpack.packb(["t", 1732500000.25, RECORD]), [(1732500000.25, RECORD)]),
+    "forward": (msgpack.packb(["t", [[1, RECORD], [2, {"id": "b"}]], {"size": 2}]),
+                [(1.0, RECORD), (2.0, {"id": "b"})]),
+    "packed-bin": (msgpack.packb(["t", msgpack.packb([3, RECORD])], use_bin_type=True),
+                   [(3.0, RECORD)]),
+    "packed-str32": (packed("t", [RECORD, RECORD]), [(1732500000.000000005, RECORD)] * 2),
+    "compressed-many-members": (packed("t", [RECORD, RECORD, RECORD], compress=True),
+                                [(1732500000.000000005, RECORD)] * 3),
+}
+
+
+@pytest.mark.parametrize("name", sorted(MODES))
+@pytest.mark.parametrize("step", [None, 1, 5])
+def test_every_mode_any_split(name: str, step: int | None) -> None:
+    data, expected = MODES[name]
+    got = events(data + data, step)  # two messages back to back
+    assert [e.tag for e in got] == ["t", "t"]
+    assert [e.entries for e in got] == [expected, expected]
+
+
+def test_option_chunk_comes_back_byte_exact() -> None:
+    (entries,) = events(packed("t", [RECORD], chunk="ZhGNcmjIJvYmNsgKaQnMWA==\n"))
+    conn = ForwardConnection(max_message_bytes=LIMIT)
+    assert conn.ack(entries.chunk) == b"\x81\xa3ack\xb9ZhGNcmjIJvYmNsgKaQnMWA==\n"
+
+
+FWD_CAPTURES = ["fwd-packed-ack", "fwd-gzip-ack"]
+
+
+@pytest.mark.parametrize("name", FWD_CAPTURES)
+@pytest.mark.parametrize("step", [None, 1, 64])
+def test_fluentd_out_forward_captures(name: str, step: int | None) -> None:
+    (entries,) = events((CAPTURES / f"{name}.client.bin").read_bytes(), step)
+    assert entries.tag == "nginx.access"
+    assert [r["seq"] for _, r in entries.entries] == list(range(12))
+    conn = ForwardConnection(max_message_bytes=LIMIT)
+    assert conn.ack(entries.chunk) == (CAPTURES / f"{name}.server.bin").read_bytes()
+
+
+def server_messages(name: str) -> list[Any]:
+    unpacker = msgpack.Unpacker(raw=False, unicode_errors="surrogateescape")
+    unpacker.feed((CAPTURES / f"{name}.server.bin").read_bytes())
+    return list(unpacker)
+
+
+HANDSHAKE_CAPTURES = ["fwd-sharedkey-ack", "fwd-sharedkey-authsalt-ack", "fwd-sharedkey-heartbeat",
+                      "infwd-sec-ok"]
+
+
+@pytest.mark.parametrize("name", HANDSHAKE_CAPTURES)
+def test_shared_key_captures_give_fluentds_own_pong(name: str) -> None:
+    helo, pong, *acks = server_messages(name)
+    got = events((CAPTURES / f"{name}.client.bin").read_bytes(), shared_key=KEY.encode(),
+                 self_hostname="logserver", nonce=helo[1]["nonce"],
+                 auth_salt=helo[1]["auth"] or None)
+    assert isinstance(got[0], Pong) and got[0].ok and got[0].client_hostname == "engine-01"
+    assert got[0].data == msgpack.packb(pong, use_bin_type=True)
+    entries = [e for e in got[1:] if isinstance(e, Entries)]
+    conn = ForwardConnection(max_message_bytes=LIMIT)
+    assert [conn.ack(e.chunk) for e in entries] == [msgpack.packb(a) for a in acks]
+
+
+def test_wrong_key_capture_gets_pong_false() -> None:
+    helo, pong = server_messages("infwd-sec-badkey")
+    (got,) = events((CAPTURES / "infwd-sec-badkey.client.bin").read_bytes(),
+                    shared_key=KEY.encode(), nonce=helo[1]["nonce"], auth_salt=helo[1]["auth"])
+    assert (got.ok, got.reason) == (False, "shared_key mismatch")
+    assert got.data == msgpack.packb(pong) == (CAPTURES / "infwd-sec-badkey.pong.bin").read_bytes()
+
+
+def test_data_before_ping_is_refused_like_in_forward() -> None:
+    (got,) = events((CAPTURES / "infwd-sec-nohandshake.client.bin").read_bytes(),
+                    shared_key=KEY.encode())
+    assert (got.ok, got.reason) == (False, "invalid ping message")
+
+
+def test_plain_capture_and_its_ack() -> None:
+    (entries,) = events((CAPTURES / "infwd-plain-ok.client.bin").read_bytes())
+    conn = ForwardConnection(max_message_bytes=LIMIT)
+    assert conn.ack(entries.chunk) == (CAPTURES / "infwd-plain-ok.server.bin").read_bytes()
+
+
+@pytest.mark.parametrize(("name", "reason"), [
+    ("infwd-plain-garbage-c1", "malformed_msgpack"),
+    ("infwd-plain-garbage-json", "wrong_shape"),
+    ("infwd-plain-garbage-http", "wrong_shape"),
+    ("infwd-plain-garbage-tls-hello", "wrong_shape"),
+    ("infwd-plain-garbage-wrongshape", "wrong_shape"),
+])
+def test_garbage_captures_are_protocol_errors(name: str, reason: str) -> None:
+    with pytest.raises(ForwardProtocolError) as caught:
+        events((CAPTURES / f"{name}.client.bin").read_bytes())
+    assert caught.value.reason == reason
+
+
+def helo_of(conn: ForwardConnection) -> list[Any]:
+    return list(msgpack.unpackb(conn.helo(), raw=False))
+
+
+@pytest.mark.parametrize(("kwargs", "ok", "reason"), [
+    ({}, True, ""),
+    ({"key": "wrong"}, False, "shared_key mismatch"),
+    ({"hostname": "logserver"}, False,
+     "same hostname between input and output: invalid configuration"),
+])
+def test_handshake(kwargs: dict[str, str], ok: bool, reason: str) -> None:
+    conn = ForwardConnection(max_message_bytes=LIMIT, shared_key=KEY.encode())
+    conn.receive_data(ping(helo_of(conn), **kwargs))
+    pong = conn.next_event()
+    assert isinstance(pong, Pong) and (pong.ok, pong.reason) == (ok, reason)
+    assert conn.established is ok
+
+
+@pytest.mark.parametrize(("username", "password", "ok"), [
+    ("engine", "pw", True), ("engine", "nope", False), ("nobody", "pw", False), ("", "", False)])
+def test_user_auth(username: str, password: str, ok: bool) -> None:
+    conn = ForwardConnection(max_message_bytes=LIMIT, shared_key=KEY.encode(),
+                             users={"engine": b"pw"})
+    conn.receive_data(ping(helo_of(conn), username=username, password=password))
+    pong = conn.next_event()
+    assert isinstance(pong, Pong) and pong.ok is ok
+
+
+def test_a_declared_gigabyte_string_is_refused_at_once() -> None:
+    with pytest.raises(ForwardProtocolError) as caught:
+        events(b"\x93\xa1t\xdb\x40\x00\x00\x00" + b"x" * 100)
+    assert caught.value.reason == "too_large"
+
+
+def test_message_over_the_limit_is_refused_while_buffering() -> None:
+    conn = ForwardConnection(max_message_bytes=1000)
+    with pytest.raises(ForwardProtocolError, match="message_size_limit=1000"):
+        conn.receive_data(packed("t", [{"pad": "x" * 2000}]))
+
+
+def test_gzip_bomb_is_refused_by_inflated_size() -> None:
+    bomb = gzip.compress(b"\x00" * 10_000_000)
+    message = msgpack.packb(["t", bomb, {"compressed": "gzip"}], use_bin_type=True)
+    with pytest.raises(ForwardProtocolError) as caught:
+        events(message, limit=100_000)
+    assert caught.value.reason == "too_large"
+
+
+@pytest.mark.parametrize(("message", "reason"), [
+    (msgpack.packb(["t", msgpack.packb([1, RECORD]), {"size": 5}], use_bin_type=True),
+     "size_mismatch"),
+    (msgpack.packb(["t", b"\x1f\x8b\x08garbage", {"compressed": "gzip"}]), "bad_gzip"),
+    (msgpack.packb(["t", [[1, "not a map"]]]), "wrong_shape"),
+    (msgpack.packb(["t", "time", RECORD]), "wrong_shape"),
+    (msgpack.packb([1, 2, 3]), "wrong_shape"),
+    (msgpack.packb(["only-tag"]), "wrong_shape"),
+    (msgpack.packb(["t", msgpack.packb([1, RECORD])[:-1]], use_bin_type=True),
+     "malformed_msgpack"),
+    (msgpack.packb(["t", 1, RECORD, "option?"]), "wrong_shape"),
+    (msgpack.packb(["t", 1, RECORD, {"chunk": 5}]), "wrong_shape"),
+])
+def test_wrong_shapes(message: bytes, reason: str) -> None:
+    with pytest.raises(ForwardProtocolError) as caught:
+        events(message)
+    assert caught.value.reason == reason
+
+
+def valid_frames() -> st.SearchStrategy[bytes]:
+    return st.sampled_from([data for data, _ in MODES.values()])
+
+
+@settings(max_examples=10_000, deadline=None, suppress_health_check=list(HealthCheck))
+@given(st.one_of(
+    st.binary(max_size=200),
+    st.tuples(valid_frames(), st.integers(0, 400), st.binary(min_size=1, max_size=4)).map(
+        lambda t: t[0][:t[1]] + t[2] + t[0][t[1] + len(t[2]):]),
+    st.tuples(valid_frames(), st.integers(0, 400)).map(lambda t: t[0][:t[1]]),
+), st.booleans())
+def test_fuzz_only_protocol_errors_escape(data: bytes, handshake: bool) -> None:
+    conn = ForwardConnection(max_message_bytes=4096, shared_key=KEY.encode() if handshake
+                             else None)
+    try:
+        conn.receive_data(data)
+        while conn.next_event() is not NEED_DATA:
+            pass
+    except ForwardProtocolError:
+        pass
