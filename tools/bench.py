@@ -1,5 +1,7 @@
 #!/usr/bin/env python3
-"""HTTPS ingest benchmark: acked records/s and ack latency for batches of Engine records.
+"""Ingest benchmark: acked records/s and ack latency for batches of Engine records, over
+HTTPS (ndjson, `out_http` shape) or forward (PackedForward / CompressedPackedForward over
+TLS with shared key and ack, as out_forward sends it).
 
 By default it starts mwdlogd as a subprocess on a temporary config (own dev PKI, ports 0),
 drives it over keep-alive mTLS connections with pre-encoded ndjson batches, then stops it
@@ -9,12 +11,14 @@ first measures the same load against a null server (TLS + HTTP framing only, in 
 process): the ceiling of this load generator on this machine, for side-by-side figures.
 
     python tools/bench.py --connections 4 --batch 1000 --duration 20
+    python tools/bench.py --protocol forward --mode CompressedPackedForward
 """
 
 from __future__ import annotations
 
 import argparse
 import gzip
+import hashlib
 import json
 import os
 import platform
@@ -28,6 +32,7 @@ import time
 from pathlib import Path
 from typing import Any
 
+import msgpack
 import tomli_w
 import trio
 
@@ -38,6 +43,7 @@ from mwdlogd.certs import init_certs  # noqa: E402
 from server_process import ServerProcess  # noqa: E402
 
 TOKEN = "bench-token-0123456789"
+SHARED_KEY = "bench-shared-key"
 BODIES_PER_CONNECTION = 8
 
 
@@ -150,6 +156,69 @@ async def run_null_server(pki: Path) -> None:
     await trio.serve_listeners(serve_null, listeners)
 
 
+def forward_blob(records: list[dict[str, Any]], mode: str) -> tuple[bytes, bytes]:
+    """The message up to its option map, and the `compressed` value, as out_forward packs."""
+    entries = [msgpack.packb([msgpack.ExtType(0, int(r["time"]).to_bytes(4, "big") + bytes(4)),
+                              r]) for r in records]
+    blob = b"".join(entries)
+    compressed = "text"
+    if mode == "CompressedPackedForward":
+        blob, compressed = gzip.compress(blob, 1), "gzip"
+    head = b"\x93" + msgpack.packb("nginx.access") + b"\xdb" + len(blob).to_bytes(4, "big")
+    return head + blob, compressed.encode()
+
+
+async def forward_handshake(stream: trio.SSLStream[trio.SocketStream],
+                            unpacker: msgpack.Unpacker) -> None:
+    helo = await next_msgpack(stream, unpacker)
+    nonce = helo[1]["nonce"]
+    salt = os.urandom(16).hex()
+    digest = hashlib.sha512(salt.encode() + b"bench-engine" + nonce + SHARED_KEY.encode())
+    await stream.send_all(msgpack.packb(["PING", "bench-engine", salt, digest.hexdigest(),
+                                         "", ""]))
+    pong = await next_msgpack(stream, unpacker)
+    if pong[1] is not True:
+        raise RuntimeError(f"handshake refused: {pong}")
+
+
+async def next_msgpack(stream: trio.SSLStream[trio.SocketStream],
+                       unpacker: msgpack.Unpacker) -> Any:
+    while True:
+        for obj in unpacker:
+            return obj
+        data = await stream.receive_some(65536)
+        if not data:
+            raise EOFError("server closed the connection")
+        unpacker.feed(data)
+
+
+async def drive_forward(host: str, port: int, context: ssl.SSLContext,
+                        messages: list[tuple[bytes, bytes]], batch: int, deadline: float,
+                        stats: Stats, connection: int) -> None:
+    stream = await trio.open_ssl_over_tcp_stream(host, port, ssl_context=context,
+                                                 https_compatible=True)
+    unpacker = msgpack.Unpacker(raw=False)
+    try:
+        await forward_handshake(stream, unpacker)
+        n = 0
+        while trio.current_time() < deadline:
+            body, compressed = messages[n % len(messages)]
+            chunk = f"{connection}-{n}-{os.getpid()}\n"
+            option = msgpack.packb({"size": batch, "compressed": compressed.decode(),
+                                    "chunk": chunk})
+            started = time.perf_counter()
+            await stream.send_all(body + option)
+            ack = await next_msgpack(stream, unpacker)
+            n += 1
+            if ack == {"ack": chunk}:
+                stats.latencies.append(time.perf_counter() - started)
+                stats.records += batch
+            else:
+                stats.errors[repr(ack)] = stats.errors.get(repr(ack), 0) + 1
+    finally:
+        await trio.aclose_forcefully(stream)
+
+
 def cpu_seconds(pid: int) -> float:
     fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
     return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
@@ -187,7 +256,7 @@ def bench_config(work: Path, pki: Path, args: argparse.Namespace) -> Path:
         "tls": {"cert": str(pki / "server.crt"), "key": str(pki / "server.key"),
                 "ca": str(pki / "ca.crt")},
         "http": {"bind": "127.0.0.1", "port": 0},
-        "forward": {"bind": "127.0.0.1", "port": 0},
+        "forward": {"bind": "127.0.0.1", "port": 0, "shared_key": SHARED_KEY},
         "auth": {"tokens": [{"name": "bench", "token": TOKEN}]},
         "storage": {"root": str(work / "logs")},
         "buffer": {"path": str(work / "buffer"), "fsync": not args.no_fsync},
@@ -203,14 +272,20 @@ async def load(host: str, port: int, context: ssl.SSLContext, args: argparse.Nam
                stats: Stats) -> float:
     rng = random.Random(args.seed)
     now = time.time()
-    bodies = [[request_bytes(host, [engine_record(rng, f"c{c}-b{b}-{i}", now)
-                                    for i in range(args.batch)], args.gzip)
-               for b in range(BODIES_PER_CONNECTION)] for c in range(args.connections)]
+    batches = [[[engine_record(rng, f"c{c}-b{b}-{i}", now) for i in range(args.batch)]
+                for b in range(BODIES_PER_CONNECTION)] for c in range(args.connections)]
     started = trio.current_time()
+    deadline = started + args.duration
     async with trio.open_nursery() as nursery:
         for c in range(args.connections):
-            nursery.start_soon(drive, host, port, context, bodies[c], args.batch,
-                               started + args.duration, stats)
+            if args.protocol == "forward":
+                messages = [forward_blob(records, args.mode) for records in batches[c]]
+                nursery.start_soon(drive_forward, host, port, context, messages, args.batch,
+                                   deadline, stats, c)
+            else:
+                bodies = [request_bytes(host, records, args.gzip) for records in batches[c]]
+                nursery.start_soon(drive, host, port, context, bodies, args.batch, deadline,
+                                   stats)
     return trio.current_time() - started
 
 
@@ -232,6 +307,9 @@ def report(result: dict[str, Any]) -> None:
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--protocol", choices=["http", "forward"], default="http")
+    parser.add_argument("--mode", choices=["PackedForward", "CompressedPackedForward"],
+                        default="PackedForward", help="forward message mode")
     parser.add_argument("--connections", type=int, default=4)
     parser.add_argument("--batch", type=int, default=1000, help="records per request")
     parser.add_argument("--duration", type=float, default=10.0, help="seconds of load")
@@ -272,12 +350,14 @@ def main() -> int:
             host, _, port = args.target.rpartition(":")
         else:
             server = ServerProcess(bench_config(work, pki, args))
-            host, _, port = server.addresses["http"].rpartition(":")
+            host, _, port = server.addresses[args.protocol].rpartition(":")
         stats = Stats()
         cpu_before = cpu_seconds(server.process.pid) if server else 0.0
         elapsed = trio.run(load, host, int(port), context, args, stats)
         result: dict[str, Any] = {
-            "machine": machine(), "connections": args.connections, "batch": args.batch,
+            "machine": machine(), "protocol": args.protocol,
+            "mode": args.mode if args.protocol == "forward" else "ndjson",
+            "connections": args.connections, "batch": args.batch,
             "gzip": args.gzip, "fsync": not args.no_fsync, "duration_s": round(elapsed, 2),
             "acked_records": stats.records,
             "records_per_s": round(stats.records / elapsed), "errors": stats.errors,

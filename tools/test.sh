@@ -7,6 +7,8 @@ cd "$(dirname "$0")/.."
 need=()
 command -v curl >/dev/null || need+=(curl)
 command -v zcat >/dev/null || need+=(gzip)
+command -v node >/dev/null || need+=(nodejs)
+command -v npm >/dev/null || need+=(npm)
 if [ ${#need[@]} -gt 0 ]; then
   echo "installing ${need[*]} (Debian packages)"
   apt-get update -qq && apt-get install -y -qq "${need[@]}"
@@ -14,6 +16,8 @@ fi
 
 [ -x .venv/bin/python ] || python3 -m venv .venv
 .venv/bin/pip install -q --disable-pip-version-check -e '.[test]'
+# Real forward-protocol peer for the tests: npm @fluent-org/logger, pinned by the lock file.
+npm ci --prefix tests/peers --no-audit --no-fund --loglevel=error
 
 echo "== ruff"; .venv/bin/ruff check src tests tools
 echo "== mypy --strict src"; .venv/bin/mypy src

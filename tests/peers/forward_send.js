@@ -13,11 +13,11 @@ async function main() {
     flushInterval: o.flushInterval || 0,
   };
   if (o.ack) options.ack = { ackTimeout: 20000 };
-  if (o.ca) {
-    options.tls = { ca: fs.readFileSync(o.ca), servername: "localhost" };
+  if (o.ca) {  // the client reads TLS options from `socket.tls`
+    options.socket.tls = { ca: fs.readFileSync(o.ca), servername: "localhost" };
     if (o.cert) {
-      options.tls.cert = fs.readFileSync(o.cert);
-      options.tls.key = fs.readFileSync(o.key);
+      options.socket.tls.cert = fs.readFileSync(o.cert);
+      options.socket.tls.key = fs.readFileSync(o.key);
     }
   }
   if (o.sharedKey) {

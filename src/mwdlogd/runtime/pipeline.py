@@ -126,6 +126,7 @@ class Pipeline:
         self._replay: list[Submission] = []
         self._room = trio.Event()
         self._stopping = False
+        self.waiting_for_room = 0  # batches held back (forward connections not being read)
         tracker.on_release = self._room.set
 
     @property
@@ -174,7 +175,11 @@ class Pipeline:
             if self._room.is_set():  # waiters share one event, renewed once it has fired
                 self._room = trio.Event()
                 self._tracker.on_release = self._room.set
-            await self._room.wait()
+            self.waiting_for_room += 1
+            try:
+                await self._room.wait()
+            finally:
+                self.waiting_for_room -= 1
         try:
             await self._send.send(submission)
         except (trio.ClosedResourceError, trio.BrokenResourceError):

@@ -20,7 +20,7 @@ from mwdlogd.pipeline.normalize import Context, normalize_batch
 from mwdlogd.proto.forward import NEED_DATA, Entries, ForwardConnection, ForwardProtocolError, Pong
 from mwdlogd.runtime.pipeline import Pipeline, Refused
 from mwdlogd.servers.http_io import RECEIVE_BYTES
-from mwdlogd.servers.tls import peer_name
+from mwdlogd.servers.tls import handshake, peer_name
 from mwdlogd.telemetry import Telemetry
 
 # A TLS handshake (and, with a shared key, the PING) must arrive within this time.
@@ -78,7 +78,8 @@ class ForwardServer:
         self._telemetry.connection_opened("forward")
         peer = peer_name(stream)
         try:
-            if await self._tls_handshake(stream, peer):
+            if await handshake(stream, protocol="forward", peer=peer,
+                               timeout_s=HANDSHAKE_TIMEOUT_S, telemetry=self._telemetry):
                 await self._serve(stream, peer_name(stream))
         except (trio.BrokenResourceError, trio.ClosedResourceError, _Close):
             pass
@@ -89,19 +90,6 @@ class ForwardServer:
         finally:
             await trio.aclose_forcefully(stream)
             log.event(logging.DEBUG, "forward_connection_closed", peer=peer)
-
-    async def _tls_handshake(self, stream: trio.abc.Stream, peer: str) -> bool:
-        if not isinstance(stream, trio.SSLStream):
-            return True
-        try:
-            with trio.fail_after(HANDSHAKE_TIMEOUT_S):
-                await stream.do_handshake()
-        except (trio.BrokenResourceError, trio.TooSlowError) as exc:
-            cause = exc.__cause__ or exc
-            self._telemetry.tls_handshake_failed("forward", peer, str(cause) or
-                                                 type(cause).__name__)
-            return False
-        return True
 
     async def _serve(self, stream: trio.abc.Stream, peer: str) -> None:
         shared_key = self._config.shared_key.encode() or None

@@ -27,7 +27,7 @@ from mwdlogd.servers.http_io import (
     reusable,
     send_response,
 )
-from mwdlogd.servers.tls import peer_name
+from mwdlogd.servers.tls import handshake, peer_name
 from mwdlogd.telemetry import Telemetry
 
 # After refusing a body we did not read, keep reading (and discarding) briefly so the
@@ -79,7 +79,8 @@ class HttpsIngestServer:
         self._telemetry.connection_opened("http")
         peer = peer_name(stream)
         try:
-            if await self._handshake(stream, peer):
+            if await handshake(stream, protocol="http", peer=peer,
+                               timeout_s=self._http.request_timeout, telemetry=self._telemetry):
                 peer = peer_name(stream)
                 await self._serve_connection(stream, peer)
         except (trio.BrokenResourceError, trio.ClosedResourceError):
@@ -88,15 +89,6 @@ class HttpsIngestServer:
             log.logger.exception("https handler failed for %s", peer)
         finally:
             await trio.aclose_forcefully(stream)
-
-    async def _handshake(self, stream: trio.SSLStream[trio.SocketStream], peer: str) -> bool:
-        try:
-            with trio.fail_after(self._http.request_timeout):
-                await stream.do_handshake()
-        except (trio.BrokenResourceError, trio.TooSlowError) as exc:
-            self._telemetry.tls_handshake_failed("http", peer, _cause(exc))
-            return False
-        return True
 
     async def _serve_connection(self, stream: trio.SSLStream[trio.SocketStream], peer: str) -> None:
         conn = new_connection()
@@ -190,7 +182,3 @@ async def _linger(stream: trio.abc.Stream) -> None:
         except (trio.BrokenResourceError, trio.ClosedResourceError):
             pass
 
-
-def _cause(exc: BaseException) -> str:
-    cause = exc.__cause__ or exc
-    return getattr(cause, "reason", None) or str(cause) or type(cause).__name__

@@ -1,11 +1,14 @@
 """The server-side TLS context: TLS >= 1.2, AEAD ciphers, client certificates (mTLS)."""
 
+import logging
 import ssl
 
 import trio
 
+from mwdlogd import log
 from mwdlogd.config import TlsConfig
 from mwdlogd.errors import ConfigError
+from mwdlogd.telemetry import Telemetry
 
 # TLS 1.2 suites limited to forward-secret AEAD; TLS 1.3 suites are always AEAD.
 TLS12_CIPHERS = "ECDHE+AESGCM:ECDHE+CHACHA20"
@@ -48,3 +51,25 @@ def peer_name(stream: object) -> str:
             if key == "commonName":
                 return f"{name}/{value}"
     return name
+
+
+async def handshake(stream: trio.abc.Stream, *, protocol: str, peer: str, timeout_s: float,
+                    telemetry: Telemetry) -> bool:
+    """Complete the TLS handshake (plain streams pass). False when it failed: logged and
+    counted, except a peer that closes before saying anything (a heartbeat), which is
+    normal and logged at debug only."""
+    if not isinstance(stream, trio.SSLStream):
+        return True
+    try:
+        with trio.fail_after(timeout_s):
+            await stream.do_handshake()
+    except (trio.BrokenResourceError, trio.TooSlowError) as exc:
+        cause = exc.__cause__
+        if isinstance(cause, ssl.SSLEOFError) or (cause is None and
+                                                 isinstance(exc, trio.BrokenResourceError)):
+            log.event(logging.DEBUG, "closed_before_tls_handshake", protocol=protocol, peer=peer)
+        else:
+            error = getattr(cause, "reason", None) or str(cause or exc) or type(exc).__name__
+            telemetry.tls_handshake_failed(protocol, peer, error)
+        return False
+    return True
