@@ -145,15 +145,33 @@ async def serve_null(stream: trio.SSLStream[trio.SocketStream]) -> None:
         return
 
 
-async def run_null_server(pki: Path) -> None:
+async def serve_null_forward(stream: trio.SSLStream[trio.SocketStream]) -> None:
+    """HELO, any PING gets PONG, every message gets its ack; nothing is checked or kept."""
+    unpacker = msgpack.Unpacker(raw=False, unicode_errors="surrogateescape",
+                                max_buffer_size=256 * 1024 * 1024)
+    try:
+        await stream.send_all(msgpack.packb(["HELO", {"nonce": os.urandom(16), "auth": b"",
+                                                      "keepalive": True}]))
+        await next_msgpack(stream, unpacker)
+        await stream.send_all(msgpack.packb(["PONG", True, "", "null", ""]))
+        while True:
+            message = await next_msgpack(stream, unpacker)
+            await stream.send_all(msgpack.packb({"ack": message[2]["chunk"]},
+                                                unicode_errors="surrogateescape"))
+    except (trio.BrokenResourceError, EOFError):
+        return
+
+
+async def run_null_server(pki: Path, protocol: str) -> None:
     context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH, cafile=str(pki / "ca.crt"))
     context.load_cert_chain(str(pki / "server.crt"), str(pki / "server.key"))
     context.verify_mode = ssl.CERT_REQUIRED
     listeners = await trio.open_ssl_over_tcp_listeners(0, context, host="127.0.0.1",
                                                        https_compatible=True)
     port = listeners[0].transport_listener.socket.getsockname()[1]  # type: ignore[attr-defined]
-    print(f"null-server listening http=127.0.0.1:{port}", file=sys.stderr, flush=True)
-    await trio.serve_listeners(serve_null, listeners)
+    print(f"null-server listening {protocol}=127.0.0.1:{port}", file=sys.stderr, flush=True)
+    await trio.serve_listeners(serve_null if protocol == "http" else serve_null_forward,
+                               listeners)
 
 
 def forward_blob(records: list[dict[str, Any]], mode: str) -> tuple[bytes, bytes]:
@@ -326,7 +344,7 @@ def main() -> int:
     parser.add_argument("--serve-null", action="store_true", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.serve_null:
-        trio.run(run_null_server, args.pki)
+        trio.run(run_null_server, args.pki, args.protocol)
         return 0
 
     with tempfile.TemporaryDirectory(prefix="mwdlogd-bench-") as tmp:
@@ -339,8 +357,8 @@ def main() -> int:
         reference = None
         if args.reference_null:
             null = ServerProcess(None, argv=[sys.executable, __file__, "--serve-null",
-                                             "--pki", str(pki)])
-            host, _, port = null.addresses["http"].rpartition(":")
+                                             "--pki", str(pki), "--protocol", args.protocol])
+            host, _, port = null.addresses[args.protocol].rpartition(":")
             stats = Stats()
             elapsed = trio.run(load, host, int(port), context, args, stats)
             null.stop()
