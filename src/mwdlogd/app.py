@@ -29,7 +29,7 @@ from mwdlogd.storage.chunk_ids import ChunkIdLog
 from mwdlogd.storage.hourly import check_writable
 from mwdlogd.storage.intents import IntentLog
 from mwdlogd.storage.journal import Journal
-from mwdlogd.telemetry import Telemetry
+from mwdlogd.telemetry import BufferView, Telemetry
 
 # Hourly-file appends in flight at once; each is a blocking compress + write + fsync.
 FILE_IO_THREADS = 4
@@ -66,9 +66,8 @@ class App:
         self.pipeline = Pipeline(journal=self.journal, intents=intents, chunk_ids=chunk_ids,
                                  memory=ChunkMemory(config.forward.dedupe_window),
                                  tracker=self.tracker, total_limit=config.buffer.total_limit,
-                                 limiter=trio.CapacityLimiter(1))
-        self.telemetry.watch_buffer(lambda: self.tracker.buffered_bytes,
-                                    lambda: self.tracker.open_batches)
+                                 limiter=trio.CapacityLimiter(1),
+                                 fsync_seconds=self.telemetry.journal_sync)
         store = FileStore(root=config.storage.root, failed_dir=buffer / "failed",
                           intents=intents, limiter=trio.CapacityLimiter(FILE_IO_THREADS))
         writer_settings = WriterSettings(config.buffer.flush_interval, config.buffer.chunk_limit,
@@ -78,6 +77,11 @@ class App:
         self.router = Router(store=store, settings=writer_settings,
                              timekey_wait_s=config.buffer.timekey_wait,
                              telemetry=self.telemetry, tracker=self.tracker, **extra)
+        self.telemetry.buffer = BufferView(
+            total_bytes=lambda: self.tracker.buffered_bytes,
+            stage_bytes=self.router.pending_bytes, queue_length=self.router.pending_files,
+            timekeys=self.router.timekeys, journal_bytes=lambda: self.journal.size_bytes,
+            limit_bytes=config.buffer.total_limit)
         self._handle_signals = handle_signals
         self._stop = trio.Event()
         self._router_done = trio.Event()

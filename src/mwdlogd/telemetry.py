@@ -8,6 +8,7 @@ import logging
 import time
 from collections.abc import Callable, Mapping
 
+import attrs
 import prometheus_client
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
@@ -16,7 +17,50 @@ from mwdlogd import log
 prometheus_client.disable_created_metrics()  # type: ignore[no-untyped-call]
 
 ACK_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)
+FSYNC_BUCKETS = (0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.5, 1.0)
 OUTPUT_PLUGIN = ("hourly_files", "file")
+# Fluentd's slow_flush_log_threshold default: a flush slower than this counts as slow.
+SLOW_FLUSH_S = 20.0
+
+
+@attrs.define
+class OutputStats:
+    """The output plugin's counters, shared by /metrics and /api/plugins.json."""
+
+    emit_count: int = 0  # chunks handed to file writers
+    emit_records: int = 0
+    write_count: int = 0  # gzip members appended
+    rollback_count: int = 0  # appends that failed and were kept for a retry
+    retry_count: int = 0
+    num_errors: int = 0
+    flush_time_count: float = 0.0  # milliseconds spent in successful flushes
+    slow_flush_count: int = 0
+
+
+@attrs.define
+class InputStats:
+    emit_count: int = 0  # batches accepted
+    emit_records: int = 0
+
+
+def _zero() -> int:
+    return 0
+
+
+def _none() -> list[int]:
+    return []
+
+
+@attrs.define
+class BufferView:
+    """Read at scrape time from the runtime that owns the numbers."""
+
+    total_bytes: Callable[[], int] = _zero
+    stage_bytes: Callable[[], int] = _zero
+    queue_length: Callable[[], int] = _zero
+    timekeys: Callable[[], list[int]] = _none
+    journal_bytes: Callable[[], int] = _zero
+    limit_bytes: int = 1
 
 
 class Telemetry:
@@ -25,6 +69,10 @@ class Telemetry:
     def __init__(self, hostname: str) -> None:
         self.hostname = hostname
         self.registry = CollectorRegistry()
+        self.output = OutputStats()
+        self.inputs = {"http": InputStats(), "forward": InputStats()}
+        self.buffer = BufferView()
+        self.tail_viewers = 0
         self._rate = log.RateLimiter()
         r = self.registry
         self.input_records = Counter(
@@ -33,13 +81,7 @@ class Telemetry:
         self.output_records = Counter(
             "fluentd_output_status_num_records", "Records written to hourly files",
             ["tag", "hostname"], registry=r)
-        plugin = ["plugin_id", "type"]
-        self.write_count = Gauge("fluentd_output_status_write_count",
-                                 "gzip members appended to hourly files", plugin, registry=r)
-        self.num_errors = Gauge("fluentd_output_status_num_errors",
-                                "Failed writes to hourly files", plugin, registry=r)
-        self.retry_count = Gauge("fluentd_output_status_retry_count",
-                                 "Retries of failed writes", plugin, registry=r)
+        self._output_gauges()
         self.failed_chunks = Counter("mwdlogd_failed_chunks", "Chunks moved to buffer/failed "
                                      "after retry_timeout", registry=r)
         self.failed_records = Counter("mwdlogd_failed_records", "Records moved to "
@@ -58,22 +100,56 @@ class Telemetry:
         self.ack_latency = Histogram("mwdlogd_ack_latency_seconds",
                                      "From request complete to acknowledgement", ["protocol"],
                                      buckets=ACK_BUCKETS, registry=r)
-        for gauge in (self.write_count, self.num_errors, self.retry_count):
-            gauge.labels(*OUTPUT_PLUGIN).set(0)
+        self.journal_sync = Histogram("mwdlogd_journal_fsync_seconds",
+                                      "Journal append + fsync of one group commit",
+                                      buckets=FSYNC_BUCKETS, registry=r)
+        self.records_by_type = Counter("mwdlogd_records", "Records routed, by log type",
+                                       ["log_type"], registry=r)
+        self.tail_dropped = Counter("mwdlogd_tail_dropped_messages",
+                                    "Live-tail records dropped for slow viewers", registry=r)
+        Gauge("mwdlogd_tail_viewers", "Connected live-tail viewers", registry=r).set_function(
+            lambda: float(self.tail_viewers))
+        Gauge("mwdlogd_journal_bytes", "Journal segment bytes on disk", registry=r).set_function(
+            lambda: float(self.buffer.journal_bytes()))
 
-    def watch_buffer(self, buffered_bytes: Callable[[], int], open_batches: Callable[[], int]
-                     ) -> None:
-        """Gauges read at scrape time: journal bytes not yet written, batches open."""
-        plugin = ["plugin_id", "type"]
-        Gauge("fluentd_output_status_buffer_total_bytes", "Journaled bytes not yet in files",
-              plugin, registry=self.registry).labels(*OUTPUT_PLUGIN).set_function(
-            lambda: float(buffered_bytes()))
-        Gauge("fluentd_output_status_buffer_queue_length", "Journaled batches not yet in files",
-              plugin, registry=self.registry).labels(*OUTPUT_PLUGIN).set_function(
-            lambda: float(open_batches()))
+    def _output_gauges(self) -> None:
+        """fluent-plugin-prometheus' output gauges, read from OutputStats and BufferView."""
+        out = self.output
+
+        def buf() -> BufferView:
+            return self.buffer
+
+        values: dict[str, tuple[str, Callable[[], float]]] = {
+            "buffer_total_bytes": ("Journaled bytes not yet in files",
+                                   lambda: float(buf().total_bytes())),
+            "buffer_stage_byte_size": ("Bytes waiting in file writers for their flush",
+                                       lambda: float(buf().stage_bytes())),
+            "buffer_queue_length": ("Hourly files with records waiting for a flush",
+                                    lambda: float(buf().queue_length())),
+            "buffer_available_space_ratio": (
+                "Percent of buffer.total_limit free",
+                lambda: max(0.0, 100.0 * (1 - buf().total_bytes() / buf().limit_bytes))),
+            "retry_count": ("Retries of failed writes", lambda: float(out.retry_count)),
+            "num_errors": ("Failed writes to hourly files", lambda: float(out.num_errors)),
+            "emit_count": ("Chunks handed to file writers", lambda: float(out.emit_count)),
+            "write_count": ("gzip members appended", lambda: float(out.write_count)),
+            "rollback_count": ("Failed appends kept for retry",
+                               lambda: float(out.rollback_count)),
+            "flush_time_count": ("Milliseconds spent flushing", lambda: out.flush_time_count),
+            "slow_flush_count": (f"Flushes slower than {SLOW_FLUSH_S:g} s",
+                                 lambda: float(out.slow_flush_count)),
+        }
+        for name, (help_text, read) in values.items():
+            Gauge(f"fluentd_output_status_{name}", help_text, ["plugin_id", "type"],
+                  registry=self.registry).labels(*OUTPUT_PLUGIN).set_function(read)
+
+    def batch_routed(self, log_type: str, records: int) -> None:
+        self.output.emit_count += 1
+        self.output.emit_records += records
+        self.records_by_type.labels(log_type).inc(records)
 
     def http_accepted(self, tag: str, records: int, latency_s: float) -> None:
-        self.input_records.labels(tag, self.hostname).inc(records)
+        self._input("http", tag, records)
         self.requests.labels("200").inc()
         self.ack_latency.labels("http").observe(latency_s)
 
@@ -89,8 +165,14 @@ class Telemetry:
             log.event(logging.INFO, "forward_resend_acked", tag=tag,
                       detail="chunk id already durable; acked without storing again")
         else:
-            self.input_records.labels(tag, self.hostname).inc(records)
+            self._input("forward", tag, records)
         self.ack_latency.labels("forward").observe(latency_s)
+
+    def _input(self, protocol: str, tag: str, records: int) -> None:
+        self.input_records.labels(tag, self.hostname).inc(records)
+        stats = self.inputs[protocol]
+        stats.emit_count += 1
+        stats.emit_records += records
 
     def forward_rejected(self, peer: str, reason: str, detail: str) -> None:
         self.rejected.labels("forward", reason).inc()
@@ -115,13 +197,18 @@ class Telemetry:
                         seconds: float) -> None:
         for tag, count in by_tag.items():
             self.output_records.labels(tag, self.hostname).inc(count)
-        self.write_count.labels(*OUTPUT_PLUGIN).inc()
+        self.output.write_count += 1
+        self.output.flush_time_count += seconds * 1000
+        if seconds >= SLOW_FLUSH_S:
+            self.output.slow_flush_count += 1
+            log.event(logging.WARNING, "slow_flush", path=path, seconds=f"{seconds:.1f}")
         log.event(logging.DEBUG, "flushed", path=path, records=sum(by_tag.values()),
                   bytes=size, seconds=f"{seconds:.4f}")
 
     def write_failed(self, path: str, error: str, records: int, retry_in_s: float) -> None:
-        self.num_errors.labels(*OUTPUT_PLUGIN).inc()
-        self.retry_count.labels(*OUTPUT_PLUGIN).inc()
+        self.output.num_errors += 1
+        self.output.retry_count += 1
+        self.output.rollback_count += 1
         log.event(logging.ERROR, "write_failed", path=path, error=error, records=records,
                   retry_in_s=f"{retry_in_s:.1f}")
 

@@ -14,6 +14,7 @@ from typing import Any
 import attrs
 import msgpack
 import trio
+from prometheus_client import Histogram
 
 from mwdlogd import log
 from mwdlogd.errors import MwdlogdError
@@ -114,7 +115,7 @@ def group_routed(tag: str, routed: Iterable[Routed]) -> Submission:
 class Pipeline:
     def __init__(self, *, journal: Journal, intents: IntentLog, chunk_ids: ChunkIdLog,
                  memory: ChunkMemory, tracker: BatchTracker, total_limit: int,
-                 limiter: trio.CapacityLimiter) -> None:
+                 limiter: trio.CapacityLimiter, fsync_seconds: Histogram) -> None:
         self._journal = journal
         self._intents = intents
         self._chunk_ids = chunk_ids
@@ -127,6 +128,7 @@ class Pipeline:
         self._room = trio.Event()
         self._stopping = False
         self.waiting_for_room = 0  # batches held back (forward connections not being read)
+        self.fsync_seconds = fsync_seconds
         tracker.on_release = self._room.set
 
     @property
@@ -251,6 +253,7 @@ class Pipeline:
         payloads = [s.payload() for s in batches]
         watermark = self._tracker.watermark()
         keys = [s.dedupe_key for s in batches if s.dedupe_key is not None]
+        started = trio.current_time()
         try:
             ids = await trio.to_thread.run_sync(_append_and_release, self._journal,
                                                 self._intents, self._chunk_ids, payloads, keys,
@@ -262,6 +265,8 @@ class Pipeline:
                 submission.error = JournalFailed(f"journal write failed: {exc}")
                 submission.done.set()
             return [m for m in group if isinstance(m, FlushAll)]
+        if payloads:
+            self.fsync_seconds.observe(trio.current_time() - started)
         for submission, batch_id in zip(batches, ids, strict=True):
             submission.batch_id = batch_id
             self._tracker.open(batch_id, len(submission.groups), submission.size)

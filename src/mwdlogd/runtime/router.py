@@ -7,6 +7,7 @@ from collections.abc import Callable
 import attrs
 import trio
 
+from mwdlogd.pipeline.paths import INVALID_DIR, UNMATCHED_DIR
 from mwdlogd.runtime.channels import Wake, receive_until
 from mwdlogd.runtime.pipeline import FlushAll, Message, Submission
 from mwdlogd.runtime.tracker import BatchTracker
@@ -14,6 +15,14 @@ from mwdlogd.runtime.writer import Chunk, DestinationWriter, Store, WriterSettin
 from mwdlogd.telemetry import Telemetry
 
 HOUR_S = 3600
+
+
+def log_type_of(path: str) -> str:
+    """`acme/nginx/...` -> nginx; `_invalid/...` -> invalid; `_unmatched/...` -> unmatched."""
+    first, _, rest = path.partition("/")
+    if first in (INVALID_DIR, UNMATCHED_DIR):
+        return first.lstrip("_")
+    return rest.partition("/")[0]
 
 
 @attrs.define
@@ -65,6 +74,16 @@ class Router:
     def open_files(self) -> int:
         return len(self._writers)
 
+    def pending_bytes(self) -> int:
+        return sum(w.pending_bytes for w in self._live)
+
+    def pending_files(self) -> int:
+        return sum(1 for w in self._live if w.pending_bytes)
+
+    def timekeys(self) -> list[int]:
+        """Hours with an open file (Fluentd's buffer_timekeys)."""
+        return sorted({entry.hour for entry in self._writers.values()})
+
     async def _flush_all(self, marker: FlushAll) -> None:
         """Flush every writer, including those already closing, then signal the marker."""
         async with trio.open_nursery() as nursery:
@@ -74,6 +93,7 @@ class Router:
 
     async def _route(self, submission: Submission) -> None:
         for group in submission.groups:
+            self._telemetry.batch_routed(log_type_of(group.path), group.count)
             chunk = Chunk(submission.tag, submission.batch_id, group.data, group.count)
             await self._writer(group.path, group.hour).submit(chunk)
 

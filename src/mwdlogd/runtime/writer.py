@@ -85,6 +85,10 @@ class DestinationWriter:
         self._failures = 0
         self._failing_since: float | None = None
 
+    @property
+    def pending_bytes(self) -> int:
+        return self._pending_bytes
+
     async def submit(self, chunk: Chunk) -> None:
         await self._send.send(chunk)
 
