@@ -18,11 +18,14 @@ from mwdlogd.runtime.dedupe import ChunkMemory
 from mwdlogd.runtime.filestore import FileStore
 from mwdlogd.runtime.pipeline import Message, Pipeline
 from mwdlogd.runtime.router import Router
+from mwdlogd.runtime.tail import TailHub
 from mwdlogd.runtime.tracker import BatchTracker
 from mwdlogd.runtime.writer import WriterSettings
+from mwdlogd.servers import monitor_agent
 from mwdlogd.servers.forward import ForwardServer, ForwardSettings
 from mwdlogd.servers.http_io import Response, json_response
 from mwdlogd.servers.https import HttpsIngestServer, IngestSettings
+from mwdlogd.servers.monitor import MonitorServer
 from mwdlogd.servers.plain_http import not_found, run_plain_http
 from mwdlogd.servers.tls import server_context
 from mwdlogd.storage.chunk_ids import ChunkIdLog
@@ -43,6 +46,7 @@ class Addresses:
     forward: str
     health: str
     metrics: str
+    monitor: str
 
 
 def token_table(config: Config) -> TokenTable:
@@ -74,9 +78,11 @@ class App:
                                          config.buffer.retry_max_interval,
                                          config.buffer.retry_timeout)
         extra = {"wall_clock": wall_clock} if wall_clock else {}
+        self.tail = TailHub(self.telemetry)
         self.router = Router(store=store, settings=writer_settings,
                              timekey_wait_s=config.buffer.timekey_wait,
-                             telemetry=self.telemetry, tracker=self.tracker, **extra)
+                             telemetry=self.telemetry, tracker=self.tracker, tail=self.tail,
+                             **extra)
         self.telemetry.buffer = BufferView(
             total_bytes=lambda: self.tracker.buffered_bytes,
             stage_bytes=self.router.pending_bytes, queue_length=self.router.pending_files,
@@ -130,12 +136,16 @@ class App:
                 health=await nursery.start(run_plain_http, self.config.health.bind,
                                            self.config.health.port, self._health),
                 metrics=await nursery.start(run_plain_http, self.config.metrics.bind,
-                                            self.config.metrics.port, self._metrics))
+                                            self.config.metrics.port, self._metrics),
+                monitor=await nursery.start(MonitorServer(
+                    bind=self.config.monitor.bind, port=self.config.monitor.port, tail=self.tail,
+                    tokens=token_table(self.config),
+                    plugins=lambda: monitor_agent.plugins(self.config, self.telemetry)).run))
             if self._handle_signals:
                 await nursery.start(self._watch_signals)
             log.event(logging.INFO, "listening", http=addresses.http, forward=addresses.forward,
                       health=addresses.health, metrics=addresses.metrics,
-                      storage=self.config.storage.root)
+                      monitor=addresses.monitor, storage=self.config.storage.root)
             task_status.started(addresses)
             await self._stop.wait()
             await self._drain()

@@ -10,6 +10,7 @@ import trio
 from mwdlogd.pipeline.paths import INVALID_DIR, UNMATCHED_DIR
 from mwdlogd.runtime.channels import Wake, receive_until
 from mwdlogd.runtime.pipeline import FlushAll, Message, Submission
+from mwdlogd.runtime.tail import TailHub
 from mwdlogd.runtime.tracker import BatchTracker
 from mwdlogd.runtime.writer import Chunk, DestinationWriter, Store, WriterSettings
 from mwdlogd.telemetry import Telemetry
@@ -38,8 +39,9 @@ class Router:
     new writer, which waits for its predecessor so appends to one file never overlap."""
 
     def __init__(self, *, store: Store, settings: WriterSettings, timekey_wait_s: float,
-                 telemetry: Telemetry, tracker: BatchTracker,
+                 telemetry: Telemetry, tracker: BatchTracker, tail: TailHub | None = None,
                  wall_clock: Callable[[], float] = time.time) -> None:
+        self._tail = tail
         self._store = store
         self._tracker = tracker
         self._settings = settings
@@ -94,6 +96,8 @@ class Router:
     async def _route(self, submission: Submission) -> None:
         for group in submission.groups:
             self._telemetry.batch_routed(log_type_of(group.path), group.count)
+            if self._tail is not None:
+                self._tail.publish(group.path, group.data)
             chunk = Chunk(submission.tag, submission.batch_id, group.data, group.count)
             await self._writer(group.path, group.hour).submit(chunk)
 

@@ -1,0 +1,90 @@
+"""Live tail: normalised records fanned out to WebSocket viewers, never slowing ingest.
+
+Each viewer has a bounded queue filled with send_nowait; when it is full the record is
+dropped for that viewer and counted. With no viewer, publishing costs one check.
+"""
+
+import random
+from collections.abc import Iterator
+from contextlib import contextmanager
+
+import attrs
+import trio
+
+from mwdlogd.pipeline.paths import INVALID_DIR, UNMATCHED_DIR, safe_customer, safe_fqdn
+from mwdlogd.telemetry import Telemetry
+
+# Records a viewer may fall behind by before it starts losing them.
+VIEWER_QUEUE = 1000
+STREAMS = {INVALID_DIR: "invalid", UNMATCHED_DIR: "unmatched"}
+
+
+@attrs.frozen
+class TailFilter:
+    """Matches on directory names, so filters use the same safe names as the tree."""
+
+    customer: str | None = None
+    log_type: str | None = None
+    fqdn: str | None = None
+    sample: float = 1.0
+
+    @classmethod
+    def from_query(cls, customer: str | None, log_type: str | None, fqdn: str | None,
+                   sample: float) -> "TailFilter":
+        return cls(safe_customer(customer) if customer else None, log_type or None,
+                   safe_fqdn(fqdn) if fqdn else None, sample)
+
+    def matches(self, path: str) -> bool:
+        parts = path.split("/", 3)
+        if parts[0] in STREAMS:
+            return self.customer is None and self.fqdn is None and \
+                self.log_type in (None, STREAMS[parts[0]])
+        return ((self.customer is None or parts[0] == self.customer)
+                and (self.log_type is None or parts[1] == self.log_type)
+                and (self.fqdn is None or parts[2] == self.fqdn))
+
+
+@attrs.define(eq=False)
+class _Viewer:
+    filter: TailFilter
+    send: trio.MemorySendChannel[bytes]
+
+
+class TailHub:
+    def __init__(self, telemetry: Telemetry, *, queue_size: int = VIEWER_QUEUE) -> None:
+        self._telemetry = telemetry
+        self._queue_size = queue_size
+        self._viewers: set[_Viewer] = set()
+        self._random = random.Random()
+
+    @contextmanager
+    def viewer(self, tail_filter: TailFilter) -> Iterator[trio.MemoryReceiveChannel[bytes]]:
+        send, receive = trio.open_memory_channel[bytes](self._queue_size)
+        viewer = _Viewer(tail_filter, send)
+        self._viewers.add(viewer)
+        self._telemetry.tail_viewers = len(self._viewers)
+        try:
+            yield receive
+        finally:
+            self._viewers.discard(viewer)
+            self._telemetry.tail_viewers = len(self._viewers)
+
+    def publish(self, path: str, data: bytes) -> None:
+        """One file's records of a batch (newline-terminated JSON lines)."""
+        if not self._viewers:
+            return
+        for viewer in self._viewers:
+            if viewer.filter.matches(path):
+                self._offer(viewer, data)
+
+    def _offer(self, viewer: _Viewer, data: bytes) -> None:
+        dropped = 0
+        for line in data.splitlines():
+            if viewer.filter.sample < 1.0 and self._random.random() >= viewer.filter.sample:
+                continue
+            try:
+                viewer.send.send_nowait(line)
+            except trio.WouldBlock:
+                dropped += 1
+        if dropped:
+            self._telemetry.tail_dropped.inc(dropped)

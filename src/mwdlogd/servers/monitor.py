@@ -1,0 +1,149 @@
+"""The monitor port: Fluentd's monitor_agent API and the `/api/tail` WebSocket.
+
+trio-websocket only takes a raw stream, so the request head is read here with h11 and
+the bytes already read are replayed to it (`_Replay`). Plain requests get one answer and
+the connection closes.
+"""
+
+import logging
+from collections.abc import Callable
+from urllib.parse import parse_qs
+
+import h11
+import trio
+import trio_websocket
+
+from mwdlogd import log
+from mwdlogd.proto.auth import TokenTable
+from mwdlogd.runtime.tail import TailFilter, TailHub
+from mwdlogd.servers import monitor_agent
+from mwdlogd.servers.http_io import RECEIVE_BYTES, Response, json_response, send_response
+
+HEAD_TIMEOUT_S = 10.0
+MAX_HEAD_BYTES = 16 * 1024
+
+
+class _Replay(trio.abc.Stream):
+    """A stream that first gives back bytes already read from it."""
+
+    def __init__(self, inner: trio.SocketStream, already: bytes) -> None:
+        self._inner = inner
+        self._already = already
+        self.socket = inner.socket
+
+    async def receive_some(self, max_bytes: int | None = None) -> bytes:
+        if self._already:
+            data, self._already = self._already, b""
+            return data
+        return bytes(await self._inner.receive_some(max_bytes))
+
+    async def send_all(self, data: bytes | bytearray | memoryview) -> None:
+        await self._inner.send_all(data)
+
+    async def wait_send_all_might_not_block(self) -> None:
+        await self._inner.wait_send_all_might_not_block()
+
+    async def send_eof(self) -> None:
+        await self._inner.send_eof()
+
+    async def aclose(self) -> None:
+        await self._inner.aclose()
+
+
+class MonitorServer:
+    def __init__(self, *, bind: str, port: int, tail: TailHub, tokens: TokenTable,
+                 plugins: Callable[[], list[monitor_agent.Plugin]]) -> None:
+        self._bind = bind
+        self._port = port
+        self._tail = tail
+        self._tokens = tokens
+        self._plugins = plugins
+
+    async def run(self, *, task_status: trio.TaskStatus[str] = trio.TASK_STATUS_IGNORED) -> None:
+        listeners = await trio.open_tcp_listeners(self._port, host=self._bind)
+        task_status.started("{}:{}".format(*listeners[0].socket.getsockname()[:2]))
+        await trio.serve_listeners(self._handle, listeners)
+
+    async def _handle(self, stream: trio.SocketStream) -> None:
+        """Never raises: an exception reaching serve_listeners would stop the server."""
+        try:
+            conn = h11.Connection(h11.SERVER, max_incomplete_event_size=MAX_HEAD_BYTES)
+            raw = bytearray()
+            with trio.move_on_after(HEAD_TIMEOUT_S):
+                while (event := conn.next_event()) is h11.NEED_DATA:
+                    data = await stream.receive_some(RECEIVE_BYTES)
+                    raw += data
+                    conn.receive_data(bytes(data))
+                if isinstance(event, h11.Request):
+                    await self._route(conn, stream, event, bytes(raw))
+        except (trio.BrokenResourceError, trio.ClosedResourceError, h11.ProtocolError,
+                trio_websocket.ConnectionClosed):
+            pass
+        except Exception:
+            log.logger.exception("monitor handler failed")
+        finally:
+            await trio.aclose_forcefully(stream)
+
+    async def _route(self, conn: h11.Connection, stream: trio.SocketStream,
+                     request: h11.Request, raw: bytes) -> None:
+        path, _, query = request.target.decode("latin-1").partition("?")
+        if path == "/api/tail":
+            credential = self._tokens.authenticate(_bearer(request, query))
+            if credential is None:
+                await send_response(conn, stream, json_response(401, {
+                    "error": "unauthorized",
+                    "detail": "send Authorization: Bearer <token> or ?token=<token>"}), close=True)
+                return
+            await self._serve_tail(stream, raw, query)
+            return
+        if path == "/api/plugins.json":
+            response = Response(200, monitor_agent.as_json(
+                monitor_agent.select(self._plugins(), query)))
+        elif path == "/api/plugins":
+            response = Response(200, monitor_agent.as_ltsv(
+                monitor_agent.select(self._plugins(), query)), b"text/plain; charset=utf-8")
+        else:
+            response = json_response(404, {"error": "not_found", "detail": f"{path} is not "
+                                            "served; try /api/plugins.json or /api/tail"})
+        await send_response(conn, stream, response, close=True)
+
+    async def _serve_tail(self, stream: trio.SocketStream, raw: bytes, query: str) -> None:
+        options = {k: v[-1] for k, v in parse_qs(query).items()}
+        try:
+            sample = min(1.0, max(0.0, float(options.get("sample", "1"))))
+        except ValueError:
+            sample = 1.0
+        tail_filter = TailFilter.from_query(options.get("customer"), options.get("log_type"),
+                                            options.get("fqdn"), sample)
+        async with trio.open_nursery() as nursery:
+            request = await trio_websocket.wrap_server_stream(nursery, _Replay(stream, raw))
+            websocket = await request.accept()
+            nursery.start_soon(_cancel_when_closed, websocket, nursery.cancel_scope)
+            log.event(logging.INFO, "tail_viewer_connected", filter=tail_filter)
+            try:
+                with self._tail.viewer(tail_filter) as records:
+                    async for line in records:
+                        await websocket.send_message(line.decode("utf-8", "replace"))
+            finally:
+                log.event(logging.INFO, "tail_viewer_left")
+                nursery.cancel_scope.cancel()
+
+
+async def _cancel_when_closed(websocket: trio_websocket.WebSocketConnection,
+                             scope: trio.CancelScope) -> None:
+    """Viewers send nothing; reading only notices when they go away."""
+    try:
+        while True:
+            await websocket.get_message()
+    except trio_websocket.ConnectionClosed:
+        scope.cancel()
+
+
+def _bearer(request: h11.Request, query: str) -> bytes:
+    for name, value in request.headers:
+        if name == b"authorization":
+            return bytes(value)
+    token = parse_qs(query).get("token")
+    return b"Bearer " + token[-1].encode() if token else b""
+
+
