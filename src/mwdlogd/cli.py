@@ -2,6 +2,7 @@
 
 import argparse
 import logging
+import os
 import sys
 from pathlib import Path
 
@@ -13,6 +14,7 @@ from mwdlogd.certs import DEFAULT_DAYS, DEFAULT_HOSTS, describe, init_certs
 from mwdlogd.config import Config, check_tls_files, config_path, load_config, missing_tls_files
 from mwdlogd.errors import MwdlogdError
 from mwdlogd.init_config import render_default_config
+from mwdlogd.tail_client import run_tail, tail_url
 
 DEV_CLIENT = "engine-01"
 EXIT_CONFIG = 2
@@ -61,6 +63,21 @@ def _parser() -> argparse.ArgumentParser:
     make.add_argument("--client", action="append", default=[], metavar="NAME",
                       help="issue a client certificate NAME.crt (repeatable)")
     make.add_argument("--force", action="store_true", help="replace existing files")
+    tail = commands.add_parser(
+        "tail", parents=[common], help="print records live as the server stores them",
+        description="Follows /api/tail on the [monitor] port. Pretty and coloured on a "
+        "terminal, raw JSON lines otherwise. The token is --token, $MWDLOGD_TOKEN, or the "
+        "first of auth.tokens in the config.")
+    tail.add_argument("--customer", help="only this customer_name")
+    tail.add_argument("--type", dest="log_type",
+                      choices=["nginx", "openappsec", "invalid", "unmatched"],
+                      help="only this log type (invalid/unmatched: those streams)")
+    tail.add_argument("--fqdn", help="only this site")
+    tail.add_argument("--sample", type=float, default=1.0, help="share of records, 0..1")
+    tail.add_argument("--token", help="bearer token (default: $MWDLOGD_TOKEN or the config's)")
+    tail.add_argument("--server", metavar="HOST:PORT",
+                      help="monitor address (default: [monitor] bind and port)")
+    tail.add_argument("--count", type=int, help="stop after this many records")
     show = certs_commands.add_parser("show", help="print subject, issuer and days to expiry")
     show.add_argument("--dir", default="certs", help="directory of .crt files (default: certs)")
     return parser
@@ -137,8 +154,23 @@ def _certs(args: argparse.Namespace) -> int:
     return 0
 
 
+def _tail(args: argparse.Namespace) -> int:
+    config = _load(args)
+    token = args.token or os.environ.get("MWDLOGD_TOKEN") or next(
+        (t.token for t in config.auth.tokens), "")
+    if not token:
+        print("mwdlogd: no token: pass --token, set MWDLOGD_TOKEN or configure auth.tokens",
+              file=sys.stderr)
+        return 1
+    host = "127.0.0.1" if config.monitor.bind in ("0.0.0.0", "::") else config.monitor.bind
+    server = args.server or f"{host}:{config.monitor.port}"
+    url = tail_url(server, token=token, customer=args.customer, log_type=args.log_type,
+                   fqdn=args.fqdn, sample=args.sample)
+    return run_tail(url, limit=args.count)
+
+
 COMMANDS = {"run": _run, "check-config": _check_config, "init-config": _init_config,
-            "certs": _certs}
+            "certs": _certs, "tail": _tail}
 
 
 def main(argv: list[str] | None = None) -> int:
