@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
-# Installs the test dependencies (system tools, then a venv) and runs lint, types and
-# the whole test suite. `.ci/run` calls exactly this. Extra arguments go to pytest.
+# Installs the test dependencies (Debian: curl, gzip, nodejs/npm, prometheus for promtool
+# and a real Prometheus; then a venv and the npm test peer) and runs lint, types and the
+# whole test suite. `.ci/run` calls exactly this. Extra arguments go to pytest.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -9,6 +10,7 @@ command -v curl >/dev/null || need+=(curl)
 command -v zcat >/dev/null || need+=(gzip)
 command -v node >/dev/null || need+=(nodejs)
 command -v npm >/dev/null || need+=(npm)
+command -v promtool >/dev/null || need+=(prometheus)
 if [ ${#need[@]} -gt 0 ]; then
   echo "installing ${need[*]} (Debian packages)"
   apt-get update -qq && apt-get install -y -qq "${need[@]}"

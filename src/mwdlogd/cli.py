@@ -155,15 +155,17 @@ def _certs(args: argparse.Namespace) -> int:
 
 
 def _tail(args: argparse.Namespace) -> int:
-    config = _load(args)
-    token = args.token or os.environ.get("MWDLOGD_TOKEN") or next(
-        (t.token for t in config.auth.tokens), "")
+    token = args.token or os.environ.get("MWDLOGD_TOKEN")
+    server = args.server
+    if not (token and server):  # only then is the config needed
+        config = _load(args)
+        token = token or next((t.token for t in config.auth.tokens), "")
+        host = "127.0.0.1" if config.monitor.bind in ("0.0.0.0", "::") else config.monitor.bind
+        server = server or f"{host}:{config.monitor.port}"
     if not token:
         print("mwdlogd: no token: pass --token, set MWDLOGD_TOKEN or configure auth.tokens",
               file=sys.stderr)
         return 1
-    host = "127.0.0.1" if config.monitor.bind in ("0.0.0.0", "::") else config.monitor.bind
-    server = args.server or f"{host}:{config.monitor.port}"
     url = tail_url(server, token=token, customer=args.customer, log_type=args.log_type,
                    fqdn=args.fqdn, sample=args.sample)
     return run_tail(url, limit=args.count)

@@ -48,10 +48,12 @@ async def follow(url: str, out: TextIO, *, limit: int | None = None,
                 out.write((formatter(json.loads(text)) if formatter else text) + "\n")
                 out.flush()
                 shown += 1
-    except trio_websocket.HandshakeError as exc:
-        raise MwdlogdError(f"tail refused by {url.split('?')[0]}: {exc}") from None
-    except OSError as exc:
-        raise MwdlogdError(f"cannot reach {url.split('?')[0]}: {exc}") from None
+    except trio_websocket.ConnectionRejected as exc:
+        raise MwdlogdError(f"tail refused by {url.split('?')[0]}: HTTP {exc.status_code} "
+                           f"{(exc.body or b'').decode(errors='replace').strip()}") from None
+    except (trio_websocket.HandshakeError, OSError) as exc:
+        cause = exc.__cause__ or exc.__context__ or exc
+        raise MwdlogdError(f"cannot reach {url.split('?')[0]}: {cause}") from None
     except trio_websocket.ConnectionClosed:
         pass
     return shown

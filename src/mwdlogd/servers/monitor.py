@@ -69,13 +69,14 @@ class MonitorServer:
         try:
             conn = h11.Connection(h11.SERVER, max_incomplete_event_size=MAX_HEAD_BYTES)
             raw = bytearray()
+            event = None
             with trio.move_on_after(HEAD_TIMEOUT_S):
                 while (event := conn.next_event()) is h11.NEED_DATA:
                     data = await stream.receive_some(RECEIVE_BYTES)
                     raw += data
                     conn.receive_data(bytes(data))
-                if isinstance(event, h11.Request):
-                    await self._route(conn, stream, event, bytes(raw))
+            if isinstance(event, h11.Request):
+                await self._route(conn, stream, event, bytes(raw))
         except (trio.BrokenResourceError, trio.ClosedResourceError, h11.ProtocolError,
                 trio_websocket.ConnectionClosed):
             pass
