@@ -5,6 +5,7 @@ from __future__ import annotations
 import gzip
 import json
 import ssl
+import threading
 from pathlib import Path
 from typing import Any
 
@@ -142,3 +143,21 @@ def ids_by_file(root: Path) -> dict[str, list[str]]:
 
 def all_records(root: Path) -> list[dict[str, Any]]:
     return [record for records in read_tree(root).values() for record in records]
+
+
+class JournalHold:
+    """Holds every journal append (so its fsync, so the ack) until `release` is set."""
+
+    def __init__(self, journal: Any) -> None:
+        self.entered, self.release = threading.Event(), threading.Event()
+        real_append = journal.append
+
+        def held_append(payloads: list[bytes]) -> list[int]:
+            self.entered.set()
+            self.release.wait(30)
+            return list(real_append(payloads))
+
+        journal.append = held_append
+
+    async def wait_entered(self) -> None:
+        await trio.to_thread.run_sync(self.entered.wait, 30)

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import threading
 from pathlib import Path
 
 import pytest
@@ -11,7 +10,7 @@ import trio
 from mwdlogd.app import App
 
 from conftest import make_config, start_app
-from helpers import client_context, engine_records, ids_by_file, ndjson, post
+from helpers import JournalHold, client_context, engine_records, ids_by_file, ndjson, post
 
 HOUR_2024 = 1732500000.5
 NGINX_FILE = "acme/nginx/www.acme.test/2024/11/25/02.log.gz"
@@ -20,16 +19,7 @@ NGINX_FILE = "acme/nginx/www.acme.test/2024/11/25/02.log.gz"
 async def test_no_ack_before_the_journal_fsync(nursery: trio.Nursery, tmp_path: Path,
                                                pki: Path) -> None:
     running = await start_app(nursery, make_config(tmp_path, pki))
-    journal = running.app.journal
-    real_append = journal.append
-    entered, release = threading.Event(), threading.Event()
-
-    def held_append(payloads: list[bytes]) -> list[int]:
-        entered.set()
-        release.wait(30)
-        return real_append(payloads)
-
-    journal.append = held_append  # type: ignore[method-assign]
+    hold = JournalHold(running.app.journal)
     replies = []
 
     async def send() -> None:
@@ -38,10 +28,10 @@ async def test_no_ack_before_the_journal_fsync(nursery: trio.Nursery, tmp_path: 
 
     async with trio.open_nursery() as clients:
         clients.start_soon(send)
-        await trio.to_thread.run_sync(entered.wait, 30)
+        await hold.wait_entered()
         await trio.testing.wait_all_tasks_blocked()
         assert replies == []  # the request is complete, the fsync is held: no answer yet
-        release.set()
+        hold.release.set()
     assert replies[0].status == 200
 
 

@@ -8,7 +8,6 @@ import logging
 import os
 import shutil
 import subprocess
-import threading
 from pathlib import Path
 from typing import Any
 
@@ -19,7 +18,14 @@ import trio.testing
 
 from conftest import Running, make_config, start_app
 from forward_client import KEY, RawForward, packed
-from helpers import CAPTURES, all_records, client_context, engine_records, ids_by_file
+from helpers import (
+    CAPTURES,
+    JournalHold,
+    all_records,
+    client_context,
+    engine_records,
+    ids_by_file,
+)
 
 NGINX_FILE = "acme/nginx/www.acme.test/2024/11/25/02.log.gz"
 PEERS = Path(__file__).parent / "peers"
@@ -140,24 +146,15 @@ async def test_concurrent_resends_wait_for_the_first_copy(
 async def test_no_ack_before_the_journal_fsync(nursery: trio.Nursery, tmp_path: Path,
                                                pki: Path) -> None:
     running = await forward_app(nursery, tmp_path, pki)
-    journal = running.app.journal
-    real_append = journal.append
-    entered, release = threading.Event(), threading.Event()
-
-    def held_append(payloads: list[bytes]) -> list[int]:
-        entered.set()
-        release.wait(30)
-        return real_append(payloads)
-
-    journal.append = held_append  # type: ignore[method-assign]
+    hold = JournalHold(running.app.journal)
     client = await RawForward.connect(running.addresses.forward, client_context(pki))
     try:
         await client.send(packed("nginx.access", engine_records(2), chunk="held\n"))
-        await trio.to_thread.run_sync(entered.wait, 30)
+        await hold.wait_entered()
         with trio.move_on_after(0) as scope:
             await client.stream.receive_some(100)  # nothing may be waiting for us yet
         assert scope.cancelled_caught
-        release.set()
+        hold.release.set()
         assert await client.receive() == {"ack": "held\n"}
     finally:
         await client.aclose()

@@ -19,6 +19,7 @@ from mwdlogd.config import ForwardConfig
 from mwdlogd.pipeline.normalize import Context, normalize_batch
 from mwdlogd.proto.forward import NEED_DATA, Entries, ForwardConnection, ForwardProtocolError, Pong
 from mwdlogd.runtime.pipeline import Pipeline, Refused
+from mwdlogd.servers.acceptor import Acceptor
 from mwdlogd.servers.http_io import RECEIVE_BYTES
 from mwdlogd.servers.tls import handshake, peer_name
 from mwdlogd.telemetry import Telemetry
@@ -46,9 +47,7 @@ class ForwardServer:
         self._pipeline = pipeline
         self._telemetry = telemetry
         self._users = {u.username: u.password.encode() for u in settings.forward.users}
-        self._accept_scope = trio.CancelScope()
-        self._idle_scopes: set[trio.CancelScope] = set()
-        self.draining = False
+        self._acceptor = Acceptor()
 
     async def run(self, *, task_status: trio.TaskStatus[str] = trio.TASK_STATUS_IGNORED) -> None:
         """Serves until `stop_accepting()`, then returns once every connection has closed."""
@@ -57,21 +56,12 @@ class ForwardServer:
         if self._ssl_context is not None:
             listeners = list(await trio.open_ssl_over_tcp_listeners(
                 port, self._ssl_context, host=bind, https_compatible=True))
-            sock = listeners[0].transport_listener.socket  # type: ignore[attr-defined]
         else:
             listeners = list(await trio.open_tcp_listeners(port, host=bind))
-            sock = listeners[0].socket  # type: ignore[attr-defined]
-        address = "{}:{}".format(*sock.getsockname()[:2])
-        async with trio.open_nursery() as handlers:
-            task_status.started(address)
-            with self._accept_scope:
-                await trio.serve_listeners(self._handle, listeners, handler_nursery=handlers)
+        await self._acceptor.serve(listeners, self._handle, task_status)
 
     def stop_accepting(self) -> None:
-        self.draining = True
-        self._accept_scope.cancel()
-        for scope in self._idle_scopes:
-            scope.cancel()
+        self._acceptor.stop()
 
     async def _handle(self, stream: trio.abc.Stream) -> None:
         """Never raises: an exception reaching serve_listeners would stop the server."""
@@ -118,15 +108,9 @@ class ForwardServer:
 
     async def _receive(self, stream: trio.abc.Stream, established: bool) -> bytes:
         """Next bytes; b"" on EOF, on idle timeout and when draining."""
-        if self.draining:
-            return b""
         timeout = self._config.idle_timeout if established else HANDSHAKE_TIMEOUT_S
-        with trio.move_on_after(timeout) as scope:
-            self._idle_scopes.add(scope)
-            try:
-                return bytes(await stream.receive_some(RECEIVE_BYTES))
-            finally:
-                self._idle_scopes.discard(scope)
+        with self._acceptor.idle(timeout):
+            return bytes(await stream.receive_some(RECEIVE_BYTES))
         return b""
 
     async def _store(self, stream: trio.abc.Stream, conn: ForwardConnection, event: Entries,

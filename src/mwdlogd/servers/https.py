@@ -20,6 +20,7 @@ from mwdlogd.pipeline.normalize import Context, normalize_batch
 from mwdlogd.proto.auth import TokenTable
 from mwdlogd.proto.ingest import RequestReader
 from mwdlogd.runtime.pipeline import Pipeline, Refused
+from mwdlogd.servers.acceptor import Acceptor
 from mwdlogd.servers.http_io import (
     json_response,
     new_connection,
@@ -51,28 +52,20 @@ class HttpsIngestServer:
         self._tokens = tokens
         self._pipeline = pipeline
         self._telemetry = telemetry
-        self._accept_scope = trio.CancelScope()
-        self._idle_scopes: set[trio.CancelScope] = set()
-        self.draining = False
+        self._acceptor = Acceptor()
 
     async def run(self, *, task_status: trio.TaskStatus[str] = trio.TASK_STATUS_IGNORED) -> None:
         """Serves until `stop_accepting()`, then returns once every connection has closed."""
         listeners = await trio.open_ssl_over_tcp_listeners(
             self._http.port, self._ssl_context, host=self._http.bind, https_compatible=True)
-        transport = listeners[0].transport_listener
-        assert isinstance(transport, trio.SocketListener)
-        sock = transport.socket
-        address = "{}:{}".format(*sock.getsockname()[:2])
-        async with trio.open_nursery() as handlers:
-            task_status.started(address)
-            with self._accept_scope:
-                await trio.serve_listeners(self._handle, listeners, handler_nursery=handlers)
+        await self._acceptor.serve(listeners, self._handle, task_status)
 
     def stop_accepting(self) -> None:
-        self.draining = True
-        self._accept_scope.cancel()
-        for scope in self._idle_scopes:
-            scope.cancel()
+        self._acceptor.stop()
+
+    @property
+    def draining(self) -> bool:
+        return self._acceptor.draining
 
     async def _handle(self, stream: trio.SSLStream[trio.SocketStream]) -> None:
         """Never raises: an exception reaching serve_listeners would stop the server."""
@@ -110,16 +103,14 @@ class HttpsIngestServer:
     async def _next_request(self, conn: h11.Connection,
                             stream: trio.SSLStream[trio.SocketStream]) -> h11.Request | None:
         """The next request head, or None on EOF, idle timeout or drain."""
-        with trio.move_on_after(self._http.idle_timeout) as scope:
-            self._idle_scopes.add(scope)
+        event = None
+        with self._acceptor.idle(self._http.idle_timeout) as scope:
             try:
                 event = await read_event(conn, stream)
             except h11.RemoteProtocolError as exc:
                 await self._refuse(conn, stream, peer_name(stream), IngestError(
                     exc.error_status_hint, "bad_http", str(exc)))
                 return None
-            finally:
-                self._idle_scopes.discard(scope)
         if scope.cancelled_caught or not isinstance(event, h11.Request):
             return None
         return event

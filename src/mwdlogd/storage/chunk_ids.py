@@ -9,6 +9,7 @@ from pathlib import Path
 
 from mwdlogd.errors import StorageError
 from mwdlogd.storage import framing
+from mwdlogd.storage.files import replace_and_reopen
 
 MAGIC = b"MWC1"
 COMPACT_BYTES = 4 * 1024 * 1024
@@ -66,16 +67,8 @@ class ChunkIdLog:
     def _rewrite(self) -> None:
         data = b"".join(framing.frame(MAGIC, int(at * 1000), key.encode("utf-8", "surrogateescape"))
                         for at, key in self._entries)
-        temp = self.path.with_suffix(".tmp")
         try:
-            with open(temp, "wb") as file:
-                file.write(data)
-                file.flush()
-                os.fsync(file.fileno())
-            os.replace(temp, self.path)
-            if self._fd >= 0:
-                os.close(self._fd)
-            self._fd = os.open(self.path, os.O_WRONLY | os.O_APPEND)
+            self._fd = replace_and_reopen(self.path, data, self._fd)
         except OSError as exc:
             raise StorageError(str(self.path), "rewrite chunk id log", str(exc)) from exc
         self._size, self._dirty = len(data), False

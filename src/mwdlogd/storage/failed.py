@@ -5,8 +5,8 @@ import time
 from pathlib import Path
 
 from mwdlogd.errors import StorageError
+from mwdlogd.storage.files import fsync_dir
 from mwdlogd.storage.intents import IntentLog
-from mwdlogd.storage.journal import fsync_dir
 
 
 def move_to_failed(failed_dir: Path, relpath: str, members: bytes, max_id: int, error: str,

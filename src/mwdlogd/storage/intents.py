@@ -18,6 +18,7 @@ import msgpack
 
 from mwdlogd.errors import StorageError
 from mwdlogd.storage import framing
+from mwdlogd.storage.files import replace_and_reopen
 
 MAGIC = b"MWI1"
 BEGIN, DONE = "b", "d"
@@ -114,16 +115,8 @@ class IntentLog:
         entries = [[DONE, p, i] for p, i in self._committed.items()]
         entries += [[BEGIN, p, size, i] for p, (size, i) in self._pending.items()]
         data = b"".join(framing.frame(MAGIC, 0, msgpack.packb(e)) for e in entries)
-        temp = self.path.with_suffix(".tmp")
         try:
-            with open(temp, "wb") as file:
-                file.write(data)
-                file.flush()
-                os.fsync(file.fileno())
-            os.replace(temp, self.path)
-            if self._fd >= 0:
-                os.close(self._fd)
-            self._fd = os.open(self.path, os.O_WRONLY | os.O_APPEND)
+            self._fd = replace_and_reopen(self.path, data, self._fd)
         except OSError as exc:
             raise StorageError(str(self.path), "rewrite intent log", str(exc)) from exc
         self._size = len(data)

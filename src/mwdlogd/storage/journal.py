@@ -16,6 +16,7 @@ import attrs
 from mwdlogd import log
 from mwdlogd.errors import StorageError
 from mwdlogd.storage import framing
+from mwdlogd.storage.files import fsync_dir
 
 MAGIC = b"MWJ1"
 # Big enough that rotation is rare, small enough that a written-out segment frees disk soon.
@@ -30,14 +31,6 @@ class Segment:
     first_id: int
     last_id: int  # -1 while empty
     size: int
-
-
-def fsync_dir(directory: Path) -> None:
-    fd = os.open(directory, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 class Journal:

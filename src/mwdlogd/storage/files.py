@@ -1,0 +1,28 @@
+"""Small durable-file helpers shared by the journal and the side logs."""
+
+import os
+from pathlib import Path
+
+
+def fsync_dir(directory: Path) -> None:
+    """Make a created, renamed or deleted entry in `directory` durable."""
+    fd = os.open(directory, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def replace_and_reopen(path: Path, data: bytes, old_fd: int) -> int:
+    """Atomically replace `path` with `data` (temp file, fsync, rename); close `old_fd`
+    and return a new append descriptor. Raises OSError."""
+    temp = path.with_suffix(".tmp")
+    with open(temp, "wb") as file:
+        file.write(data)
+        file.flush()
+        os.fsync(file.fileno())
+    os.replace(temp, path)
+    fsync_dir(path.parent)
+    if old_fd >= 0:
+        os.close(old_fd)
+    return os.open(path, os.O_WRONLY | os.O_APPEND)
