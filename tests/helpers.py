@@ -110,6 +110,16 @@ async def post(address: str, context: ssl.SSLContext, path: str, body: bytes,
         await connection.aclose()
 
 
+async def exchange(address: str, context: ssl.SSLContext, raw: bytes) -> Reply:
+    """Send raw request bytes on a new connection and read one reply."""
+    connection = await Connection.open(address, context)
+    try:
+        await connection.send_raw(raw)
+        return await connection.reply()
+    finally:
+        await connection.aclose()
+
+
 def ndjson(records: list[dict[str, Any]]) -> bytes:
     return b"".join(json.dumps(r).encode() + b"\n" for r in records)
 

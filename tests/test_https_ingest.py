@@ -19,6 +19,7 @@ from helpers import (
     all_records,
     client_context,
     engine_records,
+    exchange,
     ids_by_file,
     ndjson,
     post,
@@ -181,29 +182,20 @@ async def test_restricted_token_may_write_its_customer(server: Running, pki: Pat
 
 
 async def test_missing_length_and_wrong_method(server: Running, pki: Path) -> None:
-    connection = await Connection.open(server.addresses.http, client_context(pki))
-    try:
-        await connection.send_raw(b"POST /nginx.access HTTP/1.1\r\nHost: x\r\n"
-                                  b"Authorization: Bearer test-token-0123456789\r\n"
-                                  b"Content-Type: application/x-ndjson\r\n\r\n")
-        assert (await connection.reply()).status == 411
-    finally:
-        await connection.aclose()
-    connection = await Connection.open(server.addresses.http, client_context(pki))
-    try:
-        await connection.send_raw(b"GET /nginx.access HTTP/1.1\r\nHost: x\r\n\r\n")
-        assert (await connection.reply()).status == 405
-    finally:
-        await connection.aclose()
+    no_length = await exchange(server.addresses.http, client_context(pki), (
+        b"POST /nginx.access HTTP/1.1\r\nHost: x\r\n"
+        b"Authorization: Bearer test-token-0123456789\r\n"
+        b"Content-Type: application/x-ndjson\r\n\r\n"))
+    assert no_length.status == 411
+    get = await exchange(server.addresses.http, client_context(pki),
+                         b"GET /nginx.access HTTP/1.1\r\nHost: x\r\n\r\n")
+    assert get.status == 405
 
 
 async def test_garbage_http_gets_400(server: Running, pki: Path) -> None:
-    connection = await Connection.open(server.addresses.http, client_context(pki))
-    try:
-        await connection.send_raw(b"NOT HTTP AT ALL\r\n\r\n")
-        assert (await connection.reply()).status == 400
-    finally:
-        await connection.aclose()
+    reply = await exchange(server.addresses.http, client_context(pki),
+                           b"NOT HTTP AT ALL\r\n\r\n")
+    assert reply.status == 400
 
 
 async def test_client_without_certificate_is_refused(server: Running, pki: Path) -> None:
@@ -326,12 +318,7 @@ async def test_fluentd_captures_replayed_over_tls(server: Running, pki: Path, na
         expected = [r["seq"] for r in json.loads(body)]
     else:
         expected = [json.loads(line)["seq"] for line in body.splitlines()]
-    connection = await Connection.open(server.addresses.http, client_context(pki))
-    try:
-        await connection.send_raw(raw)
-        reply = await connection.reply()
-    finally:
-        await connection.aclose()
+    reply = await exchange(server.addresses.http, client_context(pki), raw)
     assert (reply.status, reply.json()) == (200, {"records": len(expected)})
     await server.app.flush("test")
     landed = all_records(server.root)

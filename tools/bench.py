@@ -79,25 +79,29 @@ class Stats:
         self.errors: dict[str, int] = {}
 
 
-async def read_status(stream: trio.SSLStream[trio.SocketStream], buffer: bytearray) -> int:
+async def read_message(stream: trio.SSLStream[trio.SocketStream], buffer: bytearray) -> bytes:
+    """One HTTP message (head + Content-Length body) from `stream`; returns its head.
+    Bytes past it stay in `buffer`. Raises EOFError when the peer closes."""
     while b"\r\n\r\n" not in buffer:
-        data = await stream.receive_some(65536)
-        if not data:
-            raise EOFError("server closed the connection")
-        buffer += data
+        await _fill(stream, buffer)
     head, _, rest = bytes(buffer).partition(b"\r\n\r\n")
     length = 0
     for line in head.split(b"\r\n")[1:]:
         name, _, value = line.partition(b":")
         if name.strip().lower() == b"content-length":
             length = int(value)
-    while len(rest) < length:
-        data = await stream.receive_some(65536)
-        if not data:
-            raise EOFError("server closed the connection")
-        rest += data
-    buffer[:] = rest[length:]
-    return int(head.split(b" ", 2)[1])
+    buffer[:] = rest
+    while len(buffer) < length:
+        await _fill(stream, buffer)
+    del buffer[:length]
+    return head
+
+
+async def _fill(stream: trio.SSLStream[trio.SocketStream], buffer: bytearray) -> None:
+    data = await stream.receive_some(65536)
+    if not data:
+        raise EOFError("peer closed the connection")
+    buffer += data
 
 
 async def drive(host: str, port: int, context: ssl.SSLContext, bodies: list[bytes],
@@ -110,7 +114,7 @@ async def drive(host: str, port: int, context: ssl.SSLContext, bodies: list[byte
         while trio.current_time() < deadline:
             started = time.perf_counter()
             await stream.send_all(bodies[n % len(bodies)])
-            status = await read_status(stream, buffer)
+            status = int((await read_message(stream, buffer)).split(b" ", 2)[1])
             n += 1
             if status == 200:
                 stats.latencies.append(time.perf_counter() - started)
@@ -126,22 +130,9 @@ async def serve_null(stream: trio.SSLStream[trio.SocketStream]) -> None:
     buffer = bytearray()
     try:
         while True:
-            while b"\r\n\r\n" not in buffer:
-                data = await stream.receive_some(65536)
-                if not data:
-                    return
-                buffer += data
-            head, _, rest = bytes(buffer).partition(b"\r\n\r\n")
-            length = next(int(line.split(b":", 1)[1]) for line in head.split(b"\r\n")
-                          if line.lower().startswith(b"content-length:"))
-            while len(rest) < length:
-                data = await stream.receive_some(65536)
-                if not data:
-                    return
-                rest += data
-            buffer[:] = rest[length:]
+            await read_message(stream, buffer)
             await stream.send_all(b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\n{}")
-    except trio.BrokenResourceError:
+    except (trio.BrokenResourceError, EOFError):
         return
 
 
