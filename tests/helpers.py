@@ -120,6 +120,20 @@ async def exchange(address: str, context: ssl.SSLContext, raw: bytes) -> Reply:
         await connection.aclose()
 
 
+async def http_get(address: str, target: str) -> tuple[int, bytes]:
+    """A plain HTTP GET on a new connection: (status, body)."""
+    host, port = split_address(address)
+    stream = await trio.open_tcp_stream(host, port)
+    await stream.send_all(f"GET {target} HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n"
+                          .encode())
+    reply = b""
+    while chunk := await stream.receive_some(65536):
+        reply += chunk
+    await stream.aclose()
+    head, _, body = reply.partition(b"\r\n\r\n")
+    return int(head.split()[1]), body
+
+
 def ndjson(records: list[dict[str, Any]]) -> bytes:
     return b"".join(json.dumps(r).encode() + b"\n" for r in records)
 

@@ -20,6 +20,7 @@ from helpers import (
     client_context,
     engine_records,
     exchange,
+    http_get,
     ids_by_file,
     ndjson,
     post,
@@ -267,28 +268,15 @@ async def test_metrics_and_health(server: Running, pki: Path) -> None:
                ndjson(engine_records(7, time=HOUR_2024)))
     await post(server.addresses.http, context, "/nginx.access", b"{", token=None)
     await server.app.flush("test")
-    from helpers import split_address
-    host, port = split_address(server.addresses.metrics)
-    stream = await trio.open_tcp_stream(host, port)
-    await stream.send_all(b"GET /metrics HTTP/1.1\r\nHost: x\r\n\r\n")
-    text = b""
-    while b"mwdlogd_connections_total" not in text:
-        text += await stream.receive_some(65536)
-    await stream.aclose()
+    _, text = await http_get(server.addresses.metrics, "/metrics")
     body = text.decode()
     assert ('fluentd_input_status_num_records_total{hostname="testhost",tag="nginx.access"} 7.0'
             in body)
     assert ('fluentd_output_status_num_records_total{hostname="testhost",tag="nginx.access"} 7.0'
             in body)
     assert 'mwdlogd_rejected_requests_total{protocol="http",reason="unauthorized"} 1.0' in body
-    host, port = split_address(server.addresses.health)
-    stream = await trio.open_tcp_stream(host, port)
-    await stream.send_all(b"GET /health HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
-    reply = b""
-    while chunk := await stream.receive_some(65536):
-        reply += chunk
-    assert reply.startswith(b"HTTP/1.1 200 ")
-    assert json.loads(reply.split(b"\r\n\r\n", 1)[1])["status"] == "ok"
+    status, health = await http_get(server.addresses.health, "/health")
+    assert status == 200 and json.loads(health)["status"] == "ok"
 
 
 async def test_drain_finishes_in_flight_and_flushes(server: Running, pki: Path) -> None:
@@ -328,15 +316,9 @@ async def test_fluentd_captures_replayed_over_tls(server: Running, pki: Path, na
 
 
 async def test_health_is_503_when_storage_is_not_writable(server: Running) -> None:
-    from helpers import split_address
     server.root.rmdir()
     server.root.write_text("a file where the storage root should be")
-    host, port = split_address(server.addresses.health)
-    stream = await trio.open_tcp_stream(host, port)
-    await stream.send_all(b"GET /health HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
-    reply = b""
-    while chunk := await stream.receive_some(65536):
-        reply += chunk
-    assert reply.startswith(b"HTTP/1.1 503 ")
-    status = json.loads(reply.split(b"\r\n\r\n", 1)[1])
+    code, body = await http_get(server.addresses.health, "/health")
+    assert code == 503
+    status = json.loads(body)
     assert status["status"] == "unavailable" and "cannot create" in status["problem"]

@@ -21,7 +21,7 @@ from mwdlogd.tail_client import follow, pretty, tail_url
 
 from conftest import Running, make_config, start_app
 from forward_client import RawForward, packed
-from helpers import TOKEN, client_context, engine_records, ndjson, post, split_address
+from helpers import TOKEN, client_context, engine_records, http_get, ndjson, post
 
 REPO = Path(__file__).resolve().parents[1]
 DEPLOY = REPO / "deploy"
@@ -29,19 +29,6 @@ HOUR_2024 = 1732500000.5
 needs_prometheus = pytest.mark.skipif(
     not os.environ.get("CI") and shutil.which("promtool") is None,
     reason="Debian package prometheus (tools/test.sh installs it; in CI these never skip)")
-
-
-async def http_get(address: str, target: str) -> tuple[int, bytes]:
-    host, port = split_address(address)
-    stream = await trio.open_tcp_stream(host, port)
-    await stream.send_all(f"GET {target} HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n"
-                          .encode())
-    reply = b""
-    while chunk := await stream.receive_some(65536):
-        reply += chunk
-    await stream.aclose()
-    head, _, body = reply.partition(b"\r\n\r\n")
-    return int(head.split()[1]), body
 
 
 def samples(exposition: bytes) -> dict[str, float]:

@@ -9,7 +9,7 @@ from pathlib import Path
 
 from mwdlogd.errors import StorageError
 from mwdlogd.storage import framing
-from mwdlogd.storage.files import replace_and_reopen
+from mwdlogd.storage.files import read_records, replace_and_reopen
 
 MAGIC = b"MWC1"
 COMPACT_BYTES = 4 * 1024 * 1024
@@ -27,12 +27,7 @@ class ChunkIdLog:
 
     def open(self, now: float | None = None) -> list[tuple[float, str]]:
         """The ids still inside the window, oldest first; rewrites the file with just them."""
-        try:
-            self.path.parent.mkdir(parents=True, exist_ok=True)
-            data = self.path.read_bytes() if self.path.exists() else b""
-        except OSError as exc:
-            raise StorageError(str(self.path), "read chunk id log", str(exc)) from exc
-        records, _ = framing.scan(MAGIC, data)
+        records, _ = read_records(self.path, MAGIC, "chunk id log")
         self._entries.extend((ms / 1000, key.decode("utf-8", "surrogateescape"))
                              for ms, key in records)
         self._expire(now if now is not None else time.time())

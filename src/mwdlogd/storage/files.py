@@ -3,6 +3,9 @@
 import os
 from pathlib import Path
 
+from mwdlogd.errors import StorageError
+from mwdlogd.storage import framing
+
 
 def fsync_dir(directory: Path) -> None:
     """Make a created, renamed or deleted entry in `directory` durable."""
@@ -26,3 +29,14 @@ def replace_and_reopen(path: Path, data: bytes, old_fd: int) -> int:
     if old_fd >= 0:
         os.close(old_fd)
     return os.open(path, os.O_WRONLY | os.O_APPEND)
+
+
+def read_records(path: Path, magic: bytes, what: str) -> tuple[list[tuple[int, bytes]], int]:
+    """The whole framed records of a side log (none if it does not exist yet), and where
+    they end; raises StorageError naming `what`."""
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        data = path.read_bytes() if path.exists() else b""
+    except OSError as exc:
+        raise StorageError(str(path), f"read {what}", str(exc)) from exc
+    return framing.scan(magic, data)

@@ -18,7 +18,7 @@ import msgpack
 
 from mwdlogd.errors import StorageError
 from mwdlogd.storage import framing
-from mwdlogd.storage.files import replace_and_reopen
+from mwdlogd.storage.files import read_records, replace_and_reopen
 
 MAGIC = b"MWI1"
 BEGIN, DONE = "b", "d"
@@ -42,12 +42,7 @@ class IntentLog:
 
         The caller cuts those files back (`truncate_to`), then calls `settle`.
         """
-        try:
-            self.path.parent.mkdir(parents=True, exist_ok=True)
-            data = self.path.read_bytes() if self.path.exists() else b""
-        except OSError as exc:
-            raise StorageError(str(self.path), "read intent log", str(exc)) from exc
-        records, valid = framing.scan(MAGIC, data)
+        records, valid = read_records(self.path, MAGIC, "intent log")
         for _, payload in records:
             self._apply(msgpack.unpackb(payload))
         try:
