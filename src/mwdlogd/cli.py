@@ -8,7 +8,7 @@ from pathlib import Path
 
 import trio
 
-from mwdlogd import __version__, log
+from mwdlogd import __version__, log, replay
 from mwdlogd.app import App
 from mwdlogd.certs import DEFAULT_DAYS, DEFAULT_HOSTS, describe, init_certs
 from mwdlogd.config import Config, check_tls_files, config_path, load_config, missing_tls_files
@@ -63,6 +63,9 @@ def _parser() -> argparse.ArgumentParser:
     make.add_argument("--client", action="append", default=[], metavar="NAME",
                       help="issue a client certificate NAME.crt (repeatable)")
     make.add_argument("--force", action="store_true", help="replace existing files")
+    commands.add_parser("replay", add_help=False,
+                        help="send generated or archived traffic to a server and verify it "
+                             "(see `mwdlogd replay --help`)")
     tail = commands.add_parser(
         "tail", parents=[common], help="print records live as the server stores them",
         description="Follows /api/tail on the [monitor] port. Pretty and coloured on a "
@@ -176,6 +179,9 @@ COMMANDS = {"run": _run, "check-config": _check_config, "init-config": _init_con
 
 
 def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    if argv[:1] == ["replay"]:  # its own parser: `mwdlogd replay --help`
+        return replay.main(argv[1:])
     args = _parser().parse_args(argv)
     log.configure()
     try:
