@@ -193,3 +193,8 @@ def test_any_body_gives_records_or_an_ingest_error(body: bytes, content_type: st
         assert 400 <= exc.status < 500
     else:
         assert accepted.records and all(isinstance(r, dict) for r in accepted.records)
+
+
+def test_big_integers_keep_their_exact_value() -> None:
+    body = b'{"id": 123456789012345678901234567890, "n": 7}\n{"id": 1}\n'
+    assert parse_ndjson(body) == [{"id": 123456789012345678901234567890, "n": 7}, {"id": 1}]

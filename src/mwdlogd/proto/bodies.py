@@ -65,7 +65,7 @@ def parse_json(body: bytes) -> Records:
     try:
         value = codec.loads(body)
     except codec.JSONDecodeError as exc:
-        if exc.msg == "Extra data":
+        if codec.is_trailing_content(exc):
             return parse_ndjson(body)
         raise _json_error("body", exc) from None
     except ValueError as exc:
