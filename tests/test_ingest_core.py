@@ -145,7 +145,7 @@ def test_tag_and_time_from_target() -> None:
 
 
 def test_json_stream_of_objects_reads_as_ndjson() -> None:
-    assert parse_json(b'{"a": 1}\n{"a": 2}\n') == [{"a": 1}, {"a": 2}]
+    assert parse_json(b'{"a": 1}\n{"a": 2}\n').records == [{"a": 1}, {"a": 2}]
 
 
 def test_ndjson_error_names_the_line() -> None:
@@ -160,7 +160,7 @@ def test_invalid_utf8_is_a_400() -> None:
 
 def test_msgpack_stream_arrays_and_checks() -> None:
     body = msgpack.packb({"a": 1}) + msgpack.packb([{"b": 2}, {"c": 3}])
-    assert parse_msgpack(body) == [{"a": 1}, {"b": 2}, {"c": 3}]
+    assert parse_msgpack(body).records == [{"a": 1}, {"b": 2}, {"c": 3}]
     with pytest.raises(IngestError, match="truncated"):
         parse_msgpack(body[:-1])
     with pytest.raises(IngestError, match="non-string key"):
@@ -197,4 +197,5 @@ def test_any_body_gives_records_or_an_ingest_error(body: bytes, content_type: st
 
 def test_big_integers_keep_their_exact_value() -> None:
     body = b'{"id": 123456789012345678901234567890, "n": 7}\n{"id": 1}\n'
-    assert parse_ndjson(body) == [{"id": 123456789012345678901234567890, "n": 7}, {"id": 1}]
+    assert parse_ndjson(body).records == [{"id": 123456789012345678901234567890, "n": 7},
+                                          {"id": 1}]

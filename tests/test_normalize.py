@@ -21,7 +21,10 @@ HOUR = "2025/11/25/12.log.gz"
 
 
 def run(record: dict[str, Any], ctx: Context = CTX) -> tuple[str, dict[str, Any]]:
-    (routed,) = normalize_batch([(record, None)], ctx)
+    """Normalise from the dict, and from the record's JSON text: both must agree."""
+    (routed,) = normalize_batch([(record, None, None)], ctx)
+    (from_text,) = normalize_batch([(record, None, json.dumps(record).encode())], ctx)
+    assert (from_text.path, json.loads(from_text.line)) == (routed.path, json.loads(routed.line))
     return routed.path, json.loads(routed.line)
 
 
@@ -119,3 +122,23 @@ def test_no_name_leaves_the_root(customer: str, fqdn: str) -> None:
     for part in path.split("/"):
         assert part not in ("", ".", "..") and not part.startswith(".")
         assert len(part.encode()) <= 200
+
+
+JSON_VALUES = st.recursive(
+    st.none() | st.booleans() | st.integers() | st.floats(allow_nan=False, allow_infinity=False)
+    | st.text(), lambda inner: st.lists(inner, max_size=3)
+    | st.dictionaries(st.text(max_size=5), inner, max_size=3), max_leaves=8)
+
+
+@given(record=st.dictionaries(st.sampled_from(
+    ["customer_name", "fqdn", "log_type", "time", "tag", "severity", "msg", "x", "received_at"])
+    | st.text(max_size=8), JSON_VALUES, max_size=8),
+    spacing=st.sampled_from([(",", ":"), (", ", ": "), (" ,", " : ")]))
+def test_appending_to_the_text_gives_the_same_record(record: dict[str, Any],
+                                                     spacing: tuple[str, str]) -> None:
+    text = json.dumps(record, separators=spacing, ensure_ascii=bool(len(record) % 2)).encode()
+    (plain,) = normalize_batch([(record, None, None)], CTX)
+    (spliced,) = normalize_batch([(record, None, text + b" \r")], CTX)
+    assert spliced.path == plain.path
+    assert json.loads(spliced.line) == json.loads(plain.line)
+    assert spliced.line.endswith(b"}\n") and spliced.line.count(b"\n") == 1

@@ -68,9 +68,11 @@ def event_time_of(value: object) -> float | None:
 
 
 def normalize(record: dict[str, Any], event_time: float | None, ctx: Context,
-              received_at: str) -> Routed:
-    """Route and annotate one record. `event_time` None means: from `time`, else default."""
-    out = dict(record)
+              received_at: str, text: bytes | None = None) -> Routed:
+    """Route and annotate one record. `event_time` None means: from `time`, else default.
+    `text`, the record's own JSON object, lets the added fields be appended to it instead
+    of encoding the whole record again (the output is the same JSON object)."""
+    added: dict[str, Any] = {"received_at": received_at, "logserver_hostname": ctx.hostname}
     reason = None
     if event_time is None:
         event_time = ctx.default_time
@@ -80,24 +82,38 @@ def normalize(record: dict[str, Any], event_time: float | None, ctx: Context,
         event_time = None
     if event_time is None:
         reason, event_time = "time is not epoch seconds in range", ctx.received_at
-    out["received_at"] = received_at
-    out["logserver_hostname"] = ctx.hostname
-    out["timestamp"] = format_timestamp(event_time)
-    out["tag"] = ctx.tag
+    added["timestamp"] = format_timestamp(event_time)
+    added["tag"] = ctx.tag
     hour = int(event_time // 3600) * 3600
-    log_type = _log_type(record, ctx.tag)
+    path = _destination(record, ctx.tag, hour, reason, added)
+    return Routed(path, hour, _line(record, added, text))
+
+
+def _destination(record: dict[str, Any], tag: str, hour: int, reason: str | None,
+                 added: dict[str, Any]) -> str:
+    """The record's file; fills in `invalid_reason` or a default `severity` in `added`."""
+    log_type = _log_type(record, tag)
     if reason is None and log_type is None:
-        return Routed(stream_file(UNMATCHED_DIR, hour), hour, codec.dumps_line(out))
+        return stream_file(UNMATCHED_DIR, hour)
     customer, fqdn = record.get("customer_name"), record.get("fqdn")
     if reason is None:
         reason = _missing(customer, "customer_name") or _missing(fqdn, "fqdn")
     if reason is not None or log_type is None:
-        out["invalid_reason"] = reason
-        return Routed(stream_file(INVALID_DIR, hour), hour, codec.dumps_line(out))
+        added["invalid_reason"] = reason
+        return stream_file(INVALID_DIR, hour)
     if log_type == "openappsec" and "severity" not in record:
-        out["severity"] = "info"
+        added["severity"] = "info"
     assert isinstance(customer, str) and isinstance(fqdn, str)
-    return Routed(customer_file(customer, log_type, fqdn, hour), hour, codec.dumps_line(out))
+    return customer_file(customer, log_type, fqdn, hour)
+
+
+def _line(record: dict[str, Any], added: dict[str, Any], text: bytes | None) -> bytes:
+    if text is not None and not any(key in record for key in added):
+        body = text.rstrip()
+        if body.endswith(b"}"):
+            fields = codec.dumps_line(added)[1:-2]  # without its braces and newline
+            return body[:-1] + (b"," if record else b"") + fields + b"}\n"
+    return codec.dumps_line({**record, **added})
 
 
 def _log_type(record: dict[str, Any], tag: str) -> str | None:
@@ -113,8 +129,10 @@ def _missing(value: object, name: str) -> str | None:
     return None if value else f"{name} is empty"
 
 
-def normalize_batch(records: Iterable[tuple[dict[str, Any], float | None]],
+def normalize_batch(records: Iterable[tuple[dict[str, Any], float | None, bytes | None]],
                     ctx: Context) -> list[Routed]:
-    """Normalise a whole batch; shared per-batch values are computed once."""
+    """Normalise a whole batch of (record, event time, JSON text); shared per-batch values
+    are computed once."""
     received_at = format_timestamp(ctx.received_at)
-    return [normalize(record, event_time, ctx, received_at) for record, event_time in records]
+    return [normalize(record, event_time, ctx, received_at, text)
+            for record, event_time, text in records]

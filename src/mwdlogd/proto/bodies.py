@@ -8,6 +8,7 @@ from collections.abc import Callable
 from typing import Any
 from urllib.parse import unquote_to_bytes
 
+import attrs
 import msgpack
 
 from mwdlogd import codec
@@ -15,6 +16,15 @@ from mwdlogd.errors import IngestError
 from mwdlogd.proto.gzipped import GzipMalformed, GzipTooLarge, gunzip_bounded
 
 Records = list[dict[str, Any]]
+
+
+@attrs.frozen
+class Parsed:
+    """A body's records and, for ndjson, each record's own JSON text (so storage can add
+    its fields to that text instead of encoding the whole record again)."""
+
+    records: Records
+    lines: list[bytes] | None = None
 
 
 def gunzip_body(data: bytes, limit: int) -> bytes:
@@ -46,9 +56,9 @@ def _json_error(what: str, exc: ValueError) -> IngestError:
     return IngestError(400, "malformed_body", f"{what} is not valid JSON: {exc}")
 
 
-def parse_ndjson(body: bytes) -> Records:
+def parse_ndjson(body: bytes) -> Parsed:
     """One JSON object per line; blank lines (and the trailing newline) are allowed."""
-    records = []
+    records, lines = [], []
     for number, line in enumerate(body.split(b"\n"), start=1):
         if not line.strip():
             continue
@@ -56,10 +66,11 @@ def parse_ndjson(body: bytes) -> Records:
             records.append(codec.loads(line))
         except ValueError as exc:
             raise _json_error(f"line {number}", exc) from None
-    return _checked(records)
+        lines.append(line)
+    return Parsed(_checked(records), lines)
 
 
-def parse_json(body: bytes) -> Records:
+def parse_json(body: bytes) -> Parsed:
     """One object, or an array of objects (Fluentd's `json_array`); several concatenated
     objects (a JSON stream) are read as ndjson."""
     try:
@@ -70,10 +81,10 @@ def parse_json(body: bytes) -> Records:
         raise _json_error("body", exc) from None
     except ValueError as exc:
         raise _json_error("body", exc) from None
-    return _checked(value if isinstance(value, list) else [value])
+    return Parsed(_checked(value if isinstance(value, list) else [value]))
 
 
-def parse_msgpack(body: bytes) -> Records:
+def parse_msgpack(body: bytes) -> Parsed:
     """A stream of maps, or of arrays of maps; keys must be strings."""
     unpacker = msgpack.Unpacker(raw=False, strict_map_key=True, max_buffer_size=max(len(body), 1))
     unpacker.feed(body)
@@ -92,10 +103,10 @@ def parse_msgpack(body: bytes) -> Records:
     for index, record in enumerate(records):
         if not all(isinstance(key, str) for key in record):
             raise IngestError(400, "malformed_body", f"record {index} has a non-string key")
-    return records
+    return Parsed(records)
 
 
-def parse_form(body: bytes) -> Records:
+def parse_form(body: bytes) -> Parsed:
     """Legacy in_http form: `json=<urlencoded JSON>` or `msgpack=<urlencoded msgpack>`."""
     fields = {}
     for pair in body.split(b"&"):
@@ -109,7 +120,7 @@ def parse_form(body: bytes) -> Records:
     raise IngestError(400, "malformed_body", "form body has neither a json= nor a msgpack= field")
 
 
-PARSERS: dict[str, Callable[[bytes], Records]] = {
+PARSERS: dict[str, Callable[[bytes], Parsed]] = {
     "application/x-ndjson": parse_ndjson,
     "application/ndjson": parse_ndjson,
     "application/jsonl": parse_ndjson,
@@ -126,7 +137,7 @@ def media_type(content_type: str) -> str:
     return content_type.split(";", 1)[0].strip().lower()
 
 
-def parser_for(content_type: str) -> Callable[[bytes], Records]:
+def parser_for(content_type: str) -> Callable[[bytes], Parsed]:
     """The decoder for a Content-Type; raises 415 naming the supported types."""
     parser = PARSERS.get(media_type(content_type))
     if parser is None:

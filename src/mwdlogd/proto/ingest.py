@@ -5,8 +5,9 @@ reading a body. Body bytes are counted as they come (h11 bounds only the head) a
 again while gunzipping. Nothing here touches a socket.
 """
 
+import itertools
 import re
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from typing import Any
 from urllib.parse import parse_qs, unquote
 
@@ -16,7 +17,7 @@ import h11
 from mwdlogd.errors import IngestError
 from mwdlogd.pipeline.normalize import event_time_of
 from mwdlogd.proto.auth import Credential, TokenTable
-from mwdlogd.proto.bodies import Records, check_encoding, gunzip_body, parser_for
+from mwdlogd.proto.bodies import Parsed, Records, check_encoding, gunzip_body, parser_for
 
 _TAG = re.compile(r"^[A-Za-z0-9_.-]{1,256}$")
 
@@ -29,6 +30,12 @@ class Accepted:
     records: Records
     credential: Credential
     default_time: float | None
+    lines: list[bytes] | None = None  # each record's JSON text, when the body had it
+
+    def with_text(self) -> Iterable[tuple[dict[str, Any], float | None, bytes | None]]:
+        """(record, event time from the record, its JSON text or None) for normalisation."""
+        lines = self.lines or itertools.repeat(None)
+        return zip(self.records, itertools.repeat(None), lines, strict=False)
 
 
 def _header(request: h11.Request, name: bytes) -> bytes | None:
@@ -75,7 +82,7 @@ class RequestReader:
                               else "bearer token is not known")
         self.credential = credential
         self.tag, self.default_time = tag_of(request.target)
-        self._parse: Callable[[bytes], Records] = parser_for(_text(request, b"content-type"))
+        self._parse: Callable[[bytes], Parsed] = parser_for(_text(request, b"content-type"))
         self._gzip = check_encoding(_text(request, b"content-encoding"))
         self._limit = body_limit
         self._body = bytearray()
@@ -103,9 +110,10 @@ class RequestReader:
             body = gunzip_body(body, self._limit)
         if not body.strip():
             raise IngestError(400, "empty_body", "request body is empty")
-        records = self._parse(body)
-        self._check_customers(records)
-        return Accepted(self.tag, records, self.credential, self.default_time)
+        parsed = self._parse(body)
+        self._check_customers(parsed.records)
+        return Accepted(self.tag, parsed.records, self.credential, self.default_time,
+                        parsed.lines)
 
     def _check_customers(self, records: list[dict[str, Any]]) -> None:
         if not self.credential.customers:

@@ -117,7 +117,7 @@ class ForwardServer:
                      peer: str, identity: str) -> None:
         received_at = time.time()
         ctx = Context(event.tag, received_at, received_at, self._hostname)
-        routed = normalize_batch(((record, at) for at, record in event.entries), ctx)
+        routed = normalize_batch(((record, at, None) for at, record in event.entries), ctx)
         key = f"{identity}\0{event.chunk}" if event.chunk is not None else None
         started = trio.current_time()
         try:

@@ -137,7 +137,7 @@ class HttpsIngestServer:
             return
         ctx = Context(accepted.tag, received_at, accepted.default_time or received_at,
                       self._hostname)
-        routed = normalize_batch(((record, None) for record in accepted.records), ctx)
+        routed = normalize_batch(accepted.with_text(), ctx)
         commit_started = trio.current_time()
         try:
             await self._pipeline.commit(accepted.tag, routed)
