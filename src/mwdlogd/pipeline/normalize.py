@@ -72,7 +72,7 @@ def normalize(record: dict[str, Any], event_time: float | None, ctx: Context,
     """Route and annotate one record. `event_time` None means: from `time`, else default.
     `text`, the record's own JSON object, lets the added fields be appended to it instead
     of encoding the whole record again (the output is the same JSON object)."""
-    added: dict[str, Any] = {"received_at": received_at, "logserver_hostname": ctx.hostname}
+    added = {"received_at": received_at, "logserver_hostname": ctx.hostname}
     reason = None
     if event_time is None:
         event_time = ctx.default_time
@@ -90,7 +90,7 @@ def normalize(record: dict[str, Any], event_time: float | None, ctx: Context,
 
 
 def _destination(record: dict[str, Any], tag: str, hour: int, reason: str | None,
-                 added: dict[str, Any]) -> str:
+                 added: dict[str, str]) -> str:
     """The record's file; fills in `invalid_reason` or a default `severity` in `added`."""
     log_type = _log_type(record, tag)
     if reason is None and log_type is None:
@@ -98,22 +98,38 @@ def _destination(record: dict[str, Any], tag: str, hour: int, reason: str | None
     customer, fqdn = record.get("customer_name"), record.get("fqdn")
     if reason is None:
         reason = _missing(customer, "customer_name") or _missing(fqdn, "fqdn")
-    if reason is not None or log_type is None:
+    if reason is not None:
         added["invalid_reason"] = reason
         return stream_file(INVALID_DIR, hour)
     if log_type == "openappsec" and "severity" not in record:
         added["severity"] = "info"
-    assert isinstance(customer, str) and isinstance(fqdn, str)
+    assert log_type is not None and isinstance(customer, str) and isinstance(fqdn, str)
     return customer_file(customer, log_type, fqdn, hour)
 
 
-def _line(record: dict[str, Any], added: dict[str, Any], text: bytes | None) -> bytes:
+def _line(record: dict[str, Any], added: dict[str, str], text: bytes | None) -> bytes:
     if text is not None and not any(key in record for key in added):
         body = text.rstrip()
         if body.endswith(b"}"):
-            fields = codec.dumps_line(added)[1:-2]  # without its braces and newline
+            fields = b",".join([_member(key, value) for key, value in added.items()])
             return body[:-1] + (b"," if record else b"") + fields + b"}\n"
     return codec.dumps_line({**record, **added})
+
+
+# Our own timestamps are ASCII digits and punctuation: nothing in them needs escaping.
+_PLAIN_ASCII = frozenset({"received_at", "timestamp"})
+
+
+def _member(key: str, value: str) -> bytes:
+    """`"key":"value"` as JSON; most added values repeat, so their encoding is cached."""
+    if key in _PLAIN_ASCII:
+        return b'"' + key.encode() + b'":"' + value.encode() + b'"'
+    return _json_member(key, value)
+
+
+@lru_cache(maxsize=4096)
+def _json_member(key: str, value: str) -> bytes:
+    return codec.dumps_line({key: value})[1:-2]
 
 
 def _log_type(record: dict[str, Any], tag: str) -> str | None:
