@@ -7,6 +7,11 @@ from typing import Any
 import attrs
 import pytest
 import trio
+from hypothesis import settings
+
+# CI machines are shared and slow at times: judge properties by their inputs, not timing.
+settings.register_profile("mwdlogd", deadline=None)
+settings.load_profile("mwdlogd")
 
 from mwdlogd.app import Addresses, App
 from mwdlogd.certs import init_certs
