@@ -9,15 +9,15 @@ import pytest
 import trio
 from hypothesis import settings
 
-# CI machines are shared and slow at times: judge properties by their inputs, not timing.
-settings.register_profile("mwdlogd", deadline=None)
-settings.load_profile("mwdlogd")
-
 from mwdlogd.app import Addresses, App
 from mwdlogd.certs import init_certs
 from mwdlogd.config import Config, resolve_paths, structure_config, validate
 
 from helpers import TOKEN
+
+# CI machines are shared and slow at times: judge properties by their inputs, not timing.
+settings.register_profile("mwdlogd", deadline=None)
+settings.load_profile("mwdlogd")
 
 
 @pytest.fixture(scope="session")
