@@ -171,6 +171,8 @@ async def test_full_buffer_stops_reading_instead_of_refusing(
         await client.send(packed("nginx.access", engine_records(20, start=20), chunk="b\n"))
         while running.app.pipeline.waiting_for_room == 0:
             await trio.testing.wait_all_tasks_blocked()
+        metrics = running.app.telemetry.exposition().decode()
+        assert "mwdlogd_batches_waiting_for_room 1.0" in metrics
         with trio.move_on_after(0) as scope:
             await client.stream.receive_some(100)
         assert scope.cancelled_caught  # b is neither refused nor acked: it waits for room

@@ -87,6 +87,7 @@ class App:
             total_bytes=lambda: self.tracker.buffered_bytes,
             stage_bytes=self.router.pending_bytes, queue_length=self.router.pending_files,
             timekeys=self.router.timekeys, journal_bytes=lambda: self.journal.size_bytes,
+            waiting_for_room=lambda: self.pipeline.waiting_for_room,
             limit_bytes=config.buffer.total_limit)
         self._handle_signals = handle_signals
         self._stop = trio.Event()

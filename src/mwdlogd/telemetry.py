@@ -60,6 +60,7 @@ class BufferView:
     queue_length: Callable[[], int] = _zero
     timekeys: Callable[[], list[int]] = _none
     journal_bytes: Callable[[], int] = _zero
+    waiting_for_room: Callable[[], int] = _zero
     limit_bytes: int = 1
 
 
@@ -111,6 +112,9 @@ class Telemetry:
             lambda: float(self.tail_viewers))
         Gauge("mwdlogd_journal_bytes", "Journal segment bytes on disk", registry=r).set_function(
             lambda: float(self.buffer.journal_bytes()))
+        Gauge("mwdlogd_batches_waiting_for_room", "Forward batches held back (their "
+              "connections not read) while the buffer is full", registry=r).set_function(
+            lambda: float(self.buffer.waiting_for_room()))
 
     def _output_gauges(self) -> None:
         """fluent-plugin-prometheus' output gauges, read from OutputStats and BufferView."""

@@ -36,10 +36,6 @@ class MemberBuilder:
         return sum(map(len, self._parts))
 
 
-def compress_member(data: bytes) -> bytes:
-    return MemberBuilder().finish(data)
-
-
 def destination(root: str, relpath: str) -> str:
     """Absolute file for `relpath`; refuses any path that would leave `root`."""
     full = os.path.normpath(os.path.join(root, relpath))

@@ -28,7 +28,6 @@ RELEASE_ACTIVE_BYTES = 1024 * 1024
 @attrs.define
 class Segment:
     path: Path
-    first_id: int
     last_id: int  # -1 while empty
     size: int
 
@@ -72,7 +71,7 @@ class Journal:
         first = int(path.name.removesuffix(SUFFIX))
         self._floor = max(self._floor, first)
         if records:
-            self._sealed.append(Segment(path, first, records[-1][0], valid))
+            self._sealed.append(Segment(path, records[-1][0], valid))
         else:
             path.unlink()
         return records
@@ -80,7 +79,7 @@ class Journal:
     def _start_segment(self) -> None:
         path = self.directory / f"{self.next_id:020d}{SUFFIX}"
         self._fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o600)
-        self._active = Segment(path, self.next_id, -1, 0)
+        self._active = Segment(path, -1, 0)
         fsync_dir(self.directory)
 
     def append(self, payloads: list[bytes]) -> list[int]:
