@@ -104,14 +104,28 @@ async def _fill(stream: trio.SSLStream[trio.SocketStream], buffer: bytearray) ->
     buffer += data
 
 
+class Pace:
+    """Sends at a fixed interval (records/s shared across connections), or at once."""
+
+    def __init__(self, interval_s: float) -> None:
+        self.interval_s = interval_s
+        self.next_at = trio.current_time()
+
+    async def wait(self) -> None:
+        if self.interval_s:
+            await trio.sleep_until(self.next_at)
+            self.next_at += self.interval_s
+
+
 async def drive(host: str, port: int, context: ssl.SSLContext, bodies: list[bytes],
-                batch: int, deadline: float, stats: Stats) -> None:
+                batch: int, deadline: float, stats: Stats, pace: Pace) -> None:
     stream = await trio.open_ssl_over_tcp_stream(host, port, ssl_context=context,
                                                  https_compatible=True)
     buffer = bytearray()
     n = 0
     try:
         while trio.current_time() < deadline:
+            await pace.wait()
             started = time.perf_counter()
             await stream.send_all(bodies[n % len(bodies)])
             status = int((await read_message(stream, buffer)).split(b" ", 2)[1])
@@ -203,7 +217,7 @@ async def next_msgpack(stream: trio.SSLStream[trio.SocketStream],
 
 async def drive_forward(host: str, port: int, context: ssl.SSLContext,
                         messages: list[tuple[bytes, bytes]], batch: int, deadline: float,
-                        stats: Stats, connection: int) -> None:
+                        stats: Stats, pace: Pace, connection: int) -> None:
     stream = await trio.open_ssl_over_tcp_stream(host, port, ssl_context=context,
                                                  https_compatible=True)
     unpacker = msgpack.Unpacker(raw=False)
@@ -215,6 +229,7 @@ async def drive_forward(host: str, port: int, context: ssl.SSLContext,
             chunk = f"{connection}-{n}-{os.getpid()}\n"
             option = msgpack.packb({"size": batch, "compressed": compressed.decode(),
                                     "chunk": chunk})
+            await pace.wait()
             started = time.perf_counter()
             await stream.send_all(body + option)
             ack = await next_msgpack(stream, unpacker)
@@ -287,14 +302,15 @@ async def load(host: str, port: int, context: ssl.SSLContext, args: argparse.Nam
     deadline = started + args.duration
     async with trio.open_nursery() as nursery:
         for c in range(args.connections):
+            pace = Pace(args.batch * args.connections / args.rate if args.rate else 0.0)
             if args.protocol == "forward":
                 messages = [forward_blob(records, args.mode) for records in batches[c]]
                 nursery.start_soon(drive_forward, host, port, context, messages, args.batch,
-                                   deadline, stats, c)
+                                   deadline, stats, pace, c)
             else:
                 bodies = [request_bytes(host, records, args.gzip) for records in batches[c]]
                 nursery.start_soon(drive, host, port, context, bodies, args.batch, deadline,
-                                   stats)
+                                   stats, pace)
     return trio.current_time() - started
 
 
@@ -322,6 +338,8 @@ def main() -> int:
     parser.add_argument("--connections", type=int, default=4)
     parser.add_argument("--batch", type=int, default=1000, help="records per request")
     parser.add_argument("--duration", type=float, default=10.0, help="seconds of load")
+    parser.add_argument("--rate", type=float, help="offered records/s (default: as fast as "
+                        "acks come back)")
     parser.add_argument("--gzip", action="store_true", help="gzip request bodies")
     parser.add_argument("--no-fsync", action="store_true",
                         help="run mwdlogd with buffer.fsync = false (shows what durability costs)")
@@ -366,7 +384,7 @@ def main() -> int:
         result: dict[str, Any] = {
             "machine": machine(), "protocol": args.protocol,
             "mode": args.mode if args.protocol == "forward" else "ndjson",
-            "connections": args.connections, "batch": args.batch,
+            "connections": args.connections, "batch": args.batch, "rate": args.rate,
             "gzip": args.gzip, "fsync": not args.no_fsync, "duration_s": round(elapsed, 2),
             "acked_records": stats.records,
             "records_per_s": round(stats.records / elapsed), "errors": stats.errors,
