@@ -132,8 +132,8 @@ class App:
             nursery.start_soon(self._run_router, from_pipeline)
             await nursery.start(self.pipeline.run, to_router)
             addresses = Addresses(
-                http=await nursery.start(self._run_https),
-                forward=await nursery.start(self._run_forward),
+                http=await nursery.start(self._ingest, self.https, self._https_done),
+                forward=await nursery.start(self._ingest, self.forward, self._forward_done),
                 health=await nursery.start(run_plain_http, self.config.health.bind,
                                            self.config.health.port, self._health),
                 metrics=await nursery.start(run_plain_http, self.config.metrics.bind,
@@ -181,20 +181,15 @@ class App:
         else:
             log.event(logging.INFO, "shutdown_complete")
 
-    async def _run_https(self, *, task_status: trio.TaskStatus[str]) -> None:
-        """The https task returns once its last connection closed after stop_accepting."""
-        assert self.https is not None
+    @staticmethod
+    async def _ingest(server: HttpsIngestServer | ForwardServer, done: trio.Event, *,
+                      task_status: trio.TaskStatus[str]) -> None:
+        """An ingest server's task; it returns once its last connection has closed after
+        stop_accepting, and `done` tells the drain so."""
         try:
-            await self.https.run(task_status=task_status)
+            await server.run(task_status=task_status)
         finally:
-            self._https_done.set()
-
-    async def _run_forward(self, *, task_status: trio.TaskStatus[str]) -> None:
-        assert self.forward is not None
-        try:
-            await self.forward.run(task_status=task_status)
-        finally:
-            self._forward_done.set()
+            done.set()
 
     async def _watch_signals(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED
                              ) -> None:
