@@ -78,6 +78,14 @@ class Stats:
         self.records = 0
         self.errors: dict[str, int] = {}
 
+    def answered(self, started: float, records: int, error: str | None) -> None:
+        """One request answered: acked (error None) after `started`, or refused."""
+        if error is None:
+            self.latencies.append(time.perf_counter() - started)
+            self.records += records
+        else:
+            self.errors[error] = self.errors.get(error, 0) + 1
+
 
 async def read_message(stream: trio.SSLStream[trio.SocketStream], buffer: bytearray) -> bytes:
     """One HTTP message (head + Content-Length body) from `stream`; returns its head.
@@ -130,11 +138,7 @@ async def drive(host: str, port: int, context: ssl.SSLContext, bodies: list[byte
             await stream.send_all(bodies[n % len(bodies)])
             status = int((await read_message(stream, buffer)).split(b" ", 2)[1])
             n += 1
-            if status == 200:
-                stats.latencies.append(time.perf_counter() - started)
-                stats.records += batch
-            else:
-                stats.errors[str(status)] = stats.errors.get(str(status), 0) + 1
+            stats.answered(started, batch, None if status == 200 else str(status))
     finally:
         await trio.aclose_forcefully(stream)
 
@@ -234,11 +238,7 @@ async def drive_forward(host: str, port: int, context: ssl.SSLContext,
             await stream.send_all(body + option)
             ack = await next_msgpack(stream, unpacker)
             n += 1
-            if ack == {"ack": chunk}:
-                stats.latencies.append(time.perf_counter() - started)
-                stats.records += batch
-            else:
-                stats.errors[repr(ack)] = stats.errors.get(repr(ack), 0) + 1
+            stats.answered(started, batch, None if ack == {"ack": chunk} else repr(ack))
     finally:
         await trio.aclose_forcefully(stream)
 
