@@ -186,3 +186,16 @@ def test_gzip_member_per_flush(server: ServerProcess, pki: Path, tmp_path: Path)
     assert data.count(b"\x1f\x8b\x08") == 2
     assert [json.loads(x)["id"] for x in gzip.decompress(data).splitlines()] == [
         "r0", "r1", "r2", "r3"]
+
+
+def test_health_command_for_cron(server: ServerProcess, tmp_path: Path) -> None:
+    healthy = mwdlogd("health", "--server", server.addresses["health"])
+    assert healthy.returncode == 0 and json.loads(healthy.stdout)["status"] == "ok"
+    (tmp_path / "logs").rmdir()
+    (tmp_path / "logs").write_text("not a directory")
+    sick = mwdlogd("health", "--server", server.addresses["health"])
+    assert sick.returncode == 1 and json.loads(sick.stdout)["status"] == "unavailable"
+    server.process.kill()
+    server.wait()
+    gone = mwdlogd("health", "--server", server.addresses["health"])
+    assert gone.returncode == 1 and "cannot reach" in gone.stderr

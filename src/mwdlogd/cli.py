@@ -4,6 +4,8 @@ import argparse
 import logging
 import os
 import sys
+import urllib.error
+import urllib.request
 from pathlib import Path
 
 import trio
@@ -63,6 +65,14 @@ def _parser() -> argparse.ArgumentParser:
     make.add_argument("--client", action="append", default=[], metavar="NAME",
                       help="issue a client certificate NAME.crt (repeatable)")
     make.add_argument("--force", action="store_true", help="replace existing files")
+    health = commands.add_parser(
+        "health", parents=[common], help="ask a running server's /health; exit 0 if healthy",
+        description="GETs /health on the [health] address (or --server) and prints the "
+        "answer. Exit 0 when healthy, 1 when unhealthy or unreachable: for cron and "
+        "container health checks.")
+    health.add_argument("--server", metavar="HOST:PORT",
+                        help="health address (default: [health] bind and port)")
+    health.add_argument("--timeout", type=float, default=5.0, help="seconds (default 5)")
     commands.add_parser("replay", add_help=False,
                         help="send generated or archived traffic to a server and verify it "
                              "(see `mwdlogd replay --help`)")
@@ -174,8 +184,25 @@ def _tail(args: argparse.Namespace) -> int:
     return run_tail(url, limit=args.count)
 
 
+def _health(args: argparse.Namespace) -> int:
+    server = args.server
+    if not server:
+        config = _load(args)
+        host = "127.0.0.1" if config.health.bind in ("0.0.0.0", "::") else config.health.bind
+        server = f"{host}:{config.health.port}"
+    try:
+        with urllib.request.urlopen(f"http://{server}/health", timeout=args.timeout) as reply:
+            print(reply.read().decode().strip())
+            return 0
+    except urllib.error.HTTPError as exc:
+        print(exc.read().decode().strip())
+    except OSError as exc:
+        print(f"mwdlogd: cannot reach http://{server}/health: {exc}", file=sys.stderr)
+    return 1
+
+
 COMMANDS = {"run": _run, "check-config": _check_config, "init-config": _init_config,
-            "certs": _certs, "tail": _tail}
+            "certs": _certs, "tail": _tail, "health": _health}
 
 
 def main(argv: list[str] | None = None) -> int:
