@@ -156,7 +156,7 @@ class DestinationWriter:
         """Append everything pending; False (and a retry deadline) on failure."""
         if not self._batch_ids:
             return True
-        if self._raw or self._builder.compressed_bytes:
+        if self._raw or not self._builder.empty:
             self._ready += await self._store.finish(self._builder, self._take_raw())
             self._builder = MemberBuilder()
         started = trio.current_time()

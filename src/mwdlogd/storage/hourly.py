@@ -21,8 +21,10 @@ class MemberBuilder:
     def __init__(self) -> None:
         self._compressor = zlib.compressobj(GZIP_LEVEL, zlib.DEFLATED, 31)
         self._parts: list[bytes] = []
+        self.empty = True  # nothing added yet (zlib may hold what was added unwritten)
 
     def add(self, data: bytes) -> None:
+        self.empty = False
         self._parts.append(self._compressor.compress(data))
 
     def finish(self, tail: bytes = b"") -> bytes:
@@ -31,9 +33,6 @@ class MemberBuilder:
         self._parts.append(self._compressor.flush())
         return b"".join(self._parts)
 
-    @property
-    def compressed_bytes(self) -> int:
-        return sum(map(len, self._parts))
 
 
 def destination(root: str, relpath: str) -> str:
