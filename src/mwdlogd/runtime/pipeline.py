@@ -128,8 +128,8 @@ class Pipeline:
         self._room = trio.Event()
         self._stopping = False
         self.waiting_for_room = 0  # batches held back (forward connections not being read)
-        self.fsync_seconds = fsync_seconds
-        tracker.on_release = self._room.set
+        self._fsync_seconds = fsync_seconds
+        tracker.on_release = lambda: self._room.set()
 
     @property
     def overloaded(self) -> bool:
@@ -176,7 +176,6 @@ class Pipeline:
                                  f"buffer.total_limit={self._total_limit}")
             if self._room.is_set():  # waiters share one event, renewed once it has fired
                 self._room = trio.Event()
-                self._tracker.on_release = self._room.set
             self.waiting_for_room += 1
             try:
                 await self._room.wait()
@@ -266,7 +265,7 @@ class Pipeline:
                 submission.done.set()
             return [m for m in group if isinstance(m, FlushAll)]
         if payloads:
-            self.fsync_seconds.observe(trio.current_time() - started)
+            self._fsync_seconds.observe(trio.current_time() - started)
         for submission, batch_id in zip(batches, ids, strict=True):
             submission.batch_id = batch_id
             self._tracker.open(batch_id, len(submission.groups), submission.size)
