@@ -13,7 +13,14 @@ import trio
 from mwdlogd import __version__, log, replay
 from mwdlogd.app import App
 from mwdlogd.certs import DEFAULT_DAYS, DEFAULT_HOSTS, describe, init_certs
-from mwdlogd.config import Config, check_tls_files, config_path, load_config, missing_tls_files
+from mwdlogd.config import (
+    Config,
+    ListenConfig,
+    check_tls_files,
+    config_path,
+    load_config,
+    missing_tls_files,
+)
 from mwdlogd.errors import MwdlogdError
 from mwdlogd.init_config import render_default_config
 from mwdlogd.tail_client import run_tail, tail_url
@@ -167,14 +174,19 @@ def _certs(args: argparse.Namespace) -> int:
     return 0
 
 
+def _local_address(listen: ListenConfig) -> str:
+    """Where a command on this machine reaches a listener (wildcard binds via loopback)."""
+    host = "127.0.0.1" if listen.bind in ("0.0.0.0", "::") else listen.bind
+    return f"{host}:{listen.port}"
+
+
 def _tail(args: argparse.Namespace) -> int:
     token = args.token or os.environ.get("MWDLOGD_TOKEN")
     server = args.server
     if not (token and server):  # only then is the config needed
         config = _load(args)
         token = token or next((t.token for t in config.auth.tokens), "")
-        host = "127.0.0.1" if config.monitor.bind in ("0.0.0.0", "::") else config.monitor.bind
-        server = server or f"{host}:{config.monitor.port}"
+        server = server or _local_address(config.monitor)
     if not token:
         print("mwdlogd: no token: pass --token, set MWDLOGD_TOKEN or configure auth.tokens",
               file=sys.stderr)
@@ -185,11 +197,7 @@ def _tail(args: argparse.Namespace) -> int:
 
 
 def _health(args: argparse.Namespace) -> int:
-    server = args.server
-    if not server:
-        config = _load(args)
-        host = "127.0.0.1" if config.health.bind in ("0.0.0.0", "::") else config.health.bind
-        server = f"{host}:{config.health.port}"
+    server = args.server or _local_address(_load(args).health)
     try:
         with urllib.request.urlopen(f"http://{server}/health", timeout=args.timeout) as reply:
             print(reply.read().decode().strip())
