@@ -4,11 +4,12 @@ what libraries never do (fragments, bad handshakes, wrong shapes)."""
 from __future__ import annotations
 
 import gzip
-import hashlib
 from typing import Any
 
 import msgpack
 import trio
+
+from mwdlogd.replay import ping_message
 
 KEY = "secret123"
 
@@ -32,12 +33,9 @@ def packed(tag: str, records: list[dict[str, Any]], *, chunk: str | None = None,
 
 def ping(helo: list[Any], *, key: str = KEY, hostname: str = "engine-01",
          username: str = "", password: str = "") -> bytes:
-    nonce, auth = helo[1]["nonce"], helo[1]["auth"] or b""
-    salt = b"0123456789abcdef0123456789abcdef"
-    digest = hashlib.sha512(salt + hostname.encode() + nonce + key.encode()).hexdigest()
-    user_digest = hashlib.sha512(auth + username.encode() + password.encode()).hexdigest() \
-        if username else ""
-    return msgpack.packb(["PING", hostname, salt.decode(), digest, username, user_digest])
+    """out_forward's PING, with its constant 32-hex-character salt."""
+    return ping_message(helo, hostname=hostname, shared_key=key, username=username,
+                        password=password, salt="0123456789abcdef0123456789abcdef")
 
 
 class RawForward:
@@ -77,3 +75,13 @@ class RawForward:
 
     async def aclose(self) -> None:
         await trio.aclose_forcefully(self.stream)
+
+
+async def send_one(address: str, context: Any, message: bytes) -> Any:
+    """Send one message on a new connection and return the server's answer."""
+    client = await RawForward.connect(address, context)
+    try:
+        await client.send(message)
+        return await client.receive()
+    finally:
+        await client.aclose()

@@ -17,7 +17,7 @@ import trio
 import trio.testing
 
 from conftest import Running, make_config, start_app
-from forward_client import KEY, RawForward, packed
+from forward_client import KEY, RawForward, packed, send_one
 from helpers import (
     CAPTURES,
     JournalHold,
@@ -111,12 +111,8 @@ async def test_a_resend_is_acked_but_stored_once_even_after_restart(tmp_path: Pa
         async with trio.open_nursery() as nursery:
             running = await start_app(nursery, config)
             for _ in range(2):
-                client = await RawForward.connect(running.addresses.forward, client_context(pki))
-                try:
-                    await client.send(message)
-                    assert await client.receive() == {"ack": "same-chunk==\n"}
-                finally:
-                    await client.aclose()
+                reply = await send_one(running.addresses.forward, client_context(pki), message)
+                assert reply == {"ack": "same-chunk==\n"}
             await running.app.flush("test")
             nursery.cancel_scope.cancel()
     assert ids_by_file(running.root) == {NGINX_FILE: ["r0", "r1", "r2", "r3"]}
@@ -130,12 +126,8 @@ async def test_concurrent_resends_wait_for_the_first_copy(
     message = packed("nginx.access", engine_records(3), chunk="twice\n")
 
     async def send() -> None:
-        client = await RawForward.connect(running.addresses.forward, client_context(pki))
-        try:
-            await client.send(message)
-            assert await client.receive() == {"ack": "twice\n"}
-        finally:
-            await client.aclose()
+        reply = await send_one(running.addresses.forward, client_context(pki), message)
+        assert reply == {"ack": "twice\n"}
 
     async with trio.open_nursery() as clients:
         for _ in range(4):
@@ -234,12 +226,8 @@ async def test_heartbeats_are_cheap_and_quiet(nursery: trio.Nursery, tmp_path: P
 async def test_captured_fluentd_messages_replayed(nursery: trio.Nursery, tmp_path: Path,
                                                   pki: Path, name: str) -> None:
     running = await forward_app(nursery, tmp_path, pki)
-    client = await RawForward.connect(running.addresses.forward, client_context(pki))
-    try:
-        await client.send((CAPTURES / f"{name}.client.bin").read_bytes())
-        ack = await client.receive()
-    finally:
-        await client.aclose()
+    ack = await send_one(running.addresses.forward, client_context(pki),
+                         (CAPTURES / f"{name}.client.bin").read_bytes())
     assert msgpack.packb(ack) == (CAPTURES / f"{name}.server.bin").read_bytes()
     await running.app.flush("test")
     assert len(all_records(running.root)) == (2 if name == "infwd-plain-ok" else 12)

@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import argparse
 import gzip
-import hashlib
 import json
 import os
 import platform
@@ -29,6 +28,7 @@ import statistics
 import sys
 import tempfile
 import time
+from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import Any
 
@@ -39,6 +39,7 @@ import trio
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / "tests"))
 from mwdlogd.certs import init_certs  # noqa: E402
+from mwdlogd.replay import ping_message, read_http_message  # noqa: E402
 
 from server_process import ServerProcess  # noqa: E402
 
@@ -87,29 +88,14 @@ class Stats:
             self.errors[error] = self.errors.get(error, 0) + 1
 
 
-async def read_message(stream: trio.SSLStream[trio.SocketStream], buffer: bytearray) -> bytes:
-    """One HTTP message (head + Content-Length body) from `stream`; returns its head.
-    Bytes past it stay in `buffer`. Raises EOFError when the peer closes."""
-    while b"\r\n\r\n" not in buffer:
-        await _fill(stream, buffer)
-    head, _, rest = bytes(buffer).partition(b"\r\n\r\n")
-    length = 0
-    for line in head.split(b"\r\n")[1:]:
-        name, _, value = line.partition(b":")
-        if name.strip().lower() == b"content-length":
-            length = int(value)
-    buffer[:] = rest
-    while len(buffer) < length:
-        await _fill(stream, buffer)
-    del buffer[:length]
-    return head
-
-
-async def _fill(stream: trio.SSLStream[trio.SocketStream], buffer: bytearray) -> None:
-    data = await stream.receive_some(65536)
-    if not data:
-        raise EOFError("peer closed the connection")
-    buffer += data
+def receiver(stream: trio.SSLStream[trio.SocketStream]) -> Callable[[], Awaitable[bytes]]:
+    """More bytes from `stream`; EOFError once the peer has closed."""
+    async def more() -> bytes:
+        data = await stream.receive_some(65536)
+        if not data:
+            raise EOFError("peer closed the connection")
+        return bytes(data)
+    return more
 
 
 class Pace:
@@ -129,14 +115,15 @@ async def drive(host: str, port: int, context: ssl.SSLContext, bodies: list[byte
                 batch: int, deadline: float, stats: Stats, pace: Pace) -> None:
     stream = await trio.open_ssl_over_tcp_stream(host, port, ssl_context=context,
                                                  https_compatible=True)
-    buffer = bytearray()
+    buffer, more = bytearray(), receiver(stream)
     n = 0
     try:
         while trio.current_time() < deadline:
             await pace.wait()
             started = time.perf_counter()
             await stream.send_all(bodies[n % len(bodies)])
-            status = int((await read_message(stream, buffer)).split(b" ", 2)[1])
+            start, _ = await read_http_message(more, buffer)
+            status = int(start.split(b" ", 2)[1])
             n += 1
             stats.answered(started, batch, None if status == 200 else str(status))
     finally:
@@ -145,10 +132,10 @@ async def drive(host: str, port: int, context: ssl.SSLContext, bodies: list[byte
 
 async def serve_null(stream: trio.SSLStream[trio.SocketStream]) -> None:
     """Answers every request 200 after reading it whole; stores nothing."""
-    buffer = bytearray()
+    buffer, more = bytearray(), receiver(stream)
     try:
         while True:
-            await read_message(stream, buffer)
+            await read_http_message(more, buffer)
             await stream.send_all(b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\n{}")
     except (trio.BrokenResourceError, EOFError):
         return
@@ -198,11 +185,7 @@ def forward_blob(records: list[dict[str, Any]], mode: str) -> tuple[bytes, bytes
 async def forward_handshake(stream: trio.SSLStream[trio.SocketStream],
                             unpacker: msgpack.Unpacker) -> None:
     helo = await next_msgpack(stream, unpacker)
-    nonce = helo[1]["nonce"]
-    salt = os.urandom(16).hex()
-    digest = hashlib.sha512(salt.encode() + b"bench-engine" + nonce + SHARED_KEY.encode())
-    await stream.send_all(msgpack.packb(["PING", "bench-engine", salt, digest.hexdigest(),
-                                         "", ""]))
+    await stream.send_all(ping_message(helo, hostname="bench-engine", shared_key=SHARED_KEY))
     pong = await next_msgpack(stream, unpacker)
     if pong[1] is not True:
         raise RuntimeError(f"handshake refused: {pong}")

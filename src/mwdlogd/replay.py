@@ -23,7 +23,7 @@ import statistics
 import sys
 import time
 from collections import Counter
-from collections.abc import Iterable, Iterator
+from collections.abc import Awaitable, Callable, Iterable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -150,6 +150,36 @@ def forward_message(target: Target, records: list[Record], chunk: str | None) ->
     return head + blob + bytes(msgpack.packb(option))
 
 
+def ping_message(helo: list[Any], *, hostname: str, shared_key: str, username: str = "",
+                 password: str = "", salt: str | None = None) -> bytes:
+    """The client's PING for a server's HELO, as out_forward builds it."""
+    salt = salt or os.urandom(16).hex()
+    digest = hashlib.sha512(salt.encode() + hostname.encode() + helo[1]["nonce"] +
+                            shared_key.encode()).hexdigest()
+    user_digest = hashlib.sha512((helo[1]["auth"] or b"") + username.encode() +
+                                 password.encode()).hexdigest() if username else ""
+    return bytes(msgpack.packb(["PING", hostname, salt, digest, username, user_digest]))
+
+
+async def read_http_message(more: Callable[[], Awaitable[bytes]], buffer: bytearray
+                            ) -> tuple[bytes, dict[bytes, bytes]]:
+    """One HTTP message (head, then a Content-Length body) from `buffer`, refilled with
+    `more()`; returns its start line and headers (names lower-cased). Bytes past the
+    message stay in `buffer`."""
+    while b"\r\n\r\n" not in buffer:
+        buffer += await more()
+    head, _, rest = bytes(buffer).partition(b"\r\n\r\n")
+    start, *lines = head.split(b"\r\n")
+    headers = {name.strip().lower(): value.strip()
+               for name, _, value in (line.partition(b":") for line in lines)}
+    length = int(headers.get(b"content-length", b"0"))
+    buffer[:] = rest
+    while len(buffer) < length:
+        buffer += await more()
+    del buffer[:length]
+    return start, headers
+
+
 class _Peer:
     """One connection to the target; reconnects when it breaks."""
 
@@ -195,26 +225,15 @@ class _Peer:
 
     async def _handshake(self, stream: trio.abc.Stream) -> None:
         helo = await self._next_msgpack()
-        salt = os.urandom(16).hex()
-        digest = hashlib.sha512(salt.encode() + self.name.encode() + helo[1]["nonce"] +
-                                self.target.shared_key.encode()).hexdigest()
-        await stream.send_all(msgpack.packb(["PING", self.name, salt, digest, "", ""]))
+        await stream.send_all(ping_message(helo, hostname=self.name,
+                                           shared_key=self.target.shared_key))
         pong = await self._next_msgpack()
         if pong[1] is not True:
             raise ConnectionError(f"handshake refused: {pong[2]}")
 
     async def http_status(self) -> tuple[int, float]:
-        while b"\r\n\r\n" not in self.buffer:
-            self.buffer += await self._more()
-        head, _, rest = bytes(self.buffer).partition(b"\r\n\r\n")
-        fields = dict(line.split(b":", 1) for line in head.split(b"\r\n")[1:] if b":" in line)
-        length = int(fields.get(b"Content-Length", fields.get(b"content-length", b"0")))
-        retry_after = float(fields.get(b"retry-after", fields.get(b"Retry-After", b"0")))
-        self.buffer[:] = rest
-        while len(self.buffer) < length:
-            self.buffer += await self._more()
-        del self.buffer[:length]
-        return int(head.split(b" ", 2)[1]), retry_after
+        start, headers = await read_http_message(self._more, self.buffer)
+        return int(start.split(b" ", 2)[1]), float(headers.get(b"retry-after", b"0"))
 
     async def send(self, records: list[Record]) -> str:
         """Send one batch; 'ok', or why it was not acknowledged."""
