@@ -152,8 +152,7 @@ class HttpsIngestServer:
     async def _refuse(self, conn: h11.Connection, stream: trio.SSLStream[trio.SocketStream],
                       peer: str, error: IngestError) -> None:
         """Answer with the error as JSON; close when the body was not read in full."""
-        target = f"{peer}"
-        self._telemetry.http_rejected(target, error.status, error.error, error.detail)
+        self._telemetry.http_rejected(peer, error.status, error.error, error.detail)
         if conn.our_state not in (h11.IDLE, h11.SEND_RESPONSE):
             return
         headers = ((b"retry-after", RETRY_AFTER_S),) if error.status == 503 else ()

@@ -18,6 +18,7 @@ from mwdlogd.proto.auth import TokenTable
 from mwdlogd.runtime.tail import TailFilter, TailHub
 from mwdlogd.servers import monitor_agent
 from mwdlogd.servers.http_io import RECEIVE_BYTES, Response, json_response, send_response
+from mwdlogd.servers.plain_http import not_found
 
 HEAD_TIMEOUT_S = 10.0
 MAX_HEAD_BYTES = 16 * 1024
@@ -104,8 +105,7 @@ class MonitorServer:
             response = Response(200, monitor_agent.as_ltsv(
                 monitor_agent.select(self._plugins(), query)), b"text/plain; charset=utf-8")
         else:
-            response = json_response(404, {"error": "not_found", "detail": f"{path} is not "
-                                            "served; try /api/plugins.json or /api/tail"})
+            response = not_found(request, "/api/plugins.json or /api/tail")
         await send_response(conn, stream, response, close=True)
 
     async def _serve_tail(self, stream: trio.SocketStream, raw: bytes, query: str) -> None:
