@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 import trio
 
-from mwdlogd.app import App
+from mwdlogd.storage.ledger import Ledger
 
 from conftest import make_config, start_app
 from helpers import JournalHold, client_context, engine_records, ids_by_file, ndjson, post
@@ -71,16 +71,13 @@ async def test_an_append_cut_short_is_repaired_and_written_once(tmp_path: Path,
                            ndjson(engine_records(4, time=HOUR_2024)))
         assert reply.status == 200
         nursery.cancel_scope.cancel()
-    # As if the crash came mid-append: an intent is open and half a member is in the file.
-    app = App(config)
-    intents = app.pipeline._intents
-    intents.open()
+    # As if the crash came mid-append: the ledger says pending, half a member is in the file.
     target = first.root / NGINX_FILE
     target.parent.mkdir(parents=True)
-    target.write_bytes(b"")
-    intents.begin(NGINX_FILE, 0, 0)
-    target.write_bytes(b"\x1f\x8b\x08\x00torn member")
-    intents.close()
+    with Ledger(Path(config.buffer.path) / "ledger").hold(str(first.root), NGINX_FILE) as held:
+        assert held is not None
+        held.begin(0)
+        target.write_bytes(b"\x1f\x8b\x08\x00torn member")
     async with trio.open_nursery() as nursery:
         second = await start_app(nursery, config)
         await second.app.flush("test")

@@ -1,4 +1,4 @@
-"""Journal and intent log on real files: torn tails, release, recovery rules."""
+"""The journal on real files: torn tails, release, ids that never go back."""
 
 from __future__ import annotations
 
@@ -9,8 +9,6 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from mwdlogd.storage import framing
-from mwdlogd.storage.hourly import MemberBuilder, append_members, truncate_to
-from mwdlogd.storage.intents import IntentLog
 from mwdlogd.storage.journal import MAGIC, Journal
 
 
@@ -77,39 +75,3 @@ def test_ids_never_go_back_after_everything_is_released(tmp_path: Path) -> None:
     again = Journal(tmp_path)
     assert again.open() == []
     assert again.append([b"y"]) == [1]
-
-
-def test_unfinished_intent_is_cut_back_and_not_committed(tmp_path: Path) -> None:
-    root = tmp_path / "logs"
-    intents = IntentLog(tmp_path / "intents.log")
-    intents.open()
-    intents.settle()
-    append_members(str(root), "a.log.gz", MemberBuilder().finish(b"1\n"), 4, intents)
-    size = (root / "a.log.gz").stat().st_size
-    intents.begin("a.log.gz", size, 9)  # crash: the member is half written, no `done`
-    with open(root / "a.log.gz", "ab") as file:
-        file.write(MemberBuilder().finish(b"2\n")[:7])
-    intents.close()
-    reopened = IntentLog(tmp_path / "intents.log")
-    assert reopened.open() == {"a.log.gz": (size, 9)}
-    assert truncate_to(str(root), "a.log.gz", size) == 7
-    reopened.settle()
-    assert reopened.committed("a.log.gz") == 4
-    assert reopened.open() == {}
-
-
-def test_lost_done_counts_as_unfinished(tmp_path: Path) -> None:
-    intents = IntentLog(tmp_path / "intents.log")
-    intents.open()
-    intents.begin("a", 0, 1)
-    intents.close()
-    assert IntentLog(tmp_path / "intents.log").open() == {"a": (0, 1)}
-
-
-def test_forget_below_keeps_what_the_journal_may_replay(tmp_path: Path) -> None:
-    intents = IntentLog(tmp_path / "intents.log")
-    intents.open()
-    intents.done("old", 3)
-    intents.done("new", 12)
-    intents.forget_below(10)
-    assert (intents.committed("old"), intents.committed("new")) == (-1, 12)

@@ -12,7 +12,7 @@ from hypothesis import strategies as st
 
 from mwdlogd.pipeline.normalize import Context, format_timestamp, normalize_batch
 from mwdlogd.pipeline.paths import safe_customer, safe_fqdn
-from mwdlogd.storage.hourly import destination
+from mwdlogd.storage.files import destination
 
 RECEIVED = 1764072000.25  # 2025-11-25T12:00:00.250Z
 CTX = Context(tag="nginx.access", received_at=RECEIVED, default_time=RECEIVED, hostname="ls1")

@@ -15,8 +15,9 @@ from mwdlogd.runtime.pipeline import FlushAll, Group, Message, Submission
 from mwdlogd.runtime.router import Router
 from mwdlogd.runtime.tracker import BatchTracker
 from mwdlogd.runtime.writer import WriterSettings
-from mwdlogd.storage.hourly import MemberBuilder, append_members, destination
-from mwdlogd.storage.intents import IntentLog
+from mwdlogd.storage.files import destination
+from mwdlogd.storage.hourly import MemberBuilder, append_members
+from mwdlogd.storage.ledger import Ledger
 from mwdlogd.telemetry import Telemetry
 
 HOUR = 1732500000  # 2024-11-25T02:00Z
@@ -191,13 +192,12 @@ def members(data: bytes) -> bytes:
 
 
 def test_append_members_makes_multi_member_gzip(tmp_path: Path) -> None:
-    intents = IntentLog(tmp_path / "intents.log")
-    intents.open()
-    intents.settle()
+    ledger = Ledger(tmp_path / "ledger")
     rel = "c/nginx/f/2024/11/25/02.log.gz"
-    append_members(str(tmp_path), rel, members(b'{"a":1}\n'), 0, intents)
-    append_members(str(tmp_path), rel, members(b'{"a":2}\n'), 3, intents)
-    assert intents.committed(rel) == 3
+    append_members(str(tmp_path), rel, members(b'{"a":1}\n'), 0, ledger)
+    append_members(str(tmp_path), rel, members(b'{"a":2}\n'), 3, ledger)
+    with ledger.hold(str(tmp_path), rel) as held:
+        assert held is not None and held.committed == 3
     data = (tmp_path / "c/nginx/f/2024/11/25/02.log.gz").read_bytes()
     assert gzip.decompress(data) == b'{"a":1}\n{"a":2}\n'
     assert data.count(b"\x1f\x8b\x08") == 2
@@ -205,11 +205,9 @@ def test_append_members_makes_multi_member_gzip(tmp_path: Path) -> None:
 
 def test_append_members_names_the_failing_path(tmp_path: Path) -> None:
     (tmp_path / "c").write_text("a file where a directory should be")
-    intents = IntentLog(tmp_path / "intents.log")
-    intents.open()
-    intents.settle()
     with pytest.raises(StorageError, match=r"open .*/c/nginx/f/x.log.gz: Not a directory"):
-        append_members(str(tmp_path), "c/nginx/f/x.log.gz", members(b"x\n"), 0, intents)
+        append_members(str(tmp_path), "c/nginx/f/x.log.gz", members(b"x\n"), 0,
+                       Ledger(tmp_path / "ledger"))
 
 
 @pytest.mark.parametrize("relpath", ["../x.log.gz", "a/../../x.log.gz", "/etc/x"])

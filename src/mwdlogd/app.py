@@ -30,8 +30,8 @@ from mwdlogd.servers.plain_http import not_found, run_plain_http
 from mwdlogd.servers.tls import server_context
 from mwdlogd.storage.chunk_ids import ChunkIdLog
 from mwdlogd.storage.hourly import check_writable
-from mwdlogd.storage.intents import IntentLog
 from mwdlogd.storage.journal import Journal
+from mwdlogd.storage.ledger import Ledger
 from mwdlogd.telemetry import BufferView, Telemetry
 
 # Hourly-file appends in flight at once; each is a blocking compress + write + fsync.
@@ -62,18 +62,18 @@ class App:
         self.config = config
         self.telemetry = Telemetry(config.server.hostname)
         buffer = Path(config.buffer.path)
-        intents = IntentLog(buffer / "intents.log", fsync=config.buffer.fsync)
+        ledger = Ledger(buffer / "ledger", fsync=config.buffer.fsync)
         self.journal = Journal(buffer / "journal", fsync=config.buffer.fsync)
         self.tracker = BatchTracker()
         chunk_ids = ChunkIdLog(buffer / "chunk-ids.log", window_s=config.forward.dedupe_window,
                                fsync=config.buffer.fsync)
-        self.pipeline = Pipeline(journal=self.journal, intents=intents, chunk_ids=chunk_ids,
+        self.pipeline = Pipeline(journal=self.journal, ledger=ledger, chunk_ids=chunk_ids,
                                  memory=ChunkMemory(config.forward.dedupe_window),
                                  tracker=self.tracker, total_limit=config.buffer.total_limit,
                                  limiter=trio.CapacityLimiter(1),
                                  fsync_seconds=self.telemetry.journal_sync)
         store = FileStore(root=config.storage.root, failed_dir=buffer / "failed",
-                          intents=intents, limiter=trio.CapacityLimiter(FILE_IO_THREADS))
+                          ledger=ledger, limiter=trio.CapacityLimiter(FILE_IO_THREADS))
         writer_settings = WriterSettings(config.buffer.flush_interval, config.buffer.chunk_limit,
                                          config.buffer.retry_max_interval,
                                          config.buffer.retry_timeout)

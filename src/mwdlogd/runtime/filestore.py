@@ -6,7 +6,7 @@ import trio
 
 from mwdlogd.storage.failed import move_to_failed
 from mwdlogd.storage.hourly import MemberBuilder, append_members
-from mwdlogd.storage.intents import IntentLog
+from mwdlogd.storage.ledger import Ledger
 
 
 class FileStore:
@@ -15,11 +15,11 @@ class FileStore:
     Calls are not abandoned on cancel (a write never outlives its task).
     """
 
-    def __init__(self, *, root: str, failed_dir: Path, intents: IntentLog,
+    def __init__(self, *, root: str, failed_dir: Path, ledger: Ledger,
                  limiter: trio.CapacityLimiter) -> None:
         self.root = root
         self._failed_dir = failed_dir
-        self._intents = intents
+        self._ledger = ledger
         self._limiter = limiter
 
     async def compress(self, builder: MemberBuilder, data: bytes) -> None:
@@ -30,9 +30,9 @@ class FileStore:
 
     async def append(self, relpath: str, members: bytes, max_id: int) -> int:
         return await trio.to_thread.run_sync(append_members, self.root, relpath, members,
-                                             max_id, self._intents, limiter=self._limiter)
+                                             max_id, self._ledger, limiter=self._limiter)
 
     async def fail(self, relpath: str, members: bytes, max_id: int, error: str) -> Path:
         return await trio.to_thread.run_sync(move_to_failed, self._failed_dir, relpath,
-                                             members, max_id, error, self._intents,
+                                             members, max_id, error, self._ledger, self.root,
                                              limiter=self._limiter)

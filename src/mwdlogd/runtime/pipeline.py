@@ -23,14 +23,15 @@ from mwdlogd.runtime.channels import Wake, receive_until
 from mwdlogd.runtime.dedupe import ChunkMemory
 from mwdlogd.runtime.tracker import BatchTracker
 from mwdlogd.storage.chunk_ids import ChunkIdLog
-from mwdlogd.storage.hourly import truncate_to
-from mwdlogd.storage.intents import IntentLog
 from mwdlogd.storage.journal import Journal
+from mwdlogd.storage.ledger import NONE, Ledger
 
 # Batches waiting for the journal; they share one fsync, so this bounds a group's size.
 PIPELINE_QUEUE = 64
 # While idle, written-out journal segments are deleted this often.
 RELEASE_EVERY_S = 1.0
+# A file's ledger state is kept this long after its last append (DESIGN: late records).
+LEDGER_KEEP_S = 7 * 24 * 3600.0
 
 
 class Refused(MwdlogdError):
@@ -113,11 +114,11 @@ def group_routed(tag: str, routed: Iterable[Routed]) -> Submission:
 
 
 class Pipeline:
-    def __init__(self, *, journal: Journal, intents: IntentLog, chunk_ids: ChunkIdLog,
+    def __init__(self, *, journal: Journal, ledger: Ledger, chunk_ids: ChunkIdLog,
                  memory: ChunkMemory, tracker: BatchTracker, total_limit: int,
                  limiter: trio.CapacityLimiter, fsync_seconds: Histogram) -> None:
         self._journal = journal
-        self._intents = intents
+        self._ledger = ledger
         self._chunk_ids = chunk_ids
         self._memory = memory
         self._tracker = tracker
@@ -211,7 +212,7 @@ class Pipeline:
     async def recover(self, root: str) -> None:
         """Cut files back to before unfinished appends; queue what the journal still owes."""
         replay, keys, report = await trio.to_thread.run_sync(
-            _recover, self._journal, self._intents, self._chunk_ids, root,
+            _recover, self._journal, self._ledger, self._chunk_ids, root,
             limiter=self._limiter)
         for at, key in keys:
             self._memory.remember(key, at)
@@ -255,8 +256,8 @@ class Pipeline:
         started = trio.current_time()
         try:
             ids = await trio.to_thread.run_sync(_append_and_release, self._journal,
-                                                self._intents, self._chunk_ids, payloads, keys,
-                                                watermark, limiter=self._limiter)
+                                                self._chunk_ids, payloads, keys, watermark,
+                                                limiter=self._limiter)
         except MwdlogdError as exc:
             log.event(logging.ERROR, "journal_append_failed", error=str(exc),
                       batches=len(batches))
@@ -274,40 +275,45 @@ class Pipeline:
 
     async def release(self) -> None:
         """Delete journal segments that are wholly written (after the final flush)."""
-        await trio.to_thread.run_sync(_append_and_release, self._journal, self._intents,
-                                      self._chunk_ids, [], [], self._tracker.watermark(), True,
+        await trio.to_thread.run_sync(_append_and_release, self._journal, self._chunk_ids, [],
+                                      [], self._tracker.watermark(), True,
                                       limiter=self._limiter)
 
 
-def _append_and_release(journal: Journal, intents: IntentLog, chunk_ids: ChunkIdLog,
-                        payloads: list[bytes], keys: list[str], watermark: int,
-                        final: bool = False) -> list[int]:
+def _append_and_release(journal: Journal, chunk_ids: ChunkIdLog, payloads: list[bytes],
+                        keys: list[str], watermark: int, final: bool = False) -> list[int]:
     ids = journal.append(payloads) if payloads else []
     chunk_ids.append(keys, time.time())
     if journal.releasable(watermark, final=final):
         chunk_ids.sync()  # the ids must be on disk before the batches holding them go
     journal.release(watermark, final=final)
-    intents.forget_below(watermark)
     return ids
 
 
-def _recover(journal: Journal, intents: IntentLog, chunk_ids: ChunkIdLog, root: str
+def _recover(journal: Journal, ledger: Ledger, chunk_ids: ChunkIdLog, root: str
              ) -> tuple[list[Submission], list[tuple[float, str]], dict[str, Any]]:
-    unfinished = intents.open()
-    cut = sum(truncate_to(root, path, size) for path, (size, _) in unfinished.items())
-    intents.settle()
+    """The journal's batches minus what their files already hold (per the ledger, which
+    also cuts back unfinished appends as each file is looked at)."""
     keys = chunk_ids.open()
+    committed: dict[str, int] = {}
+
+    def holds(path: str) -> int:
+        if path not in committed:
+            with ledger.hold(root, path, create=False) as held:
+                committed[path] = held.committed if held is not None else NONE
+        return committed[path]
+
     replay, records = [], 0
-    for batch_id, payload in journal.open(min_next_id=intents.max_id + 1):
+    for batch_id, payload in journal.open():
         submission = Submission.from_payload(batch_id, payload)
         if submission.dedupe_key is not None:
             keys.append((time.time(), submission.dedupe_key))
-        submission.groups = [g for g in submission.groups
-                             if batch_id > intents.committed(g.path)]
+        submission.groups = [g for g in submission.groups if batch_id > holds(g.path)]
         if submission.groups:
             submission.size = sum(len(g.data) for g in submission.groups)
             replay.append(submission)
             records += submission.count
-    return replay, keys, {"files_cut_back": len(unfinished), "bytes_cut": cut,
+    swept = ledger.sweep(LEDGER_KEEP_S)
+    return replay, keys, {"files_checked": len(committed), "ledger_states_swept": swept,
                           "batches_replayed": len(replay), "records_replayed": records,
                           "chunk_ids_remembered": len(keys)}

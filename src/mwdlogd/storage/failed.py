@@ -6,11 +6,11 @@ from pathlib import Path
 
 from mwdlogd.errors import StorageError
 from mwdlogd.storage.files import fsync_dir
-from mwdlogd.storage.intents import IntentLog
+from mwdlogd.storage.ledger import Ledger
 
 
 def move_to_failed(failed_dir: Path, relpath: str, members: bytes, max_id: int, error: str,
-                   intents: IntentLog) -> Path:
+                   ledger: Ledger, root: str) -> Path:
     """Write the members and an `.error` note under `failed_dir`, then mark the batches as
     settled so the journal can let them go. Returns the file written."""
     stamp = time.strftime("%Y%m%dT%H%M%SZ", time.gmtime())
@@ -27,5 +27,7 @@ def move_to_failed(failed_dir: Path, relpath: str, members: bytes, max_id: int, 
         fsync_dir(failed_dir)
     except OSError as exc:
         raise StorageError(str(target), "write failed chunk", exc.strerror or str(exc)) from exc
-    intents.done(relpath, max_id, sync=True)
+    with ledger.hold(root, relpath) as held:
+        assert held is not None
+        held.done(max_id, sync=True)
     return target

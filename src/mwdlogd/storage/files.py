@@ -7,6 +7,14 @@ from mwdlogd.errors import StorageError
 from mwdlogd.storage import framing
 
 
+def destination(root: str, relpath: str) -> str:
+    """Absolute file for `relpath`; refuses any path that would leave `root`."""
+    full = os.path.normpath(os.path.join(root, relpath))
+    if not full.startswith(os.path.normpath(root) + os.sep) or ".." in relpath.split("/"):
+        raise StorageError(full, "resolve", "path escapes the storage root")
+    return full
+
+
 def fsync_dir(directory: Path) -> None:
     """Make a created, renamed or deleted entry in `directory` durable."""
     fd = os.open(directory, os.O_RDONLY)

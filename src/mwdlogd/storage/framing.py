@@ -1,4 +1,5 @@
-"""Checksummed, length-prefixed records: the on-disk unit of the journal and intent log.
+"""Checksummed, length-prefixed records: the on-disk unit of the journal, the side logs
+and the append ledger.
 
     magic (4 B) | payload length (u32 BE) | crc32 of id+payload (u32 BE) | id (u64 BE) | payload
 

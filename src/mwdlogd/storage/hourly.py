@@ -1,7 +1,8 @@
 """Hourly files: multi-member gzip JSON lines; a flush appends complete members.
 
-Appends go through the intent log (storage/intents.py), so a crash at any instant
-leaves each file either without the member or, after recovery, with it exactly once.
+Appends go through the append ledger (storage/ledger.py), so a crash at any instant, in
+any of the workers sharing a file, leaves it either without the member or, after
+recovery, with it exactly once.
 """
 
 import contextlib
@@ -9,7 +10,8 @@ import os
 import zlib
 
 from mwdlogd.errors import StorageError
-from mwdlogd.storage.intents import IntentLog
+from mwdlogd.storage.files import destination
+from mwdlogd.storage.ledger import Ledger
 
 # zlib level 6 is gzip's default; compression is isolated here so igzip can replace it.
 GZIP_LEVEL = 6
@@ -35,34 +37,29 @@ class MemberBuilder:
 
 
 
-def destination(root: str, relpath: str) -> str:
-    """Absolute file for `relpath`; refuses any path that would leave `root`."""
-    full = os.path.normpath(os.path.join(root, relpath))
-    if not full.startswith(os.path.normpath(root) + os.sep) or ".." in relpath.split("/"):
-        raise StorageError(full, "resolve", "path escapes the storage root")
-    return full
-
-
 def append_members(root: str, relpath: str, members: bytes, max_id: int,
-                   intents: IntentLog) -> int:
-    """Append complete gzip members and fsync, under an intent; returns bytes appended.
+                   ledger: Ledger) -> int:
+    """Append complete gzip members and fsync, under the file's ledger lock; returns bytes
+    appended.
 
     Blocking: call it from a worker thread. On failure the file is cut back to its size
     before (no torn member stays behind) and StorageError names the path and errno text.
     """
     path = destination(root, relpath)
-    try:
-        os.makedirs(os.path.dirname(path), exist_ok=True)
-        fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
-    except OSError as exc:
-        raise StorageError(path, "open", exc.strerror or str(exc)) from exc
-    try:
-        size_before = os.fstat(fd).st_size
-        intents.begin(relpath, size_before, max_id)
-        _write_all(fd, path, members, size_before)
-        intents.done(relpath, max_id)
-    finally:
-        os.close(fd)
+    with ledger.hold(root, relpath) as held:
+        assert held is not None
+        try:
+            os.makedirs(os.path.dirname(path), exist_ok=True)
+            fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
+        except OSError as exc:
+            raise StorageError(path, "open", exc.strerror or str(exc)) from exc
+        try:
+            size_before = os.fstat(fd).st_size
+            held.begin(size_before)
+            _write_all(fd, path, members, size_before)
+            held.done(max_id)
+        finally:
+            os.close(fd)
     return len(members)
 
 
@@ -73,26 +70,10 @@ def _write_all(fd: int, path: str, data: bytes, size_before: int) -> None:
             view = view[os.write(fd, view):]
         os.fsync(fd)
     except OSError as exc:
-        # If even this fails, the intent stays open and recovery cuts the file back.
+        # If even this fails, the ledger stays pending and the next holder cuts it back.
         with contextlib.suppress(OSError):
             os.ftruncate(fd, size_before)
         raise StorageError(path, "append", exc.strerror or str(exc)) from exc
-
-
-def truncate_to(root: str, relpath: str, size: int) -> int:
-    """Cut a file back to `size` (recovery of an unfinished append); bytes removed."""
-    path = destination(root, relpath)
-    try:
-        current = os.path.getsize(path)
-    except FileNotFoundError:
-        return 0
-    if current <= size:
-        return 0
-    with open(path, "r+b") as file:
-        file.truncate(size)
-        file.flush()
-        os.fsync(file.fileno())
-    return current - size
 
 
 def check_writable(root: str) -> str | None:

@@ -48,17 +48,23 @@ class Journal:
     def size_bytes(self) -> int:
         return sum(s.size for s in self._sealed) + (self._active.size if self._active else 0)
 
-    def open(self, min_next_id: int = 0) -> list[tuple[int, bytes]]:
-        """Recover: every whole batch still in the journal, oldest first."""
+    def open(self) -> list[tuple[int, bytes]]:
+        """Recover: every whole batch still in the journal, oldest first.
+
+        Empty segments go only once the new active one exists: a segment's name is what
+        keeps ids from ever going back (files' ledgers compare them)."""
         try:
             self.directory.mkdir(parents=True, exist_ok=True)
             batches = [b for path in sorted(self.directory.glob("*" + SUFFIX))
                        for b in self._recover_segment(path)]
+            self.next_id = max([self._floor, *(record_id + 1 for record_id, _ in batches)])
+            empty = [p for p in self.directory.glob("*" + SUFFIX) if p.stat().st_size == 0]
+            self._start_segment()
+            for path in empty:
+                if self._active is None or path != self._active.path:
+                    path.unlink()
         except OSError as exc:
             raise StorageError(str(self.directory), "open journal", str(exc)) from exc
-        self.next_id = max([min_next_id, self._floor,
-                            *(record_id + 1 for record_id, _ in batches)])
-        self._start_segment()
         return batches
 
     def _recover_segment(self, path: Path) -> list[tuple[int, bytes]]:
@@ -72,8 +78,6 @@ class Journal:
         self._floor = max(self._floor, first)
         if records:
             self._sealed.append(Segment(path, records[-1][0], valid))
-        else:
-            path.unlink()
         return records
 
     def _start_segment(self) -> None:
