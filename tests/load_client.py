@@ -21,8 +21,13 @@ class Load:
     """Client threads that follow the server across restarts."""
 
     def __init__(self, context: ssl.SSLContext, *, pad: int = 200,
-                 customers: tuple[str, ...] = ("c0", "c1", "c2")) -> None:
+                 customers: tuple[str, ...] = ("c0", "c1", "c2"),
+                 requests_per_connection: int = 0) -> None:
+        """`requests_per_connection` > 0 reconnects that often (so that connections
+        spread over the workers of a multi-process server) and also straight after a
+        broken connection (another worker is still there)."""
         self.context = context
+        self.requests_per_connection = requests_per_connection
         self.pad = pad
         self.customers = customers
         self.acked: set[str] = set()
@@ -66,9 +71,15 @@ class Load:
             connection = http.client.HTTPSConnection("127.0.0.1", port, context=self.context,
                                                      timeout=30)
             try:
-                while not self._stop and port == self._port:
+                for sent in itertools.count(1):
+                    if self._stop or port != self._port:
+                        break
                     self._post(connection)
+                    if sent == self.requests_per_connection:
+                        break
             except (OSError, http.client.HTTPException):
+                if self.requests_per_connection:
+                    continue
                 with self._changed:  # server gone: wait for the next one
                     self._changed.wait_for(lambda p=port: self._stop or self._port != p)
             finally:

@@ -2,6 +2,7 @@
 
 import logging
 import signal
+import socket
 from collections.abc import Callable
 from pathlib import Path
 
@@ -49,6 +50,15 @@ class Addresses:
     monitor: str
 
 
+@attrs.frozen
+class WorkerSlot:
+    """What a worker process gets from the supervisor (see mwdlogd.worker)."""
+
+    index: int
+    sockets: dict[str, socket.socket]  # "http", "forward", "health": bound once, shared
+    ledger_dir: Path  # shared by every worker
+
+
 def token_table(config: Config) -> TokenTable:
     return TokenTable([Credential(t.name, t.token.encode(), frozenset(t.customers))
                        for t in config.auth.tokens])
@@ -58,11 +68,14 @@ class App:
     """One server instance. `run` reports its Addresses once every listener is up."""
 
     def __init__(self, config: Config, *, handle_signals: bool = False,
-                 wall_clock: Callable[[], float] | None = None) -> None:
+                 wall_clock: Callable[[], float] | None = None,
+                 slot: WorkerSlot | None = None) -> None:
         self.config = config
+        self._slot = slot
         self.telemetry = Telemetry(config.server.hostname)
         buffer = Path(config.buffer.path)
-        ledger = Ledger(buffer / "ledger", fsync=config.buffer.fsync)
+        ledger = Ledger(slot.ledger_dir if slot else buffer / "ledger",
+                        worker=slot.index if slot else 0, fsync=config.buffer.fsync)
         self.journal = Journal(buffer / "journal", fsync=config.buffer.fsync)
         self.tracker = BatchTracker()
         chunk_ids = ChunkIdLog(buffer / "chunk-ids.log", window_s=config.forward.dedupe_window,
@@ -122,11 +135,12 @@ class App:
         self.https = HttpsIngestServer(
             settings=IngestSettings(self.config.http, self.config.server.hostname),
             ssl_context=context, tokens=token_table(self.config), pipeline=self.pipeline,
-            telemetry=self.telemetry)
+            telemetry=self.telemetry, inherited=self._inherited("http"))
         self.forward = ForwardServer(
             settings=ForwardSettings(self.config.forward, self.config.server.hostname),
             ssl_context=context if self.config.forward.transport == "tls" else None,
-            pipeline=self.pipeline, telemetry=self.telemetry)
+            pipeline=self.pipeline, telemetry=self.telemetry,
+            inherited=self._inherited("forward"))
         async with trio.open_nursery() as nursery:
             to_router, from_pipeline = trio.open_memory_channel[Message](ROUTER_QUEUE)
             nursery.start_soon(self._run_router, from_pipeline)
@@ -135,7 +149,8 @@ class App:
                 http=await nursery.start(self._ingest, self.https, self._https_done),
                 forward=await nursery.start(self._ingest, self.forward, self._forward_done),
                 health=await nursery.start(run_plain_http, self.config.health.bind,
-                                           self.config.health.port, self._health),
+                                           self.config.health.port, self._health,
+                                           self._inherited("health")),
                 metrics=await nursery.start(run_plain_http, self.config.metrics.bind,
                                             self.config.metrics.port, self._metrics),
                 monitor=await nursery.start(MonitorServer(
@@ -144,7 +159,8 @@ class App:
                     plugins=lambda: monitor_agent.plugins(self.config, self.telemetry)).run))
             if self._handle_signals:
                 await nursery.start(self._watch_signals)
-            log.event(logging.INFO, "listening", http=addresses.http, forward=addresses.forward,
+            log.event(logging.INFO, "listening" if self._slot is None else "worker_listening",
+                      http=addresses.http, forward=addresses.forward,
                       health=addresses.health, metrics=addresses.metrics,
                       monitor=addresses.monitor, storage=self.config.storage.root)
             task_status.started(addresses)
@@ -152,6 +168,9 @@ class App:
             await self._drain()
             nursery.cancel_scope.cancel()
         self.stopped.set()
+
+    def _inherited(self, name: str) -> socket.socket | None:
+        return self._slot.sockets.get(name) if self._slot else None
 
     async def _run_router(self, receive: trio.MemoryReceiveChannel[Message]) -> None:
         try:

@@ -21,9 +21,11 @@ from mwdlogd.config import (
     load_config,
     missing_tls_files,
 )
-from mwdlogd.errors import MwdlogdError
+from mwdlogd.errors import ConfigError, MwdlogdError
 from mwdlogd.init_config import render_default_config
+from mwdlogd.supervisor import Supervisor
 from mwdlogd.tail_client import run_tail, tail_url
+from mwdlogd.worker import orphaned_journals
 
 DEV_CLIENT = "engine-01"
 EXIT_CONFIG = 2
@@ -124,10 +126,22 @@ def _ensure_dev_certs(config: Config) -> None:
 
 
 def _run(args: argparse.Namespace) -> int:
-    config = _load(args)
+    path, required = config_path(getattr(args, "config", None))
+    config = load_config(path, required=required)
     _ensure_dev_certs(config)
+    orphans = orphaned_journals(config)
+    if orphans:
+        raise ConfigError("server.workers", f"{orphans[0]} holds the unwritten journal of a "
+                          f"worker beyond server.workers={config.server.workers}; start once "
+                          f"with server.workers={_worker_count(orphans)} to write it out")
+    if config.server.workers > 1:
+        return trio.run(Supervisor(config, str(path.resolve()), config_required=required).run)
     trio.run(App(config, handle_signals=True).run)
     return 0
+
+
+def _worker_count(orphans: list[Path]) -> int:
+    return max(int(o.name.removeprefix("worker-")) for o in orphans) + 1
 
 
 def _check_config(args: argparse.Namespace) -> int:

@@ -24,6 +24,7 @@ Duration = NewType("Duration", float)
 CONFIG_ENV = "MWDLOGD_CONFIG"
 DEFAULT_CONFIG_PATH = "config.toml"
 ENV_PREFIX = "MWDLOGD_"
+MAX_WORKERS = 64
 # Shipped in the repository's development config.toml; start-up warns loudly when it is in use.
 DEV_TOKEN = "dev-token-CHANGE-ME"
 
@@ -36,7 +37,8 @@ def _doc(text: str) -> dict[str, str]:
 class ServerConfig:
     hostname: str = attrs.field(default="logserver", metadata=_doc(
         "name stored in every record as logserver_hostname and used as the metrics label"))
-    workers: int = attrs.field(default=1, metadata=_doc("server processes (only 1 for now)"))
+    workers: int = attrs.field(default=1, metadata=_doc(
+        "server processes sharing the ports and the hourly files (one per core)"))
     shutdown_timeout: Duration = attrs.field(default=Duration(30.0), metadata=_doc(
         "SIGTERM/SIGINT: time allowed to finish requests and flush everything"))
 
@@ -279,8 +281,8 @@ def _note_step(exc: BaseException) -> list[str]:
 
 def validate(config: Config) -> None:
     """Checks that cattrs' types cannot express; raises ConfigError naming the key."""
-    if config.server.workers != 1:
-        raise ConfigError("server.workers", f"only 1 is supported in this version, got "
+    if not 1 <= config.server.workers <= MAX_WORKERS:
+        raise ConfigError("server.workers", f"must be 1..{MAX_WORKERS}, got "
                           f"{config.server.workers}")
     if config.tls.min_version not in ("1.2", "1.3"):
         raise ConfigError("tls.min_version", f"must be '1.2' or '1.3', got "

@@ -20,17 +20,23 @@ def logfmt(event: str, fields: dict[str, Any]) -> str:
 
 
 class _Formatter(logging.Formatter):
+    def __init__(self, suffix: str) -> None:
+        super().__init__()
+        self._suffix = suffix
+
     def format(self, record: logging.LogRecord) -> str:
         stamp = time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(record.created))
-        line = f"{stamp}.{int(record.msecs):03d}Z {record.levelname:<7} {record.getMessage()}"
+        line = (f"{stamp}.{int(record.msecs):03d}Z {record.levelname:<7} "
+                f"{record.getMessage()}{self._suffix}")
         if record.exc_info:
             line += "\n" + self.formatException(record.exc_info)
         return line
 
 
-def configure(level: int = logging.INFO) -> None:
+def configure(level: int = logging.INFO, *, worker: int | None = None) -> None:
+    """Log to stderr; a worker process tags each line with `worker=N`."""
     handler = logging.StreamHandler(sys.stderr)
-    handler.setFormatter(_Formatter())
+    handler.setFormatter(_Formatter("" if worker is None else f" worker={worker}"))
     logger.handlers[:] = [handler]
     logger.setLevel(level)
     logger.propagate = False

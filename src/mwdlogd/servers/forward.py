@@ -8,6 +8,7 @@ log nothing above debug.
 """
 
 import logging
+import socket
 import ssl
 import time
 
@@ -21,6 +22,7 @@ from mwdlogd.proto.forward import NEED_DATA, Entries, ForwardConnection, Forward
 from mwdlogd.runtime.pipeline import Pipeline, Refused
 from mwdlogd.servers.acceptor import Acceptor
 from mwdlogd.servers.http_io import RECEIVE_BYTES
+from mwdlogd.servers.listen import stream_listeners
 from mwdlogd.servers.tls import handshake, peer_name
 from mwdlogd.telemetry import Telemetry
 
@@ -40,7 +42,9 @@ class _Close(Exception):
 
 class ForwardServer:
     def __init__(self, *, settings: ForwardSettings, ssl_context: ssl.SSLContext | None,
-                 pipeline: Pipeline, telemetry: Telemetry) -> None:
+                 pipeline: Pipeline, telemetry: Telemetry,
+                 inherited: socket.socket | None = None) -> None:
+        self._inherited = inherited
         self._config = settings.forward
         self._hostname = settings.hostname
         self._ssl_context = ssl_context
@@ -51,13 +55,8 @@ class ForwardServer:
 
     async def run(self, *, task_status: trio.TaskStatus[str] = trio.TASK_STATUS_IGNORED) -> None:
         """Serves until `stop_accepting()`, then returns once every connection has closed."""
-        bind, port = self._config.bind, self._config.port
-        listeners: list[trio.abc.Listener[trio.abc.Stream]]
-        if self._ssl_context is not None:
-            listeners = list(await trio.open_ssl_over_tcp_listeners(
-                port, self._ssl_context, host=bind, https_compatible=True))
-        else:
-            listeners = list(await trio.open_tcp_listeners(port, host=bind))
+        listeners = await stream_listeners(self._config.bind, self._config.port,
+                                           self._ssl_context, self._inherited)
         await self._acceptor.serve(listeners, self._handle, task_status)
 
     def stop_accepting(self) -> None:

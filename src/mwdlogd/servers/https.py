@@ -6,6 +6,7 @@ answered, then their connections close. `run` returns when the last one has.
 """
 
 import logging
+import socket
 import ssl
 import time
 
@@ -28,6 +29,7 @@ from mwdlogd.servers.http_io import (
     reusable,
     send_response,
 )
+from mwdlogd.servers.listen import stream_listeners
 from mwdlogd.servers.tls import handshake, peer_name
 from mwdlogd.telemetry import Telemetry
 
@@ -45,7 +47,9 @@ class IngestSettings:
 
 class HttpsIngestServer:
     def __init__(self, *, settings: IngestSettings, ssl_context: ssl.SSLContext,
-                 tokens: TokenTable, pipeline: Pipeline, telemetry: Telemetry) -> None:
+                 tokens: TokenTable, pipeline: Pipeline, telemetry: Telemetry,
+                 inherited: socket.socket | None = None) -> None:
+        self._inherited = inherited
         self._http = settings.http
         self._hostname = settings.hostname
         self._ssl_context = ssl_context
@@ -56,8 +60,8 @@ class HttpsIngestServer:
 
     async def run(self, *, task_status: trio.TaskStatus[str] = trio.TASK_STATUS_IGNORED) -> None:
         """Serves until `stop_accepting()`, then returns once every connection has closed."""
-        listeners = await trio.open_ssl_over_tcp_listeners(
-            self._http.port, self._ssl_context, host=self._http.bind, https_compatible=True)
+        listeners = await stream_listeners(self._http.bind, self._http.port, self._ssl_context,
+                                           self._inherited)
         await self._acceptor.serve(listeners, self._handle, task_status)
 
     def stop_accepting(self) -> None:

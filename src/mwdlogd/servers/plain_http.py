@@ -1,6 +1,7 @@
 """A small plain-HTTP GET server for /health and /metrics (keep-alive, timeouts)."""
 
 import logging
+import socket
 from collections.abc import Awaitable, Callable
 
 import h11
@@ -15,16 +16,18 @@ from mwdlogd.servers.http_io import (
     reusable,
     send_response,
 )
+from mwdlogd.servers.listen import tcp_listeners
 
 Handler = Callable[[h11.Request], Awaitable[Response]]
 # Scrapers and probes send small requests quickly; anything slower is not one of them.
 IDLE_TIMEOUT_S = 30.0
 
 
-async def run_plain_http(bind: str, port: int, handler: Handler, *,
+async def run_plain_http(bind: str, port: int, handler: Handler,
+                         inherited: socket.socket | None = None, *,
                          task_status: trio.TaskStatus[str] = trio.TASK_STATUS_IGNORED) -> None:
     """Serves `handler` until cancelled; reports `host:port` once the socket listens."""
-    listeners = await trio.open_tcp_listeners(port, host=bind)
+    listeners = await tcp_listeners(bind, port, inherited)
     address = "{}:{}".format(*listeners[0].socket.getsockname()[:2])
 
     async def serve(stream: trio.SocketStream) -> None:

@@ -1,0 +1,114 @@
+"""One worker process of `server.workers > 1` (started by the supervisor, never by hand).
+
+A worker is a whole server (App) with its own journal, chunk ids and failed/ area
+under `{buffer.path}/worker-{index}` (worker 0 keeps `{buffer.path}` itself, so going
+from one worker to several keeps the journal), its own metrics and monitor ports
+(`port + index`, like fluent-plugin-prometheus with Fluentd workers), and the shared
+ingest and health sockets the supervisor bound. The hourly files are shared through
+the append ledger in `{buffer.path}/ledger`.
+"""
+
+import argparse
+import logging
+import os
+import socket
+import sys
+from pathlib import Path
+
+import attrs
+import trio
+
+from mwdlogd import log
+from mwdlogd.app import App, WorkerSlot
+from mwdlogd.config import Config, load_config
+from mwdlogd.errors import MwdlogdError
+
+EXIT_FAILED = 2
+SHARED_SOCKETS = ("http", "forward", "health")
+
+
+def worker_config(config: Config, index: int) -> Config:
+    """The config as worker `index` sees it: its own buffer area and side ports."""
+    if index == 0:
+        return config
+
+    def shifted(port: int) -> int:
+        return port + index if port else 0
+
+    return attrs.evolve(
+        config,
+        buffer=attrs.evolve(config.buffer, path=str(worker_buffer(config, index))),
+        metrics=attrs.evolve(config.metrics, port=shifted(config.metrics.port)),
+        monitor=attrs.evolve(config.monitor, port=shifted(config.monitor.port)))
+
+
+def worker_buffer(config: Config, index: int) -> Path:
+    base = Path(config.buffer.path)
+    return base if index == 0 else base / f"worker-{index}"
+
+
+def orphaned_journals(config: Config) -> list[Path]:
+    """Journals of workers beyond `server.workers` that still hold batches: starting
+    without them would leave acknowledged records unwritten."""
+    base = Path(config.buffer.path)
+    found = []
+    for directory in sorted(base.glob("worker-*")):
+        suffix = directory.name.removeprefix("worker-")
+        if suffix.isdigit() and int(suffix) >= config.server.workers and any(
+                segment.stat().st_size for segment in directory.glob("journal/*.wal")):
+            found.append(directory)
+    return found
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="python -m mwdlogd.worker",
+                                     description="one worker of `mwdlogd run` (internal)")
+    parser.add_argument("--config", required=True)
+    parser.add_argument("--config-optional", action="store_true")
+    parser.add_argument("--index", type=int, required=True)
+    parser.add_argument("--sockets", required=True, help="name=fd,... (inherited)")
+    parser.add_argument("--ready-fd", type=int, required=True)
+    parser.add_argument("--lifeline-fd", type=int, required=True)
+    return parser
+
+
+async def _serve(app: App, ready_fd: int, lifeline_fd: int) -> None:
+    async with trio.open_nursery() as nursery:
+        await nursery.start(app.run)
+        os.write(ready_fd, b"ready\n")
+        os.close(ready_fd)
+        nursery.start_soon(_watch_supervisor, app, lifeline_fd)
+        await app.stopped.wait()
+        nursery.cancel_scope.cancel()
+
+
+async def _watch_supervisor(app: App, lifeline_fd: int) -> None:
+    """The supervisor holds the other end: EOF means it is gone, so drain and exit."""
+    async with trio.lowlevel.FdStream(lifeline_fd) as lifeline:
+        while await lifeline.receive_some():
+            pass
+    log.event(logging.WARNING, "supervisor_gone", detail="draining this worker")
+    app.request_stop()
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
+    log.configure(worker=args.index)
+    problem = None
+    try:
+        base = load_config(Path(args.config), required=not args.config_optional)
+        sockets = {name: socket.socket(fileno=int(fd)) for name, fd in
+                   (item.split("=") for item in args.sockets.split(","))}
+        slot = WorkerSlot(args.index, sockets, Path(base.buffer.path) / "ledger")
+        app = App(worker_config(base, args.index), handle_signals=True, slot=slot)
+        trio.run(_serve, app, args.ready_fd, args.lifeline_fd)
+    except* MwdlogdError as group:  # start-up errors come wrapped by the nursery
+        problem = group.exceptions[0]
+    if problem is not None:
+        print(f"mwdlogd worker {args.index}: {problem}", file=sys.stderr)
+        return EXIT_FAILED
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,201 @@
+"""`server.workers = 2`: two real worker processes behind one supervisor share the ports
+and the hourly files. Under continuous load, a worker killed with SIGKILL is restarted
+and the whole group killed at once recovers: every acked record lands exactly once."""
+
+from __future__ import annotations
+
+import gzip
+import os
+import random
+import signal
+import subprocess
+import sys
+import threading
+from collections import Counter
+from pathlib import Path
+from typing import Any
+
+import msgpack
+
+from conftest import config_raw
+from helpers import client_context, read_tree
+from load_client import BATCH, Load
+from server_process import ServerProcess, write_config
+
+# 2 KiB chunks flushed every 10 ms: both workers append to the same files all the time.
+BUSY_BUFFER = {"flush_interval": "10ms", "chunk_limit": "2KiB"}
+
+
+def workers_config(tmp_path: Path, pki: Path, workers: int = 2,
+                   buffer: dict[str, Any] | None = None) -> Path:
+    raw = config_raw(tmp_path, pki, buffer=buffer or BUSY_BUFFER)
+    raw["server"]["workers"] = workers
+    return write_config(tmp_path / f"config-{workers}.toml", raw)
+
+
+def start(config: Path) -> tuple[ServerProcess, dict[int, int]]:
+    server = ServerProcess(config)
+    return server, worker_pids(server)
+
+
+def worker_pids(server: ServerProcess, start: int = 0) -> dict[int, int]:
+    """index -> pid of the newest start of each worker, from the supervisor's log."""
+    pids = {}
+    for line in server.lines[start:]:
+        if " worker_started " in line:
+            fields = dict(part.split("=", 1) for part in line.split() if "=" in part)
+            pids[int(fields["index"])] = int(fields["pid"])
+    return pids
+
+
+def port(server: ServerProcess) -> int:
+    return int(server.addresses["http"].rpartition(":")[2])
+
+
+def stored_ids(root: Path) -> Counter[str]:
+    files = sorted(root.rglob("*.log.gz"))
+    subprocess.run(["gzip", "-t", *map(str, files)], check=True)  # every member whole
+    return Counter(record["id"] for records in read_tree(root).values() for record in records)
+
+
+def writers_per_file(buffer: Path) -> list[set[int]]:
+    """Which workers appended to each hourly file, from the append ledger's states."""
+    found = []
+    for state in (buffer / "ledger").rglob("*.state"):
+        data = state.read_bytes()
+        workers: set[int] = set()
+        for offset in (0, 512):
+            payload_length = int.from_bytes(data[offset + 4:offset + 8], "big")
+            if data[offset:offset + 4] == b"MWL1":
+                _, committed = msgpack.unpackb(data[offset + 20:offset + 20 + payload_length],
+                                               strict_map_key=False)
+                workers |= set(committed)
+        found.append(workers)
+    return found
+
+
+def drain(server: ServerProcess) -> None:
+    server.signal(signal.SIGTERM)
+    assert server.wait() == 0
+    assert sum(" shutdown_complete " in line for line in server.lines) == 2
+
+
+def assert_exactly_once(root: Path, acked: set[str]) -> None:
+    stored = stored_ids(root)
+    assert [i for i, n in stored.items() if n > 1] == []
+    assert sorted(acked - set(stored)) == []
+
+
+def test_two_workers_share_ports_and_files(tmp_path: Path, pki: Path) -> None:
+    server, pids = start(workers_config(tmp_path, pki))
+    assert sorted(pids) == [0, 1] and len(set(pids.values())) == 2
+    assert "workers=2" in server.wait_for(r" listening ")
+    load = Load(client_context(pki), requests_per_connection=3)
+    try:
+        load.serve(port(server))
+        load.wait_for_acks(60 * BATCH)
+    finally:
+        load.stop()
+    drain(server)
+    assert_exactly_once(tmp_path / "logs", load.acked)
+    assert {0, 1} in writers_per_file(tmp_path / "buffer")  # one file, both workers
+    assert (tmp_path / "buffer" / "worker-1" / "journal").is_dir()
+
+
+def test_a_killed_worker_is_restarted_and_loses_nothing(tmp_path: Path, pki: Path) -> None:
+    server, pids = start(workers_config(tmp_path, pki))
+    chaos = random.Random("one-worker")
+    load = Load(client_context(pki), requests_per_connection=3)
+    try:
+        load.serve(port(server))
+        for kill in range(4):
+            load.wait_for_acks(len(load.acked) + 5 * BATCH)
+            threading.Event().wait(chaos.uniform(0.0, 0.3))  # chaos, not a wait
+            victim = kill % 2
+            seen = len(server.lines)
+            os.kill(pids[victim], signal.SIGKILL)
+            server.wait_for(rf" worker_died index={victim} exit_code=-9 ", start=seen)
+            server.wait_for(rf" worker_listening .* worker={victim}$", start=seen)
+            pids = {**pids, **worker_pids(server, seen)}
+        load.wait_for_acks(len(load.acked) + 5 * BATCH)
+    finally:
+        load.stop()
+    drain(server)
+    assert_exactly_once(tmp_path / "logs", load.acked)
+    assert any("records_replayed=0" not in line
+               for line in server.lines if " recovered " in line)
+
+
+def test_the_whole_group_killed_at_once_recovers_exactly_once(tmp_path: Path,
+                                                             pki: Path) -> None:
+    config = workers_config(tmp_path, pki)
+    chaos = random.Random("group")
+    load = Load(client_context(pki), requests_per_connection=3)
+    try:
+        for _ in range(4):
+            server, pids = start(config)
+            load.serve(port(server))
+            load.wait_for_acks(len(load.acked) + 5 * BATCH)
+            threading.Event().wait(chaos.uniform(0.0, 0.3))  # chaos, not a wait
+            for pid in [*pids.values(), server.process.pid]:
+                os.kill(pid, signal.SIGKILL)
+            load.serve(None)
+            server.wait()
+        final, _ = start(config)
+        load.serve(port(final))
+        load.wait_for_acks(len(load.acked) + 5 * BATCH)
+    finally:
+        load.stop()
+    drain(final)
+    assert_exactly_once(tmp_path / "logs", load.acked)
+
+
+def test_fewer_workers_than_journals_is_refused_until_they_are_written(tmp_path: Path,
+                                                                        pki: Path) -> None:
+    two = workers_config(tmp_path, pki, buffer={"flush_interval": "1h"})
+    server, pids = start(two)
+    load = Load(client_context(pki), requests_per_connection=1)
+    try:
+        load.serve(port(server))
+        load.wait_for_acks(40 * BATCH)
+        load.serve(None)
+    finally:
+        load.stop()
+    for pid in [*pids.values(), server.process.pid]:
+        os.kill(pid, signal.SIGKILL)
+    server.wait()
+    one = workers_config(tmp_path, pki, workers=1, buffer={"flush_interval": "1h"})
+    refused = subprocess.run([sys.executable, "-m", "mwdlogd", "run", "--config", str(one)],
+                             capture_output=True, text=True, timeout=60)
+    assert refused.returncode == 2
+    assert (f"server.workers: {tmp_path}/buffer/worker-1 holds the unwritten journal of a "
+            "worker beyond server.workers=1; start once with server.workers=2") in refused.stderr
+    again, _ = start(two)
+    drain(again)
+    assert_exactly_once(tmp_path / "logs", load.acked)
+
+
+def test_a_worker_that_cannot_start_stops_the_supervisor(tmp_path: Path, pki: Path) -> None:
+    (tmp_path / "logs").write_text("a file where the storage root should be")
+    config = workers_config(tmp_path, pki)
+    result = subprocess.run([sys.executable, "-m", "mwdlogd", "run", "--config", str(config)],
+                            capture_output=True, text=True, timeout=60)
+    assert result.returncode == 1
+    assert "worker_failed_to_start" in result.stderr
+    assert f"worker 0: open storage.root {tmp_path}/logs: cannot create" in result.stderr
+
+
+def test_workers_drain_when_the_supervisor_is_killed(tmp_path: Path, pki: Path) -> None:
+    server, pids = start(workers_config(tmp_path, pki, buffer={"flush_interval": "1h"}))
+    load = Load(client_context(pki), requests_per_connection=2)
+    try:
+        load.serve(port(server))
+        load.wait_for_acks(20 * BATCH)
+        load.serve(None)
+    finally:
+        load.stop()
+    server.signal(signal.SIGKILL)
+    for index in pids:
+        server.wait_for(rf" shutdown_complete worker={index}$")
+    assert_exactly_once(tmp_path / "logs", load.acked)
+    assert gzip.decompress(next((tmp_path / "logs").rglob("*.log.gz")).read_bytes())
