@@ -18,7 +18,8 @@ from typing import Any
 import msgpack
 
 from conftest import config_raw
-from helpers import client_context, read_tree
+from forward_client import packed, send_one
+from helpers import client_context, engine_records, http_get, ids_by_file, read_tree
 from load_client import BATCH, Load
 from server_process import ServerProcess, write_config
 
@@ -199,3 +200,30 @@ def test_workers_drain_when_the_supervisor_is_killed(tmp_path: Path, pki: Path) 
         server.wait_for(rf" shutdown_complete worker={index}$")
     assert_exactly_once(tmp_path / "logs", load.acked)
     assert gzip.decompress(next((tmp_path / "logs").rglob("*.log.gz")).read_bytes())
+
+
+def pause(pid: int) -> None:
+    """SIGSTOP, and return once the kernel shows the process stopped (it accepts nothing)."""
+    os.kill(pid, signal.SIGSTOP)
+    while Path(f"/proc/{pid}/stat").read_text().rpartition(")")[2].split()[0] != "T":
+        os.sched_yield()
+
+
+async def test_a_forward_resend_to_the_other_worker_is_not_stored_twice(tmp_path: Path,
+                                                                       pki: Path) -> None:
+    server, pids = start(workers_config(tmp_path, pki))
+    message = packed("nginx.access", engine_records(4), chunk="chunk-A==\n")
+    try:
+        for serving, paused in ((0, 1), (1, 0)):  # the first copy to worker 0, the resend to 1
+            pause(pids[paused])
+            os.kill(pids[serving], signal.SIGCONT)
+            reply = await send_one(server.addresses["forward"], client_context(pki), message)
+            assert reply == {"ack": "chunk-A==\n"}
+        os.kill(pids[0], signal.SIGCONT)
+        worker_1_metrics = server.addresses["metrics"].split(",")[1]
+        _, body = await http_get(worker_1_metrics, "/metrics")
+        assert b"mwdlogd_forward_duplicate_chunks_total 1.0" in body
+    finally:
+        drain(server)
+    assert ids_by_file(tmp_path / "logs") == {
+        "acme/nginx/www.acme.test/2024/11/25/02.log.gz": ["r0", "r1", "r2", "r3"]}

@@ -29,7 +29,7 @@ from mwdlogd.servers.https import HttpsIngestServer, IngestSettings
 from mwdlogd.servers.monitor import MonitorServer
 from mwdlogd.servers.plain_http import not_found, run_plain_http
 from mwdlogd.servers.tls import server_context
-from mwdlogd.storage.chunk_ids import ChunkIdLog
+from mwdlogd.storage.chunk_ids import CHUNK_IDS, ChunkIdLog, PeerChunkIds
 from mwdlogd.storage.hourly import check_writable
 from mwdlogd.storage.journal import Journal
 from mwdlogd.storage.ledger import Ledger
@@ -57,6 +57,7 @@ class WorkerSlot:
     index: int
     sockets: dict[str, socket.socket]  # "http", "forward", "health": bound once, shared
     ledger_dir: Path  # shared by every worker
+    peer_chunk_ids: tuple[Path, ...]  # the other workers' chunk id logs
 
 
 def token_table(config: Config) -> TokenTable:
@@ -78,13 +79,14 @@ class App:
                         worker=slot.index if slot else 0, fsync=config.buffer.fsync)
         self.journal = Journal(buffer / "journal", fsync=config.buffer.fsync)
         self.tracker = BatchTracker()
-        chunk_ids = ChunkIdLog(buffer / "chunk-ids.log", window_s=config.forward.dedupe_window,
+        chunk_ids = ChunkIdLog(buffer / CHUNK_IDS, window_s=config.forward.dedupe_window,
                                fsync=config.buffer.fsync)
         self.pipeline = Pipeline(journal=self.journal, ledger=ledger, chunk_ids=chunk_ids,
                                  memory=ChunkMemory(config.forward.dedupe_window),
                                  tracker=self.tracker, total_limit=config.buffer.total_limit,
                                  limiter=trio.CapacityLimiter(1),
-                                 fsync_seconds=self.telemetry.journal_sync)
+                                 fsync_seconds=self.telemetry.journal_sync,
+                                 peers=PeerChunkIds(list(slot.peer_chunk_ids)) if slot else None)
         store = FileStore(root=config.storage.root, failed_dir=buffer / "failed",
                           ledger=ledger, limiter=trio.CapacityLimiter(FILE_IO_THREADS))
         writer_settings = WriterSettings(config.buffer.flush_interval, config.buffer.chunk_limit,

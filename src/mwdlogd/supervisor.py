@@ -21,7 +21,7 @@ from mwdlogd import log
 from mwdlogd.config import Config
 from mwdlogd.errors import MwdlogdError
 from mwdlogd.servers.listen import bind_shared
-from mwdlogd.worker import SHARED_SOCKETS, worker_config
+from mwdlogd.worker import SHARED_SOCKETS
 
 RESTART_DELAY_S = 1.0
 EXIT_WORKER_FAILED = 1
@@ -38,6 +38,7 @@ class Supervisor:
         if not config_required:
             self._worker_argv.append("--config-optional")
         self._processes: dict[int, trio.Process] = {}
+        self._side: dict[int, tuple[str, str]] = {}  # index -> (metrics, monitor) address
         self._stopping = False
         self._failed = False
 
@@ -81,9 +82,8 @@ class Supervisor:
         count = self._config.server.workers
         addresses = {name: "{}:{}".format(*sock.getsockname()[:2])
                      for name, sock in sockets.items()}
-        side = {section: ",".join(f"{listen.bind}:{listen.port}" for listen in (
-            getattr(worker_config(self._config, i), section) for i in range(count)))
-            for section in ("metrics", "monitor")}
+        side = {section: ",".join(self._side[i][n] for i in range(count))
+                for n, section in enumerate(("metrics", "monitor"))}
         log.event(logging.INFO, "listening", **addresses, **side,
                   storage=self._config.storage.root, workers=count)
 
@@ -123,7 +123,7 @@ class Supervisor:
         self._processes[index] = process
         log.event(logging.INFO, "worker_started", index=index, pid=process.pid)
         async with trio.open_nursery() as nursery:
-            nursery.start_soon(_await_ready, ready_read, ready)
+            nursery.start_soon(self._await_ready, index, ready_read, ready)
             code = await process.wait()
             nursery.cancel_scope.cancel()
         del self._processes[index]
@@ -142,6 +142,15 @@ class Supervisor:
                 self._stop_all()
                 return
 
+    async def _await_ready(self, index: int, fd: int, ready: trio.Event) -> None:
+        """The worker writes `metrics_address monitor_address` once it serves."""
+        async with trio.lowlevel.FdStream(fd) as stream:
+            line = await stream.receive_some()
+        if line:
+            metrics, monitor = line.decode().split()
+            self._side[index] = (metrics, monitor)
+            ready.set()
+
     def _stop_all(self) -> None:
         self._stopping = True
         self._send_all(signal.SIGTERM)
@@ -152,7 +161,4 @@ class Supervisor:
                 process.send_signal(signum)
 
 
-async def _await_ready(fd: int, ready: trio.Event) -> None:
-    async with trio.lowlevel.FdStream(fd) as stream:
-        if await stream.receive_some():
-            ready.set()
+

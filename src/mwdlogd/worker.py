@@ -22,6 +22,7 @@ from mwdlogd import log
 from mwdlogd.app import App, WorkerSlot
 from mwdlogd.config import Config, load_config
 from mwdlogd.errors import MwdlogdError
+from mwdlogd.storage.chunk_ids import CHUNK_IDS
 
 EXIT_FAILED = 2
 SHARED_SOCKETS = ("http", "forward", "health")
@@ -74,8 +75,8 @@ def _parser() -> argparse.ArgumentParser:
 
 async def _serve(app: App, ready_fd: int, lifeline_fd: int) -> None:
     async with trio.open_nursery() as nursery:
-        await nursery.start(app.run)
-        os.write(ready_fd, b"ready\n")
+        addresses = await nursery.start(app.run)
+        os.write(ready_fd, f"{addresses.metrics} {addresses.monitor}\n".encode())
         os.close(ready_fd)
         nursery.start_soon(_watch_supervisor, app, lifeline_fd)
         await app.stopped.wait()
@@ -99,7 +100,9 @@ def main(argv: list[str] | None = None) -> int:
         base = load_config(Path(args.config), required=not args.config_optional)
         sockets = {name: socket.socket(fileno=int(fd)) for name, fd in
                    (item.split("=") for item in args.sockets.split(","))}
-        slot = WorkerSlot(args.index, sockets, Path(base.buffer.path) / "ledger")
+        peers = tuple(worker_buffer(base, i) / CHUNK_IDS for i in range(base.server.workers)
+                      if i != args.index)
+        slot = WorkerSlot(args.index, sockets, Path(base.buffer.path) / "ledger", peers)
         app = App(worker_config(base, args.index), handle_signals=True, slot=slot)
         trio.run(_serve, app, args.ready_fd, args.lifeline_fd)
     except* MwdlogdError as group:  # start-up errors come wrapped by the nursery

@@ -22,7 +22,7 @@ from mwdlogd.pipeline.normalize import Routed
 from mwdlogd.runtime.channels import Wake, receive_until
 from mwdlogd.runtime.dedupe import ChunkMemory
 from mwdlogd.runtime.tracker import BatchTracker
-from mwdlogd.storage.chunk_ids import ChunkIdLog
+from mwdlogd.storage.chunk_ids import ChunkIdLog, PeerChunkIds
 from mwdlogd.storage.journal import Journal
 from mwdlogd.storage.ledger import NONE, Ledger
 
@@ -116,11 +116,13 @@ def group_routed(tag: str, routed: Iterable[Routed]) -> Submission:
 class Pipeline:
     def __init__(self, *, journal: Journal, ledger: Ledger, chunk_ids: ChunkIdLog,
                  memory: ChunkMemory, tracker: BatchTracker, total_limit: int,
-                 limiter: trio.CapacityLimiter, fsync_seconds: Histogram) -> None:
+                 limiter: trio.CapacityLimiter, fsync_seconds: Histogram,
+                 peers: PeerChunkIds | None = None) -> None:
         self._journal = journal
         self._ledger = ledger
         self._chunk_ids = chunk_ids
         self._memory = memory
+        self._peers = peers
         self._tracker = tracker
         self._total_limit = total_limit
         self._limiter = limiter
@@ -147,6 +149,9 @@ class Pipeline:
         a `dedupe_key` already durable makes this a duplicate that is not stored."""
         if dedupe_key is None:
             return await self._commit(group_routed(tag, routed), wait_for_room)
+        if self._peers is not None and not self._memory.is_durable(dedupe_key):
+            for at, key in await trio.to_thread.run_sync(self._peers.read_new):
+                self._memory.remember(key, at)
         while not self._memory.is_durable(dedupe_key):
             first_copy = self._memory.in_flight(dedupe_key)
             if first_copy is None:

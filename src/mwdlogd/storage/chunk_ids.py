@@ -12,6 +12,8 @@ from mwdlogd.storage import framing
 from mwdlogd.storage.files import read_records, replace_and_reopen
 
 MAGIC = b"MWC1"
+# The log's name in each worker's buffer directory.
+CHUNK_IDS = "chunk-ids.log"
 COMPACT_BYTES = 4 * 1024 * 1024
 
 
@@ -72,3 +74,31 @@ class ChunkIdLog:
         if self._fd >= 0:
             os.close(self._fd)
             self._fd = -1
+
+
+class PeerChunkIds:
+    """Other workers' chunk id logs, read as they grow: a resend that reconnects to another
+    worker is still recognised. Each worker appends an id to its log right after the
+    journal fsync and before the ack, so any resend of an acked chunk finds it here."""
+
+    def __init__(self, paths: list[Path]) -> None:
+        self._positions = {path: (0, 0) for path in paths}  # path -> (inode, offset read)
+
+    def read_new(self) -> list[tuple[float, str]]:
+        """(time, id) of every whole entry appended since the last call."""
+        found = []
+        for path, (inode, offset) in self._positions.items():
+            try:
+                with open(path, "rb") as file:
+                    stat = os.fstat(file.fileno())
+                    if stat.st_ino != inode or stat.st_size < offset:
+                        inode, offset = stat.st_ino, 0  # rewritten: read it again whole
+                    file.seek(offset)
+                    records, valid = framing.scan(MAGIC, file.read())
+            except FileNotFoundError:
+                continue
+            except OSError as exc:
+                raise StorageError(str(path), "read a worker's chunk ids", str(exc)) from exc
+            found += [(ms / 1000, key.decode("utf-8", "surrogateescape")) for ms, key in records]
+            self._positions[path] = (inode, offset + valid)
+        return found
