@@ -16,9 +16,10 @@ from pathlib import Path
 from typing import Any
 
 import msgpack
+import trio
 
 from conftest import config_raw
-from forward_client import packed, send_one
+from forward_client import RawForward, packed, send_one
 from helpers import client_context, engine_records, http_get, ids_by_file, read_tree
 from load_client import BATCH, Load
 from server_process import ServerProcess, write_config
@@ -227,3 +228,26 @@ async def test_a_forward_resend_to_the_other_worker_is_not_stored_twice(tmp_path
         drain(server)
     assert ids_by_file(tmp_path / "logs") == {
         "acme/nginx/www.acme.test/2024/11/25/02.log.gz": ["r0", "r1", "r2", "r3"]}
+
+
+async def test_connections_that_arrive_together_are_spread_over_the_workers(
+        tmp_path: Path, pki: Path) -> None:
+    server, _ = start(workers_config(tmp_path, pki))
+    clients = []
+    try:
+        async with trio.open_nursery() as nursery:
+            for _ in range(4):
+                nursery.start_soon(connect_forward, server.addresses["forward"], pki, clients)
+        for metrics in server.addresses["metrics"].split(","):
+            _, body = await http_get(metrics, "/metrics")
+            assert b'mwdlogd_connections_total{protocol="forward"} 2.0' in body
+    finally:
+        for client in clients:
+            await client.aclose()
+        drain(server)
+
+
+async def connect_forward(address: str, pki: Path, clients: list[RawForward]) -> None:
+    client = await RawForward.connect(address, client_context(pki))
+    await client.send(packed("nginx.access", engine_records(1)))  # the TLS handshake is done
+    clients.append(client)

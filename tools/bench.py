@@ -226,16 +226,29 @@ async def drive_forward(host: str, port: int, context: ssl.SSLContext,
         await trio.aclose_forcefully(stream)
 
 
-def cpu_seconds(pid: int) -> float:
-    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+def server_pids(server: ServerProcess) -> list[int]:
+    """The server process and, with workers > 1, every worker it started."""
+    workers = [int(line.rpartition("pid=")[2].split()[0]) for line in server.lines
+               if " worker_started " in line]
+    return [server.process.pid, *workers]
 
 
-def peak_rss_mb(pid: int) -> float:
-    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-        if line.startswith("VmHWM:"):
-            return int(line.split()[1]) / 1024
-    return 0.0
+def cpu_seconds(pids: list[int]) -> float:
+    total = 0
+    for pid in pids:
+        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+        total += int(fields[11]) + int(fields[12])
+    return total / os.sysconf("SC_CLK_TCK")
+
+
+def peak_rss_mb(pids: list[int]) -> float:
+    """Sum of each process's peak resident set (VmHWM)."""
+    total = 0
+    for pid in pids:
+        for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+            if line.startswith("VmHWM:"):
+                total += int(line.split()[1])
+    return total / 1024
 
 
 def machine() -> str:
@@ -259,7 +272,7 @@ def count_stored(root: Path) -> int:
 
 def bench_config(work: Path, pki: Path, args: argparse.Namespace) -> Path:
     raw = {
-        "server": {"hostname": "bench"},
+        "server": {"hostname": "bench", "workers": args.workers},
         "tls": {"cert": str(pki / "server.crt"), "key": str(pki / "server.key"),
                 "ca": str(pki / "ca.crt")},
         "http": {"bind": "127.0.0.1", "port": 0},
@@ -319,6 +332,7 @@ def main() -> int:
     parser.add_argument("--mode", choices=["PackedForward", "CompressedPackedForward"],
                         default="PackedForward", help="forward message mode")
     parser.add_argument("--connections", type=int, default=4)
+    parser.add_argument("--workers", type=int, default=1, help="server.workers (processes)")
     parser.add_argument("--batch", type=int, default=1000, help="records per request")
     parser.add_argument("--duration", type=float, default=10.0, help="seconds of load")
     parser.add_argument("--rate", type=float, help="offered records/s (default: as fast as "
@@ -362,11 +376,13 @@ def main() -> int:
             server = ServerProcess(bench_config(work, pki, args))
             host, _, port = server.addresses[args.protocol].rpartition(":")
         stats = Stats()
-        cpu_before = cpu_seconds(server.process.pid) if server else 0.0
+        pids = server_pids(server) if server else []
+        cpu_before = cpu_seconds(pids)
         elapsed = trio.run(load, host, int(port), context, args, stats)
         result: dict[str, Any] = {
             "machine": machine(), "protocol": args.protocol,
             "mode": args.mode if args.protocol == "forward" else "ndjson",
+            "workers": args.workers if server else None,
             "connections": args.connections, "batch": args.batch, "rate": args.rate,
             "gzip": args.gzip, "fsync": not args.no_fsync, "duration_s": round(elapsed, 2),
             "acked_records": stats.records,
@@ -378,10 +394,10 @@ def main() -> int:
         if reference is not None:
             result["reference_null_server_records_per_s"] = reference
         if server:
-            cpu = cpu_seconds(server.process.pid) - cpu_before
+            cpu = cpu_seconds(pids) - cpu_before
             result["server_cpu_s"] = round(cpu, 2)
             result["server_cpu_s_per_million"] = round(cpu / max(stats.records, 1) * 1e6, 2)
-            result["server_peak_rss_mb"] = round(peak_rss_mb(server.process.pid), 1)
+            result["server_peak_rss_mb"] = round(peak_rss_mb(pids), 1)
             server.signal(signal.SIGTERM)
             result["server_exit"] = server.wait()
             result["stored_records"] = count_stored(work / "logs")

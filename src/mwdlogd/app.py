@@ -1,6 +1,7 @@
 """The main nursery: start order, readiness line, signals, and the phased shutdown."""
 
 import logging
+import mmap
 import signal
 import socket
 from collections.abc import Callable
@@ -23,6 +24,7 @@ from mwdlogd.runtime.tail import TailHub
 from mwdlogd.runtime.tracker import BatchTracker
 from mwdlogd.runtime.writer import WriterSettings
 from mwdlogd.servers import monitor_agent
+from mwdlogd.servers.balance import Balance
 from mwdlogd.servers.forward import ForwardServer, ForwardSettings
 from mwdlogd.servers.http_io import Response, json_response
 from mwdlogd.servers.https import HttpsIngestServer, IngestSettings
@@ -58,6 +60,8 @@ class WorkerSlot:
     sockets: dict[str, socket.socket]  # "http", "forward", "health": bound once, shared
     ledger_dir: Path  # shared by every worker
     peer_chunk_ids: tuple[Path, ...]  # the other workers' chunk id logs
+    load_board: mmap.mmap  # every worker's connection counts (servers/balance.py)
+    workers: int
 
 
 def token_table(config: Config) -> TokenTable:
@@ -137,12 +141,13 @@ class App:
         self.https = HttpsIngestServer(
             settings=IngestSettings(self.config.http, self.config.server.hostname),
             ssl_context=context, tokens=token_table(self.config), pipeline=self.pipeline,
-            telemetry=self.telemetry, inherited=self._inherited("http"))
+            telemetry=self.telemetry, inherited=self._inherited("http"),
+            balance=self._balance("http"))
         self.forward = ForwardServer(
             settings=ForwardSettings(self.config.forward, self.config.server.hostname),
             ssl_context=context if self.config.forward.transport == "tls" else None,
             pipeline=self.pipeline, telemetry=self.telemetry,
-            inherited=self._inherited("forward"))
+            inherited=self._inherited("forward"), balance=self._balance("forward"))
         async with trio.open_nursery() as nursery:
             to_router, from_pipeline = trio.open_memory_channel[Message](ROUTER_QUEUE)
             nursery.start_soon(self._run_router, from_pipeline)
@@ -173,6 +178,10 @@ class App:
 
     def _inherited(self, name: str) -> socket.socket | None:
         return self._slot.sockets.get(name) if self._slot else None
+
+    def _balance(self, listener: str) -> Balance | None:
+        slot = self._slot
+        return Balance(slot.load_board, listener, slot.index, slot.workers) if slot else None
 
     async def _run_router(self, receive: trio.MemoryReceiveChannel[Message]) -> None:
         try:

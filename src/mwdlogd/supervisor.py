@@ -20,6 +20,7 @@ import trio
 from mwdlogd import log
 from mwdlogd.config import Config
 from mwdlogd.errors import MwdlogdError
+from mwdlogd.servers.balance import ABSENT, LISTENERS, SLOT, board_size
 from mwdlogd.servers.listen import bind_shared
 from mwdlogd.worker import SHARED_SOCKETS
 
@@ -38,7 +39,8 @@ class Supervisor:
         if not config_required:
             self._worker_argv.append("--config-optional")
         self._processes: dict[int, trio.Process] = {}
-        self._side: dict[int, tuple[str, str]] = {}  # index -> (metrics, monitor) address
+        self._side: dict[int, tuple[str, str]] = {}
+        self._load_board = -1  # index -> (metrics, monitor) address
         self._stopping = False
         self._failed = False
 
@@ -47,6 +49,8 @@ class Supervisor:
         lifeline_read, lifeline_write = os.pipe()  # workers see EOF if this process dies
         os.set_inheritable(lifeline_read, True)
         count = self._config.server.workers
+        self._load_board = os.memfd_create("mwdlogd-connections")
+        os.ftruncate(self._load_board, board_size(count))
         try:
             async with trio.open_nursery() as nursery:
                 await nursery.start(self._watch_signals)
@@ -63,6 +67,7 @@ class Supervisor:
         finally:
             os.close(lifeline_write)
             os.close(lifeline_read)
+            os.close(self._load_board)
             for sock in sockets.values():
                 sock.close()
         return EXIT_WORKER_FAILED if self._failed else 0
@@ -114,10 +119,12 @@ class Supervisor:
                         ready: trio.Event) -> int:
         ready_read, ready_write = os.pipe()
         argv = [*self._worker_argv, "--index", str(index), "--sockets", fds,
-                "--ready-fd", str(ready_write), "--lifeline-fd", str(lifeline)]
+                "--ready-fd", str(ready_write), "--lifeline-fd", str(lifeline),
+                "--load-fd", str(self._load_board)]
+        self._set_connections(index, 0)
         try:
             process = await trio.lowlevel.open_process(
-                argv, pass_fds=[*socket_fds, ready_write, lifeline])
+                argv, pass_fds=[*socket_fds, ready_write, lifeline, self._load_board])
         finally:
             os.close(ready_write)
         self._processes[index] = process
@@ -127,7 +134,14 @@ class Supervisor:
             code = await process.wait()
             nursery.cancel_scope.cancel()
         del self._processes[index]
+        self._set_connections(index, ABSENT)
         return code
+
+    def _set_connections(self, index: int, value: int) -> None:
+        """0 when a worker (re)starts; ABSENT once it is gone, so no one waits for it."""
+        count = self._config.server.workers
+        for listener in range(len(LISTENERS)):
+            os.pwrite(self._load_board, SLOT.pack(value), (listener * count + index) * SLOT.size)
 
     async def _watch_signals(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED
                              ) -> None:

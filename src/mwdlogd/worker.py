@@ -22,6 +22,7 @@ from mwdlogd import log
 from mwdlogd.app import App, WorkerSlot
 from mwdlogd.config import Config, load_config
 from mwdlogd.errors import MwdlogdError
+from mwdlogd.servers.balance import open_board
 from mwdlogd.storage.chunk_ids import CHUNK_IDS
 
 EXIT_FAILED = 2
@@ -70,6 +71,7 @@ def _parser() -> argparse.ArgumentParser:
     parser.add_argument("--sockets", required=True, help="name=fd,... (inherited)")
     parser.add_argument("--ready-fd", type=int, required=True)
     parser.add_argument("--lifeline-fd", type=int, required=True)
+    parser.add_argument("--load-fd", type=int, required=True, help="connection counts (memfd)")
     return parser
 
 
@@ -102,7 +104,8 @@ def main(argv: list[str] | None = None) -> int:
                    (item.split("=") for item in args.sockets.split(","))}
         peers = tuple(worker_buffer(base, i) / CHUNK_IDS for i in range(base.server.workers)
                       if i != args.index)
-        slot = WorkerSlot(args.index, sockets, Path(base.buffer.path) / "ledger", peers)
+        slot = WorkerSlot(args.index, sockets, Path(base.buffer.path) / "ledger", peers,
+                          open_board(args.load_fd, base.server.workers), base.server.workers)
         app = App(worker_config(base, args.index), handle_signals=True, slot=slot)
         trio.run(_serve, app, args.ready_fd, args.lifeline_fd)
     except* MwdlogdError as group:  # start-up errors come wrapped by the nursery

@@ -12,6 +12,8 @@ from typing import Any
 
 import trio
 
+from mwdlogd.servers.balance import Balance, BalancedListener
+
 
 def listen_address(listener: trio.abc.Listener[Any]) -> str:
     """`host:port` a listener is bound to (TLS listeners wrap a socket listener)."""
@@ -21,7 +23,8 @@ def listen_address(listener: trio.abc.Listener[Any]) -> str:
 
 
 class Acceptor:
-    def __init__(self) -> None:
+    def __init__(self, balance: Balance | None = None) -> None:
+        self._balance = balance
         self._accept_scope = trio.CancelScope()
         self._idle_scopes: set[trio.CancelScope] = set()
         self.draining = False
@@ -29,8 +32,20 @@ class Acceptor:
     async def serve(self, listeners: Sequence[trio.abc.Listener[Any]],
                     handler: Callable[[Any], Awaitable[None]],
                     task_status: trio.TaskStatus[str]) -> None:
+        address = listen_address(listeners[0])
+        balance = self._balance
+        if balance is not None:
+            listeners = [BalancedListener(listener, balance) for listener in listeners]
+            inner = handler
+
+            async def handler(stream: Any) -> None:
+                try:
+                    await inner(stream)
+                finally:
+                    balance.closed()
+
         async with trio.open_nursery() as handlers:
-            task_status.started(listen_address(listeners[0]))
+            task_status.started(address)
             with self._accept_scope:
                 await trio.serve_listeners(handler, list(listeners), handler_nursery=handlers)
 

@@ -21,6 +21,7 @@ from mwdlogd.pipeline.normalize import Context, normalize_batch
 from mwdlogd.proto.forward import NEED_DATA, Entries, ForwardConnection, ForwardProtocolError, Pong
 from mwdlogd.runtime.pipeline import Pipeline, Refused
 from mwdlogd.servers.acceptor import Acceptor
+from mwdlogd.servers.balance import Balance
 from mwdlogd.servers.http_io import RECEIVE_BYTES
 from mwdlogd.servers.listen import stream_listeners
 from mwdlogd.servers.tls import handshake, peer_name
@@ -43,7 +44,8 @@ class _Close(Exception):
 class ForwardServer:
     def __init__(self, *, settings: ForwardSettings, ssl_context: ssl.SSLContext | None,
                  pipeline: Pipeline, telemetry: Telemetry,
-                 inherited: socket.socket | None = None) -> None:
+                 inherited: socket.socket | None = None, balance: Balance | None = None
+                 ) -> None:
         self._inherited = inherited
         self._config = settings.forward
         self._hostname = settings.hostname
@@ -51,7 +53,7 @@ class ForwardServer:
         self._pipeline = pipeline
         self._telemetry = telemetry
         self._users = {u.username: u.password.encode() for u in settings.forward.users}
-        self._acceptor = Acceptor()
+        self._acceptor = Acceptor(balance)
 
     async def run(self, *, task_status: trio.TaskStatus[str] = trio.TASK_STATUS_IGNORED) -> None:
         """Serves until `stop_accepting()`, then returns once every connection has closed."""

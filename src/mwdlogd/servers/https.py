@@ -22,6 +22,7 @@ from mwdlogd.proto.auth import TokenTable
 from mwdlogd.proto.ingest import RequestReader
 from mwdlogd.runtime.pipeline import Pipeline, Refused
 from mwdlogd.servers.acceptor import Acceptor
+from mwdlogd.servers.balance import Balance
 from mwdlogd.servers.http_io import (
     json_response,
     new_connection,
@@ -48,7 +49,8 @@ class IngestSettings:
 class HttpsIngestServer:
     def __init__(self, *, settings: IngestSettings, ssl_context: ssl.SSLContext,
                  tokens: TokenTable, pipeline: Pipeline, telemetry: Telemetry,
-                 inherited: socket.socket | None = None) -> None:
+                 inherited: socket.socket | None = None, balance: Balance | None = None
+                 ) -> None:
         self._inherited = inherited
         self._http = settings.http
         self._hostname = settings.hostname
@@ -56,7 +58,7 @@ class HttpsIngestServer:
         self._tokens = tokens
         self._pipeline = pipeline
         self._telemetry = telemetry
-        self._acceptor = Acceptor()
+        self._acceptor = Acceptor(balance)
 
     async def run(self, *, task_status: trio.TaskStatus[str] = trio.TASK_STATUS_IGNORED) -> None:
         """Serves until `stop_accepting()`, then returns once every connection has closed."""
