@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import gzip
 import json
+import socket
 import ssl
 import threading
 from pathlib import Path
@@ -185,3 +186,22 @@ class JournalHold:
 
     async def wait_entered(self) -> None:
         await trio.to_thread.run_sync(self.entered.wait, 30)
+
+
+def free_port(count: int = 1) -> int:
+    """A free loopback port whose `count - 1` successors are free too (workers use port + N)."""
+    while True:
+        with socket.socket() as sock:
+            sock.bind(("127.0.0.1", 0))
+            port = int(sock.getsockname()[1])
+        if all(_free(port + n) for n in range(1, count)):
+            return port
+
+
+def _free(port: int) -> bool:
+    with socket.socket() as sock:
+        try:
+            sock.bind(("127.0.0.1", port))
+        except OSError:
+            return False
+    return True

@@ -21,7 +21,7 @@ from mwdlogd.tail_client import follow, pretty, tail_url
 
 from conftest import Running, make_config, start_app
 from forward_client import RawForward, packed
-from helpers import TOKEN, client_context, engine_records, http_get, ndjson, post
+from helpers import TOKEN, client_context, engine_records, free_port, http_get, ndjson, post
 
 REPO = Path(__file__).resolve().parents[1]
 DEPLOY = REPO / "deploy"
@@ -118,13 +118,6 @@ def test_shipped_prometheus_files(command: list[str]) -> None:
     result = subprocess.run(command, cwd=DEPLOY / "prometheus", capture_output=True, text=True)
     assert result.returncode == 0, result.stdout + result.stderr
     assert "SUCCESS" in result.stdout
-
-
-def free_port() -> int:
-    import socket
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
 
 
 async def prometheus_query(address: str, query: str) -> dict[str, Any]:

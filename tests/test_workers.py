@@ -5,6 +5,7 @@ and the whole group killed at once recovers: every acked record lands exactly on
 from __future__ import annotations
 
 import gzip
+import json
 import os
 import random
 import signal
@@ -20,7 +21,7 @@ import trio
 
 from conftest import config_raw
 from forward_client import RawForward, packed, send_one
-from helpers import client_context, engine_records, http_get, ids_by_file, read_tree
+from helpers import client_context, engine_records, free_port, http_get, ids_by_file, read_tree
 from load_client import BATCH, Load
 from server_process import ServerProcess, write_config
 
@@ -29,8 +30,8 @@ BUSY_BUFFER = {"flush_interval": "10ms", "chunk_limit": "2KiB"}
 
 
 def workers_config(tmp_path: Path, pki: Path, workers: int = 2,
-                   buffer: dict[str, Any] | None = None) -> Path:
-    raw = config_raw(tmp_path, pki, buffer=buffer or BUSY_BUFFER)
+                   buffer: dict[str, Any] | None = None, **sections: Any) -> Path:
+    raw = config_raw(tmp_path, pki, buffer=buffer or BUSY_BUFFER, **sections)
     raw["server"]["workers"] = workers
     return write_config(tmp_path / f"config-{workers}.toml", raw)
 
@@ -203,11 +204,16 @@ def test_workers_drain_when_the_supervisor_is_killed(tmp_path: Path, pki: Path) 
     assert gzip.decompress(next((tmp_path / "logs").rglob("*.log.gz")).read_bytes())
 
 
-def pause(pid: int) -> None:
-    """SIGSTOP, and return once the kernel shows the process stopped (it accepts nothing)."""
-    os.kill(pid, signal.SIGSTOP)
-    while Path(f"/proc/{pid}/stat").read_text().rpartition(")")[2].split()[0] != "T":
-        os.sched_yield()
+def only(pids: dict[int, int], serving: int | None) -> None:
+    """Pause every worker but `serving` (SIGSTOP: it accepts nothing), resume that one;
+    None resumes all. Returns once the kernel shows the paused ones stopped."""
+    for index, pid in pids.items():
+        if index == serving or serving is None:
+            os.kill(pid, signal.SIGCONT)
+            continue
+        os.kill(pid, signal.SIGSTOP)
+        while Path(f"/proc/{pid}/stat").read_text().rpartition(")")[2].split()[0] != "T":
+            os.sched_yield()
 
 
 async def test_a_forward_resend_to_the_other_worker_is_not_stored_twice(tmp_path: Path,
@@ -215,12 +221,11 @@ async def test_a_forward_resend_to_the_other_worker_is_not_stored_twice(tmp_path
     server, pids = start(workers_config(tmp_path, pki))
     message = packed("nginx.access", engine_records(4), chunk="chunk-A==\n")
     try:
-        for serving, paused in ((0, 1), (1, 0)):  # the first copy to worker 0, the resend to 1
-            pause(pids[paused])
-            os.kill(pids[serving], signal.SIGCONT)
+        for serving in (0, 1):  # the first copy to worker 0, the resend to worker 1
+            only(pids, serving)
             reply = await send_one(server.addresses["forward"], client_context(pki), message)
             assert reply == {"ack": "chunk-A==\n"}
-        os.kill(pids[0], signal.SIGCONT)
+        only(pids, None)
         worker_1_metrics = server.addresses["metrics"].split(",")[1]
         _, body = await http_get(worker_1_metrics, "/metrics")
         assert b"mwdlogd_forward_duplicate_chunks_total 1.0" in body
@@ -251,3 +256,35 @@ async def connect_forward(address: str, pki: Path, clients: list[RawForward]) ->
     client = await RawForward.connect(address, client_context(pki))
     await client.send(packed("nginx.access", engine_records(1)))  # the TLS handshake is done
     clients.append(client)
+
+
+async def test_tail_follows_every_worker(tmp_path: Path, pki: Path) -> None:
+    monitor = free_port(count=2)
+    config = workers_config(tmp_path, pki, monitor={"port": monitor})
+    server, pids = start(config)
+    try:
+        with trio.fail_after(30):
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(run_tail_cli, config, 4)
+                for index in (0, 1):
+                    await trio.to_thread.run_sync(
+                        server.wait_for, rf" tail_viewer_connected .* worker={index}$")
+                for serving, first_id in ((0, 0), (1, 2)):  # r0, r1 to worker 0; r2, r3 to 1
+                    only(pids, serving)
+                    message = packed("nginx.access", engine_records(2, start=first_id),
+                                     chunk=f"c{first_id}")
+                    reply = await send_one(server.addresses["forward"], client_context(pki),
+                                           message)
+                    assert reply == {"ack": f"c{first_id}"}
+                only(pids, None)
+    finally:
+        drain(server)
+
+
+async def run_tail_cli(config: Path, count: int) -> None:
+    result = await trio.run_process(
+        [sys.executable, "-m", "mwdlogd", "tail", "--config", str(config), "--count", str(count)],
+        capture_stdout=True, capture_stderr=True, check=False)
+    assert result.returncode == 0, result.stderr
+    ids = sorted(json.loads(line)["id"] for line in result.stdout.decode().splitlines())
+    assert ids == ["r0", "r1", "r2", "r3"]

@@ -25,7 +25,7 @@ from mwdlogd.errors import ConfigError, MwdlogdError
 from mwdlogd.init_config import render_default_config
 from mwdlogd.supervisor import Supervisor
 from mwdlogd.tail_client import run_tail, tail_url
-from mwdlogd.worker import orphaned_journals
+from mwdlogd.worker import orphaned_journals, worker_config
 
 DEV_CLIENT = "engine-01"
 EXIT_CONFIG = 2
@@ -87,8 +87,8 @@ def _parser() -> argparse.ArgumentParser:
                              "(see `mwdlogd replay --help`)")
     tail = commands.add_parser(
         "tail", parents=[common], help="print records live as the server stores them",
-        description="Follows /api/tail on the [monitor] port. Pretty and coloured on a "
-        "terminal, raw JSON lines otherwise. The token is --token, $MWDLOGD_TOKEN, or the "
+        description="Follows /api/tail on the [monitor] port (on every worker's, port + N, "
+        "when server.workers > 1). Pretty and coloured on a terminal, raw JSON lines otherwise. The token is --token, $MWDLOGD_TOKEN, or the "
         "first of auth.tokens in the config.")
     tail.add_argument("--customer", help="only this customer_name")
     tail.add_argument("--type", dest="log_type",
@@ -196,18 +196,19 @@ def _local_address(listen: ListenConfig) -> str:
 
 def _tail(args: argparse.Namespace) -> int:
     token = args.token or os.environ.get("MWDLOGD_TOKEN")
-    server = args.server
-    if not (token and server):  # only then is the config needed
+    servers = [args.server] if args.server else []
+    if not (token and servers):  # only then is the config needed
         config = _load(args)
         token = token or next((t.token for t in config.auth.tokens), "")
-        server = server or _local_address(config.monitor)
+        servers = servers or [_local_address(worker_config(config, i).monitor)
+                              for i in range(config.server.workers)]
     if not token:
         print("mwdlogd: no token: pass --token, set MWDLOGD_TOKEN or configure auth.tokens",
               file=sys.stderr)
         return 1
-    url = tail_url(server, token=token, customer=args.customer, log_type=args.log_type,
-                   fqdn=args.fqdn, sample=args.sample)
-    return run_tail(url, limit=args.count)
+    urls = [tail_url(server, token=token, customer=args.customer, log_type=args.log_type,
+                     fqdn=args.fqdn, sample=args.sample) for server in servers]
+    return run_tail(urls, limit=args.count)
 
 
 def _health(args: argparse.Namespace) -> int:

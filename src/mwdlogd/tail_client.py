@@ -36,18 +36,38 @@ def pretty(record: dict[str, Any]) -> str:
             f"{json.dumps(shown, ensure_ascii=False)}")
 
 
-async def follow(url: str, out: TextIO, *, limit: int | None = None,
+async def follow(urls: str | list[str], out: TextIO, *, limit: int | None = None,
                  formatter: Callable[[dict[str, Any]], str] | None = None) -> int:
-    """Print records until interrupted (or `limit` records); returns how many."""
+    """Print records from every url (one per worker) until interrupted or `limit` records
+    in all; returns how many."""
     shown = 0
+    problem = None
+
+    def show(text: str) -> bool:
+        nonlocal shown
+        out.write((formatter(json.loads(text)) if formatter else text) + "\n")
+        out.flush()
+        shown += 1
+        return limit is not None and shown >= limit
+
+    try:
+        async with trio.open_nursery() as nursery:
+            for url in [urls] if isinstance(urls, str) else urls:
+                nursery.start_soon(_follow_one, url, show, nursery.cancel_scope)
+    except* MwdlogdError as group:  # the first refusal or unreachable worker says why
+        problem = group.exceptions[0]
+    if problem is not None:
+        raise MwdlogdError(str(problem))
+    return shown
+
+
+async def _follow_one(url: str, show: Callable[[str], bool], done: trio.CancelScope) -> None:
     try:
         async with trio_websocket.open_websocket_url(url) as websocket:
-            while limit is None or shown < limit:
+            while True:
                 message = await websocket.get_message()
-                text = message if isinstance(message, str) else message.decode()
-                out.write((formatter(json.loads(text)) if formatter else text) + "\n")
-                out.flush()
-                shown += 1
+                if show(message if isinstance(message, str) else message.decode()):
+                    done.cancel()
     except trio_websocket.ConnectionRejected as exc:
         raise MwdlogdError(f"tail refused by {url.split('?')[0]}: HTTP {exc.status_code} "
                            f"{(exc.body or b'').decode(errors='replace').strip()}") from None
@@ -56,10 +76,9 @@ async def follow(url: str, out: TextIO, *, limit: int | None = None,
         raise MwdlogdError(f"cannot reach {url.split('?')[0]}: {cause}") from None
     except trio_websocket.ConnectionClosed:
         pass
-    return shown
 
 
-def run_tail(url: str, *, limit: int | None) -> int:
+def run_tail(urls: list[str], *, limit: int | None) -> int:
     formatter = pretty if sys.stdout.isatty() else None
-    trio.run(lambda: follow(url, sys.stdout, limit=limit, formatter=formatter))
+    trio.run(lambda: follow(urls, sys.stdout, limit=limit, formatter=formatter))
     return 0
