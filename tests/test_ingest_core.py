@@ -17,6 +17,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from mwdlogd.errors import IngestError
+from mwdlogd.pipeline.normalize import Context, normalize_batch
 from mwdlogd.proto.auth import Credential, TokenTable
 from mwdlogd.proto.bodies import gunzip_body, parse_json, parse_msgpack, parse_ndjson
 from mwdlogd.proto.ingest import Accepted, RequestReader, tag_of
@@ -195,7 +196,14 @@ def test_any_body_gives_records_or_an_ingest_error(body: bytes, content_type: st
         assert accepted.records and all(isinstance(r, dict) for r in accepted.records)
 
 
-def test_big_integers_keep_their_exact_value() -> None:
-    body = b'{"id": 123456789012345678901234567890, "n": 7}\n{"id": 1}\n'
-    assert parse_ndjson(body).records == [{"id": 123456789012345678901234567890, "n": 7},
-                                          {"id": 1}]
+@pytest.mark.parametrize("body", [
+    b'{"id": 123456789012345678901234567890, "n": 7}\n{"id": 1}\n',
+    # a record holding an added field is encoded again, from an exact re-read of its text
+    b'{"id": 123456789012345678901234567890, "n": 7, "tag": "mine"}\n{"id": 1}\n',
+    b'[{"id": 123456789012345678901234567890, "n": 7}, {"id": 1}]',
+])
+def test_big_integers_keep_their_exact_value_when_stored(body: bytes) -> None:
+    parsed = parse_ndjson(body) if body.startswith(b"{") else parse_json(body)
+    records = zip(parsed.records, [None] * 2, parsed.lines or [None] * 2, strict=True)
+    lines = [r.line for r in normalize_batch(records, Context("nginx.access", 1.0, 1.0, "h"))]
+    assert [json.loads(line)["id"] for line in lines] == [123456789012345678901234567890, 1]

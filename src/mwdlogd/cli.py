@@ -88,7 +88,8 @@ def _parser() -> argparse.ArgumentParser:
     tail = commands.add_parser(
         "tail", parents=[common], help="print records live as the server stores them",
         description="Follows /api/tail on the [monitor] port (on every worker's, port + N, "
-        "when server.workers > 1). Pretty and coloured on a terminal, raw JSON lines otherwise. The token is --token, $MWDLOGD_TOKEN, or the "
+        "when server.workers > 1). Pretty and coloured on a terminal, raw JSON lines "
+        "otherwise. The token is --token, $MWDLOGD_TOKEN, or the "
         "first of auth.tokens in the config.")
     tail.add_argument("--customer", help="only this customer_name")
     tail.add_argument("--type", dest="log_type",

@@ -5,11 +5,10 @@ stream, what lacks customer_name/fqdn or has an unusable time goes to `_invalid`
 an `invalid_reason` field saying why. Nothing is dropped.
 """
 
-import math
 import time
 from collections.abc import Iterable
 from functools import lru_cache
-from typing import Any
+from typing import Any, NamedTuple
 
 import attrs
 
@@ -22,9 +21,9 @@ TAG_LOG_TYPES = {**LOG_TYPES, "waf": "openappsec"}
 MAX_EVENT_TIME = 253402300800.0
 
 
-@attrs.frozen
-class Routed:
-    """One normalised record: its file relative to the storage root and its JSON line."""
+class Routed(NamedTuple):
+    """One normalised record: its file relative to the storage root and its JSON line.
+    (A tuple: one is made per record, and tuples are the cheapest to make.)"""
 
     path: str
     hour: int  # epoch second the record's UTC hour starts at
@@ -48,7 +47,7 @@ def _second_prefix(second: int) -> str:
 
 def format_timestamp(epoch: float) -> str:
     """UTC `%Y-%m-%dT%H:%M:%S.mmmZ`, truncated to the millisecond."""
-    second = math.floor(epoch)
+    second = int(epoch)  # times here are never negative: int() is floor
     millis = min(int((epoch - second) * 1000), 999)
     return f"{_second_prefix(second)}.{millis:03d}Z"
 
@@ -67,12 +66,47 @@ def event_time_of(value: object) -> float | None:
     return None
 
 
+Extra = tuple[str, str] | None  # ("invalid_reason", why) or ("severity", "info")
+# Fields every record gets, in this order, then the Extra one if any.
+ADDED_KEYS = frozenset({"received_at", "logserver_hostname", "timestamp", "tag"})
+
+
+class _Annotator:
+    """The added fields of one batch: all but `timestamp` (and the Extra) are the same for
+    every record, so their JSON is made once."""
+
+    def __init__(self, ctx: Context) -> None:
+        self._received_at = format_timestamp(ctx.received_at)
+        self._ctx = ctx
+        # Our timestamps are ASCII digits and punctuation: nothing in them needs escaping.
+        self._head = (b'"received_at":"' + self._received_at.encode() + b'",'
+                      + _json_member("logserver_hostname", ctx.hostname) + b',"timestamp":"')
+        self._tail = b'",' + _json_member("tag", ctx.tag)
+
+    def line(self, record: dict[str, Any], timestamp: str, extra: Extra,
+             text: bytes | None) -> bytes:
+        """The record's JSON line with the added fields. `text`, the record's own JSON
+        object, lets them be appended to it instead of encoding the whole record again
+        (the output is the same JSON object)."""
+        if text is not None and ADDED_KEYS.isdisjoint(record) and (
+                extra is None or extra[0] not in record):
+            body = text.rstrip()
+            if body.endswith(b"}"):
+                fields = self._head + timestamp.encode() + self._tail
+                if extra is not None:
+                    fields += b"," + _json_member(*extra)
+                return body[:-1] + (b"," if record else b"") + fields + b"}\n"
+        whole = codec.loads(text) if text is not None else record  # exact big integers
+        added = {"received_at": self._received_at, "logserver_hostname": self._ctx.hostname,
+                 "timestamp": timestamp, "tag": self._ctx.tag}
+        if extra is not None:
+            added[extra[0]] = extra[1]
+        return codec.dumps_line({**whole, **added})
+
+
 def normalize(record: dict[str, Any], event_time: float | None, ctx: Context,
-              received_at: str, text: bytes | None = None) -> Routed:
-    """Route and annotate one record. `event_time` None means: from `time`, else default.
-    `text`, the record's own JSON object, lets the added fields be appended to it instead
-    of encoding the whole record again (the output is the same JSON object)."""
-    added = {"received_at": received_at, "logserver_hostname": ctx.hostname}
+              annotator: _Annotator, text: bytes | None = None) -> Routed:
+    """Route and annotate one record. `event_time` None means: from `time`, else default."""
     reason = None
     if event_time is None:
         event_time = ctx.default_time
@@ -82,53 +116,32 @@ def normalize(record: dict[str, Any], event_time: float | None, ctx: Context,
         event_time = None
     if event_time is None:
         reason, event_time = "time is not epoch seconds in range", ctx.received_at
-    added["timestamp"] = format_timestamp(event_time)
-    added["tag"] = ctx.tag
     hour = int(event_time // 3600) * 3600
-    path = _destination(record, ctx.tag, hour, reason, added)
-    return Routed(path, hour, _line(record, added, text))
+    path, extra = _destination(record, ctx.tag, hour, reason)
+    return Routed(path, hour, annotator.line(record, format_timestamp(event_time), extra, text))
 
 
-def _destination(record: dict[str, Any], tag: str, hour: int, reason: str | None,
-                 added: dict[str, str]) -> str:
-    """The record's file; fills in `invalid_reason` or a default `severity` in `added`."""
+def _destination(record: dict[str, Any], tag: str, hour: int, reason: str | None
+                 ) -> tuple[str, Extra]:
+    """The record's file, and the `invalid_reason` or default `severity` it gets."""
     log_type = _log_type(record, tag)
     if reason is None and log_type is None:
-        return stream_file(UNMATCHED_DIR, hour)
+        return stream_file(UNMATCHED_DIR, hour), None
     customer, fqdn = record.get("customer_name"), record.get("fqdn")
     if reason is None:
         reason = _missing(customer, "customer_name") or _missing(fqdn, "fqdn")
     if reason is not None:
-        added["invalid_reason"] = reason
-        return stream_file(INVALID_DIR, hour)
-    if log_type == "openappsec" and "severity" not in record:
-        added["severity"] = "info"
+        return stream_file(INVALID_DIR, hour), ("invalid_reason", reason)
     assert log_type is not None and isinstance(customer, str) and isinstance(fqdn, str)
-    return customer_file(customer, log_type, fqdn, hour)
-
-
-def _line(record: dict[str, Any], added: dict[str, str], text: bytes | None) -> bytes:
-    if text is not None and not any(key in record for key in added):
-        body = text.rstrip()
-        if body.endswith(b"}"):
-            fields = b",".join([_member(key, value) for key, value in added.items()])
-            return body[:-1] + (b"," if record else b"") + fields + b"}\n"
-    return codec.dumps_line({**record, **added})
-
-
-# Our own timestamps are ASCII digits and punctuation: nothing in them needs escaping.
-_PLAIN_ASCII = frozenset({"received_at", "timestamp"})
-
-
-def _member(key: str, value: str) -> bytes:
-    """`"key":"value"` as JSON; most added values repeat, so their encoding is cached."""
-    if key in _PLAIN_ASCII:
-        return b'"' + key.encode() + b'":"' + value.encode() + b'"'
-    return _json_member(key, value)
+    path = customer_file(customer, log_type, fqdn, hour)
+    if log_type == "openappsec" and "severity" not in record:
+        return path, ("severity", "info")
+    return path, None
 
 
 @lru_cache(maxsize=4096)
 def _json_member(key: str, value: str) -> bytes:
+    """`"key":"value"` as JSON; the added values repeat, so their encoding is cached."""
     return codec.dumps_line({key: value})[1:-2]
 
 
@@ -149,6 +162,6 @@ def normalize_batch(records: Iterable[tuple[dict[str, Any], float | None, bytes 
                     ctx: Context) -> list[Routed]:
     """Normalise a whole batch of (record, event time, JSON text); shared per-batch values
     are computed once."""
-    received_at = format_timestamp(ctx.received_at)
-    return [normalize(record, event_time, ctx, received_at, text)
+    annotator = _Annotator(ctx)
+    return [normalize(record, event_time, ctx, annotator, text)
             for record, event_time, text in records]

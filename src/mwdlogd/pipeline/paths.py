@@ -49,6 +49,7 @@ def hour_path(hour_start: int) -> str:
     return time.strftime("%Y/%m/%d/%H.log.gz", time.gmtime(hour_start))
 
 
+@lru_cache(maxsize=16384)
 def customer_file(customer: str, log_type: str, fqdn: str, hour_start: int) -> str:
     return f"{safe_customer(customer)}/{log_type}/{safe_fqdn(fqdn)}/{hour_path(hour_start)}"
 

@@ -63,7 +63,7 @@ def parse_ndjson(body: bytes) -> Parsed:
         if not line.strip():
             continue
         try:
-            records.append(codec.loads(line))
+            records.append(codec.loads_keeping_text(line))  # normalize keeps `line`
         except ValueError as exc:
             raise _json_error(f"line {number}", exc) from None
         lines.append(line)
