@@ -140,5 +140,12 @@ def test_appending_to_the_text_gives_the_same_record(record: dict[str, Any],
     (plain,) = normalize_batch([(record, None, None)], CTX)
     (spliced,) = normalize_batch([(record, None, text + b" \r")], CTX)
     assert spliced.path == plain.path
-    assert json.loads(spliced.line) == json.loads(plain.line)
+    stored = json.loads(spliced.line)
+    assert stored == json.loads(plain.line)
     assert spliced.line.endswith(b"}\n") and spliced.line.count(b"\n") == 1
+    # Independently of how it was made: the record's own fields, plus only added ones.
+    added = {"received_at", "logserver_hostname", "timestamp", "tag"}
+    assert {k: v for k, v in stored.items() if k in record and k not in added} == {
+        k: v for k, v in record.items() if k not in added}
+    assert added <= set(stored) <= set(record) | added | {"severity", "invalid_reason"}
+    assert (stored["logserver_hostname"], stored["tag"]) == ("ls1", CTX.tag)

@@ -41,15 +41,21 @@ class Context:
 
 
 @lru_cache(maxsize=8192)
-def _second_prefix(second: int) -> str:
-    return time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(second))
+def _second_prefix(second: int) -> bytes:
+    return time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(second)).encode()
+
+
+_MILLIS = [f".{n:03d}Z".encode() for n in range(1000)]
+
+
+def timestamp_bytes(epoch: float) -> bytes:
+    """UTC `%Y-%m-%dT%H:%M:%S.mmmZ`, truncated to the millisecond (ASCII)."""
+    second = int(epoch)  # times here are never negative: int() is floor
+    return _second_prefix(second) + _MILLIS[min(int((epoch - second) * 1000), 999)]
 
 
 def format_timestamp(epoch: float) -> str:
-    """UTC `%Y-%m-%dT%H:%M:%S.mmmZ`, truncated to the millisecond."""
-    second = int(epoch)  # times here are never negative: int() is floor
-    millis = min(int((epoch - second) * 1000), 999)
-    return f"{_second_prefix(second)}.{millis:03d}Z"
+    return timestamp_bytes(epoch).decode()
 
 
 def event_time_of(value: object) -> float | None:
@@ -83,22 +89,20 @@ class _Annotator:
                       + _json_member("logserver_hostname", ctx.hostname) + b',"timestamp":"')
         self._tail = b'",' + _json_member("tag", ctx.tag)
 
-    def line(self, record: dict[str, Any], timestamp: str, extra: Extra,
+    def line(self, record: dict[str, Any], timestamp: bytes, extra: Extra,
              text: bytes | None) -> bytes:
-        """The record's JSON line with the added fields. `text`, the record's own JSON
-        object, lets them be appended to it instead of encoding the whole record again
-        (the output is the same JSON object)."""
-        if text is not None and ADDED_KEYS.isdisjoint(record) and (
-                extra is None or extra[0] not in record):
-            body = text.rstrip()
+        """The record's JSON line with the added fields appended to its own JSON object:
+        `text` when it came as JSON (so it is not encoded again), else its encoding."""
+        if ADDED_KEYS.isdisjoint(record) and (extra is None or extra[0] not in record):
+            body = (text if text is not None else codec.dumps_line(record)).rstrip()
             if body.endswith(b"}"):
-                fields = self._head + timestamp.encode() + self._tail
+                fields = self._head + timestamp + self._tail
                 if extra is not None:
                     fields += b"," + _json_member(*extra)
                 return body[:-1] + (b"," if record else b"") + fields + b"}\n"
         whole = codec.loads(text) if text is not None else record  # exact big integers
         added = {"received_at": self._received_at, "logserver_hostname": self._ctx.hostname,
-                 "timestamp": timestamp, "tag": self._ctx.tag}
+                 "timestamp": timestamp.decode(), "tag": self._ctx.tag}
         if extra is not None:
             added[extra[0]] = extra[1]
         return codec.dumps_line({**whole, **added})
@@ -118,7 +122,7 @@ def normalize(record: dict[str, Any], event_time: float | None, ctx: Context,
         reason, event_time = "time is not epoch seconds in range", ctx.received_at
     hour = int(event_time // 3600) * 3600
     path, extra = _destination(record, ctx.tag, hour, reason)
-    return Routed(path, hour, annotator.line(record, format_timestamp(event_time), extra, text))
+    return Routed(path, hour, annotator.line(record, timestamp_bytes(event_time), extra, text))
 
 
 def _destination(record: dict[str, Any], tag: str, hour: int, reason: str | None

@@ -10,6 +10,7 @@ Fluentd sends it) and the `chunk` id survive byte for byte.
 import hashlib
 import hmac
 import os
+import struct
 from collections.abc import Mapping
 from typing import Any, Final
 
@@ -54,9 +55,13 @@ class Pong:
     username: str
 
 
+_EVENT_TIME = struct.Struct(">II")  # seconds, nanoseconds
+
+
 def _ext_hook(code: int, data: bytes) -> object:
     if code == EVENT_TIME_EXT and len(data) == 8:
-        return int.from_bytes(data[:4], "big") + int.from_bytes(data[4:], "big") / 1e9
+        seconds, nanos = _EVENT_TIME.unpack(data)
+        return seconds + nanos / 1e9
     return msgpack.ExtType(code, data)
 
 
@@ -219,6 +224,9 @@ class ForwardConnection:
         return Entries(tag, entries, self._options(option, len(entries)))
 
     def _entry(self, entry: Any, index: int) -> tuple[float, dict[str, Any]]:
+        if type(entry) is list and len(entry) == 2 and type(entry[0]) is float \
+                and type(entry[1]) is dict:  # out_forward's shape: checked first, fast
+            return entry[0], entry[1]
         if not (isinstance(entry, list) and len(entry) == 2 and isinstance(entry[1], dict)):
             raise ForwardProtocolError("wrong_shape", f"entry {index}: expected [time, record], "
                                        f"got {_describe(entry)}")
@@ -239,13 +247,12 @@ class ForwardConnection:
         unpacker = msgpack.Unpacker(raw=False, unicode_errors="replace", ext_hook=_ext_hook,
                                     strict_map_key=False, max_buffer_size=max(len(blob), 1))
         unpacker.feed(blob)
-        entries, consumed = [], 0
         try:
-            for index, entry in enumerate(unpacker):
-                entries.append(self._entry(entry, index))
-                consumed = unpacker.tell()
+            raw = list(unpacker)  # stops before a truncated last entry
         except (ValueError, TypeError, msgpack.UnpackException) as exc:
             raise ForwardProtocolError("malformed_msgpack", f"entries: {exc}") from None
+        consumed = unpacker.tell()
+        entries = [self._entry(entry, index) for index, entry in enumerate(raw)]
         if consumed != len(blob):
             raise ForwardProtocolError("malformed_msgpack",
                                        f"entries blob truncated after {consumed} of {len(blob)}")
