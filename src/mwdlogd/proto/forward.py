@@ -103,8 +103,10 @@ class ForwardConnection:
         self._nonce = nonce or os.urandom(16)
         self._auth_salt = auth_salt or os.urandom(16)
         self.established = shared_key is None
+        # raw: PackedForward's entries come as str32 holding binary (reference notes), so
+        # text is decoded only where it is text (`_text`), never the entries blob.
         self._unpacker = msgpack.Unpacker(
-            raw=False, unicode_errors="surrogateescape", ext_hook=_ext_hook,
+            raw=True, ext_hook=_ext_hook,
             strict_map_key=False, max_buffer_size=max_message_bytes)
         self._fed = 0
         self._recent, self._recent_at = b"", 0  # the last bytes fed, and their offset
@@ -143,8 +145,11 @@ class ForwardConnection:
         self._head_at = self._unpacker.tell()  # the next message starts in the recent bytes
         self._head = bytearray(self._recent[self._head_at - self._recent_at:][:HEAD_BYTES])
         if not self.established:
-            return self._ping(message)
-        return self._entries(message)
+            return self._ping(_text(message))
+        body = message[1] if isinstance(message, list) and len(message) > 1 else None
+        if isinstance(body, bytes):  # PackedForward: [tag, blob, option]
+            return self._entries([_text(message[0]), body, *_text(message[2:])])
+        return self._entries(_text(message))
 
     def _refuse_oversized_declaration(self) -> None:
         """Read `[tag, <str/bin header>` from the message start; refuse a length over the
@@ -270,6 +275,17 @@ class ForwardConnection:
         if chunk is not None and not isinstance(chunk, str):
             raise ForwardProtocolError("wrong_shape", f"chunk is {_describe(chunk)}")
         return chunk
+
+
+def _text(value: Any) -> Any:
+    """A value read raw, with its strings decoded (bytes that are not UTF-8 kept as
+    surrogates): packed again as str and read back by msgpack itself, in C."""
+    try:
+        data = msgpack.packb(value, use_bin_type=False)
+        return msgpack.unpackb(data, raw=False, unicode_errors="surrogateescape",
+                               ext_hook=_ext_hook, strict_map_key=False)
+    except (ValueError, TypeError) as exc:  # what the first read let through, if anything
+        raise ForwardProtocolError("malformed_msgpack", str(exc)) from None
 
 
 def _describe(value: object) -> str:
