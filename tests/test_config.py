@@ -51,6 +51,7 @@ def write(tmp_path: Path, text: str) -> Path:
     ('[auth]\ntokens = [{ name = "a", token = "x" }, { name = "a", token = "y" }]',
      "auth.tokens[1].name: duplicate token name 'a'"),
     ("[server]\nworkers = 0", "server.workers: must be 1..64, got 0"),
+    ('[storage]\ncompression = "lz4"', "storage.compression: must be 'zlib' or 'igzip'"),
     ("[http\n", "not valid TOML"),
 ])
 def test_errors_name_the_key(tmp_path: Path, text: str, message: str) -> None:

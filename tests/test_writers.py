@@ -203,6 +203,20 @@ def test_append_members_makes_multi_member_gzip(tmp_path: Path) -> None:
     assert data.count(b"\x1f\x8b\x08") == 2
 
 
+@pytest.mark.parametrize("compression", ["zlib", "igzip"])
+def test_members_of_either_compressor_read_back_with_gzip(tmp_path: Path,
+                                                          compression: str) -> None:
+    lines = b"".join(b'{"n":%d,"pad":"%s"}\n' % (n, b"x" * (n % 50)) for n in range(5000))
+    builder = MemberBuilder(compression)
+    builder.add(lines[:100_000])
+    member = builder.finish(lines[100_000:])
+    rel = "c/nginx/f/2024/11/25/02.log.gz"
+    append_members(str(tmp_path), rel, member, 0, Ledger(tmp_path / "ledger"))
+    append_members(str(tmp_path), rel, MemberBuilder(compression).finish(b"last\n"), 1,
+                   Ledger(tmp_path / "ledger"))
+    assert gzip.decompress((tmp_path / rel).read_bytes()) == lines + b"last\n"
+
+
 def test_append_members_names_the_failing_path(tmp_path: Path) -> None:
     (tmp_path / "c").write_text("a file where a directory should be")
     with pytest.raises(StorageError, match=r"open .*/c/nginx/f/x.log.gz: Not a directory"):

@@ -262,12 +262,16 @@ def percentile(values: list[float], q: float) -> float:
     return statistics.quantiles(values, n=1000)[int(q * 1000) - 1] if len(values) > 1 else 0.0
 
 
-def count_stored(root: Path) -> int:
-    total = 0
+def count_stored(root: Path) -> tuple[int, int, int]:
+    """Records, their JSON bytes and the gzip bytes written under `root`."""
+    records = raw = written = 0
     for path in root.rglob("*.log.gz"):
+        written += path.stat().st_size
         with gzip.open(path, "rb") as file:
-            total += sum(1 for _ in file)
-    return total
+            for line in file:
+                records += 1
+                raw += len(line)
+    return records, raw, written
 
 
 def bench_config(work: Path, pki: Path, args: argparse.Namespace) -> Path:
@@ -278,7 +282,7 @@ def bench_config(work: Path, pki: Path, args: argparse.Namespace) -> Path:
         "http": {"bind": "127.0.0.1", "port": 0},
         "forward": {"bind": "127.0.0.1", "port": 0, "shared_key": SHARED_KEY},
         "auth": {"tokens": [{"name": "bench", "token": TOKEN}]},
-        "storage": {"root": str(work / "logs")},
+        "storage": {"root": str(work / "logs"), "compression": args.compression},
         "buffer": {"path": str(work / "buffer"), "fsync": not args.no_fsync},
         "health": {"bind": "127.0.0.1", "port": 0}, "metrics": {"bind": "127.0.0.1", "port": 0},
         "monitor": {"bind": "127.0.0.1", "port": 0},
@@ -321,7 +325,8 @@ def report(result: dict[str, Any]) -> None:
     if "server_cpu_s_per_million" in result:
         print(f"{result['server_cpu_s_per_million']:>10.1f} server CPU s per million records   "
               f"peak RSS {result['server_peak_rss_mb']:.0f} MB   "
-              f"stored {result['stored_records']:,} of {result['acked_records']:,} acked",
+              f"stored {result['stored_records']:,} of {result['acked_records']:,} acked   "
+              f"{result['bytes_written']:,} bytes written (ratio {result['compression_ratio']})",
               file=sys.stderr)
 
 
@@ -333,6 +338,8 @@ def main() -> int:
                         default="PackedForward", help="forward message mode")
     parser.add_argument("--connections", type=int, default=4)
     parser.add_argument("--workers", type=int, default=1, help="server.workers (processes)")
+    parser.add_argument("--compression", choices=["zlib", "igzip"], default="zlib",
+                        help="storage.compression")
     parser.add_argument("--batch", type=int, default=1000, help="records per request")
     parser.add_argument("--duration", type=float, default=10.0, help="seconds of load")
     parser.add_argument("--rate", type=float, help="offered records/s (default: as fast as "
@@ -383,6 +390,7 @@ def main() -> int:
             "machine": machine(), "protocol": args.protocol,
             "mode": args.mode if args.protocol == "forward" else "ndjson",
             "workers": args.workers if server else None,
+            "compression": args.compression if server else None,
             "connections": args.connections, "batch": args.batch, "rate": args.rate,
             "gzip": args.gzip, "fsync": not args.no_fsync, "duration_s": round(elapsed, 2),
             "acked_records": stats.records,
@@ -400,7 +408,10 @@ def main() -> int:
             result["server_peak_rss_mb"] = round(peak_rss_mb(pids), 1)
             server.signal(signal.SIGTERM)
             result["server_exit"] = server.wait()
-            result["stored_records"] = count_stored(work / "logs")
+            stored, raw, written = count_stored(work / "logs")
+            result["stored_records"] = stored
+            result["bytes_written"] = written
+            result["compression_ratio"] = round(raw / max(written, 1), 1)
         report(result)
         return 0 if not server or result["stored_records"] == stats.records else 1
 

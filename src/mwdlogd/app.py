@@ -96,7 +96,7 @@ class App:
                           ledger=ledger, limiter=trio.CapacityLimiter(FILE_IO_THREADS))
         writer_settings = WriterSettings(config.buffer.flush_interval, config.buffer.chunk_limit,
                                          config.buffer.retry_max_interval,
-                                         config.buffer.retry_timeout)
+                                         config.buffer.retry_timeout, config.storage.compression)
         extra = {"wall_clock": wall_clock} if wall_clock else {}
         self.tail = TailHub(self.telemetry)
         self.router = Router(store=store, settings=writer_settings,

@@ -108,6 +108,9 @@ class AuthConfig:
 class StorageConfig:
     root: str = attrs.field(default="/var/log/mrwebdefence", metadata=_doc(
         "root of the hourly files tree"))
+    compression: str = attrs.field(default="zlib", metadata=_doc(
+        "gzip members made by 'zlib' (level 6: smaller files) or 'igzip' (ISA-L level 1: "
+        "about a tenth of the CPU, files about half as large again)"))
 
 
 @attrs.frozen
@@ -291,6 +294,9 @@ def validate(config: Config) -> None:
         port = getattr(config, section).port
         if not 0 <= port <= 65535:
             raise ConfigError(f"{section}.port", f"must be 0..65535, got {port}")
+    if config.storage.compression not in ("zlib", "igzip"):
+        raise ConfigError("storage.compression", f"must be 'zlib' or 'igzip', got "
+                          f"{config.storage.compression!r}")
     if config.forward.transport not in ("tls", "tcp"):
         raise ConfigError("forward.transport", f"must be 'tls' or 'tcp', got "
                           f"{config.forward.transport!r}")

@@ -52,6 +52,7 @@ class WriterSettings:
     chunk_limit: int
     retry_max_interval_s: float
     retry_timeout_s: float
+    compression: str = "zlib"
 
 
 class DestinationWriter:
@@ -74,7 +75,7 @@ class DestinationWriter:
         self._written = written
         self._predecessor = predecessor
         self._send, self._receive = trio.open_memory_channel[Chunk | FlushRequest](WRITER_QUEUE)
-        self._builder = MemberBuilder()
+        self._builder = MemberBuilder(self._settings.compression)
         self._raw: list[bytes] = []
         self._raw_bytes = 0
         self._ready = b""  # finished members whose append failed
@@ -158,7 +159,7 @@ class DestinationWriter:
             return True
         if self._raw or not self._builder.empty:
             self._ready += await self._store.finish(self._builder, self._take_raw())
-            self._builder = MemberBuilder()
+            self._builder = MemberBuilder(self._settings.compression)
         started = trio.current_time()
         try:
             size = await self._store.append(self.path, self._ready, max(self._batch_ids))
