@@ -14,7 +14,7 @@ from mwdlogd.errors import StorageError
 from mwdlogd.runtime.pipeline import FlushAll, Group, Message, Submission
 from mwdlogd.runtime.router import Router
 from mwdlogd.runtime.tracker import BatchTracker
-from mwdlogd.runtime.writer import WriterSettings
+from mwdlogd.runtime.writer import FLUSH_SPREAD, WriterSettings
 from mwdlogd.storage.files import destination
 from mwdlogd.storage.hourly import MemberBuilder, append_members
 from mwdlogd.storage.ledger import Ledger
@@ -74,8 +74,10 @@ class Harness:
 
 
 def writer_settings(flush_interval: float = 10.0, chunk_limit: int = 1 << 20,
-                    retry_timeout: float = 3600.0) -> WriterSettings:
-    return WriterSettings(flush_interval, chunk_limit, 30.0, retry_timeout)
+                    retry_timeout: float = 3600.0, flush_spread: float = 0.0) -> WriterSettings:
+    """Flushes exactly on flush_interval unless a test asks for the production spread."""
+    return WriterSettings(flush_interval, chunk_limit, 30.0, retry_timeout,
+                          flush_spread=flush_spread)
 
 
 async def start(nursery: trio.Nursery, *, timekey_wait: float = 10.0,
@@ -101,6 +103,19 @@ async def test_flush_after_interval_in_one_member(autojump_clock: trio.testing.M
     await trio.sleep(0.2)
     assert [(round(t - started, 3), p, d) for t, p, d in h.store.appends] == [
         (10.0, "a", b"1\n2\n3\n")]
+
+
+async def test_files_filled_together_flush_spread_out(
+        autojump_clock: trio.testing.MockClock, nursery: trio.Nursery) -> None:
+    h = await start(nursery, flush_interval=10.0, flush_spread=FLUSH_SPREAD)
+    started = trio.current_time()
+    for n in range(20):
+        await h.commit(f"f{n}", HOUR, b"x")
+    await trio.sleep(10.0 * (1 + FLUSH_SPREAD) + 0.1)
+    times = sorted(at - started for at, _, _ in h.store.appends)
+    assert len(times) == 20
+    assert times[0] >= 10.0 and times[-1] <= 10.0 * (1 + FLUSH_SPREAD)
+    assert len({round(t, 6) for t in times}) == 20  # no two files flush in the same instant
 
 
 async def test_chunk_limit_flushes_at_once(autojump_clock: trio.testing.MockClock,

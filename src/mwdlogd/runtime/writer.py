@@ -3,6 +3,7 @@ flush, and retries failed writes (the retry supervisor of DESIGN §4)."""
 
 import logging
 import math
+import random
 from collections import Counter
 from collections.abc import Callable, Iterable
 from pathlib import Path
@@ -22,6 +23,10 @@ WRITER_QUEUE = 16
 # Raw bytes gathered before they are compressed in a worker thread (bounds memory per file).
 COMPRESS_BLOCK = 1024 * 1024
 RETRY_BASE_S = 1.0
+# Each flush waits up to this share of flush_interval longer, at random: files that filled
+# together do not all flush (compress, append, fsync) in the same instant, which showed
+# as ack latency spikes (the journal's fsync queued behind hundreds of file fsyncs).
+FLUSH_SPREAD = 0.2
 
 
 class Store(Protocol):
@@ -53,6 +58,7 @@ class WriterSettings:
     retry_max_interval_s: float
     retry_timeout_s: float
     compression: str = "zlib"
+    flush_spread: float = FLUSH_SPREAD
 
 
 class DestinationWriter:
@@ -144,7 +150,8 @@ class DestinationWriter:
         self._batch_ids.append(chunk.batch_id)
         self._by_tag[chunk.tag] += chunk.count
         if self._deadline == math.inf:
-            self._deadline = trio.current_time() + self._settings.flush_interval_s
+            self._deadline = trio.current_time() + self._settings.flush_interval_s * (
+                1 + self._settings.flush_spread * random.random())
         if self._raw_bytes >= COMPRESS_BLOCK:
             await self._store.compress(self._builder, self._take_raw())
 
