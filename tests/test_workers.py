@@ -77,6 +77,31 @@ def writers_per_file(buffer: Path) -> list[set[int]]:
     return found
 
 
+def acked_records(server: ServerProcess, pki: Path, more_than: int,
+                  requests_per_connection: int) -> set[str]:
+    """Run the load client until over `more_than` records are acked; what was acked."""
+    load = Load(client_context(pki), requests_per_connection=requests_per_connection)
+    try:
+        load.serve(port(server))
+        load.wait_for_acks(more_than)
+        load.serve(None)
+    finally:
+        load.stop()
+    return load.acked
+
+
+def kill_all(server: ServerProcess, pids: dict[int, int]) -> None:
+    """SIGKILL every worker and the supervisor: a crash of the whole group."""
+    for pid in [*pids.values(), server.process.pid]:
+        os.kill(pid, signal.SIGKILL)
+    server.wait()
+
+
+def run_cli(config: Path) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([sys.executable, "-m", "mwdlogd", "run", "--config", str(config)],
+                          capture_output=True, text=True, timeout=60)
+
+
 def drain(server: ServerProcess) -> None:
     server.signal(signal.SIGTERM)
     assert server.wait() == 0
@@ -140,10 +165,8 @@ def test_the_whole_group_killed_at_once_recovers_exactly_once(tmp_path: Path,
             load.serve(port(server))
             load.wait_for_acks(len(load.acked) + 5 * BATCH)
             threading.Event().wait(chaos.uniform(0.0, 0.3))  # chaos, not a wait
-            for pid in [*pids.values(), server.process.pid]:
-                os.kill(pid, signal.SIGKILL)
+            kill_all(server, pids)
             load.serve(None)
-            server.wait()
         final, _ = start(config)
         load.serve(port(final))
         load.wait_for_acks(len(load.acked) + 5 * BATCH)
@@ -157,32 +180,20 @@ def test_fewer_workers_than_journals_is_refused_until_they_are_written(tmp_path:
                                                                         pki: Path) -> None:
     two = workers_config(tmp_path, pki, buffer={"flush_interval": "1h"})
     server, pids = start(two)
-    load = Load(client_context(pki), requests_per_connection=1)
-    try:
-        load.serve(port(server))
-        load.wait_for_acks(40 * BATCH)
-        load.serve(None)
-    finally:
-        load.stop()
-    for pid in [*pids.values(), server.process.pid]:
-        os.kill(pid, signal.SIGKILL)
-    server.wait()
-    one = workers_config(tmp_path, pki, workers=1, buffer={"flush_interval": "1h"})
-    refused = subprocess.run([sys.executable, "-m", "mwdlogd", "run", "--config", str(one)],
-                             capture_output=True, text=True, timeout=60)
+    acked = acked_records(server, pki, 40 * BATCH, requests_per_connection=1)
+    kill_all(server, pids)
+    refused = run_cli(workers_config(tmp_path, pki, workers=1, buffer={"flush_interval": "1h"}))
     assert refused.returncode == 2
     assert (f"server.workers: {tmp_path}/buffer/worker-1 holds the unwritten journal of a "
             "worker beyond server.workers=1; start once with server.workers=2") in refused.stderr
     again, _ = start(two)
     drain(again)
-    assert_exactly_once(tmp_path / "logs", load.acked)
+    assert_exactly_once(tmp_path / "logs", acked)
 
 
 def test_a_worker_that_cannot_start_stops_the_supervisor(tmp_path: Path, pki: Path) -> None:
     (tmp_path / "logs").write_text("a file where the storage root should be")
-    config = workers_config(tmp_path, pki)
-    result = subprocess.run([sys.executable, "-m", "mwdlogd", "run", "--config", str(config)],
-                            capture_output=True, text=True, timeout=60)
+    result = run_cli(workers_config(tmp_path, pki))
     assert result.returncode == 1
     assert "worker_failed_to_start" in result.stderr
     assert f"worker 0: open storage.root {tmp_path}/logs: cannot create" in result.stderr
@@ -190,17 +201,11 @@ def test_a_worker_that_cannot_start_stops_the_supervisor(tmp_path: Path, pki: Pa
 
 def test_workers_drain_when_the_supervisor_is_killed(tmp_path: Path, pki: Path) -> None:
     server, pids = start(workers_config(tmp_path, pki, buffer={"flush_interval": "1h"}))
-    load = Load(client_context(pki), requests_per_connection=2)
-    try:
-        load.serve(port(server))
-        load.wait_for_acks(20 * BATCH)
-        load.serve(None)
-    finally:
-        load.stop()
+    acked = acked_records(server, pki, 20 * BATCH, requests_per_connection=2)
     server.signal(signal.SIGKILL)
     for index in pids:
         server.wait_for(rf" shutdown_complete worker={index}$")
-    assert_exactly_once(tmp_path / "logs", load.acked)
+    assert_exactly_once(tmp_path / "logs", acked)
     assert gzip.decompress(next((tmp_path / "logs").rglob("*.log.gz")).read_bytes())
 
 
