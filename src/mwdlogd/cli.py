@@ -148,10 +148,13 @@ def _worker_count(orphans: list[Path]) -> int:
 def _check_config(args: argparse.Namespace) -> int:
     config = _load(args)
     check_tls_files(config)
+    workers = [worker_config(config, i) for i in range(config.server.workers)]
     print(f"config OK: http={config.http.bind}:{config.http.port} "
+          f"forward={config.forward.bind}:{config.forward.port} "
           f"health={config.health.bind}:{config.health.port} "
-          f"metrics={config.metrics.bind}:{config.metrics.port} "
-          f"storage.root={config.storage.root} tokens={len(config.auth.tokens)}")
+          f"metrics={','.join(f'{w.metrics.bind}:{w.metrics.port}' for w in workers)} "
+          f"storage.root={config.storage.root} compression={config.storage.compression} "
+          f"workers={config.server.workers} tokens={len(config.auth.tokens)}")
     return 0
 
 
