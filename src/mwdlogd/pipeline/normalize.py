@@ -60,6 +60,8 @@ def format_timestamp(epoch: float) -> str:
 
 def event_time_of(value: object) -> float | None:
     """A record's `time` as epoch seconds, or None when it is not a usable time."""
+    if type(value) is int or type(value) is float:  # the usual case (bool is not int here)
+        return float(value) if 0 <= value < MAX_EVENT_TIME else None
     if isinstance(value, bool):
         return None
     if isinstance(value, str):
