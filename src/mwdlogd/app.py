@@ -134,7 +134,6 @@ class App:
             if problem:
                 raise StorageError(path, f"open {key}", problem)
         await self.pipeline.recover(self.config.storage.root)
-        _tune_garbage_collector()
         if any(t.token == DEV_TOKEN for t in self.config.auth.tokens):
             log.event(logging.WARNING, "DEV_TOKEN_IN_USE",
                       detail="auth.tokens holds the development token; replace it before "
@@ -262,8 +261,9 @@ class App:
 GC_THRESHOLDS = (50_000, 20, 100)
 
 
-def _tune_garbage_collector() -> None:
-    """Move what start-up made out of the collector's way, and collect less often."""
+def tune_garbage_collector() -> None:
+    """For a server process (not for tests sharing one): move what start-up made out of
+    the collector's way, and collect less often."""
     gc.collect()
     gc.freeze()
     gc.set_threshold(*GC_THRESHOLDS)

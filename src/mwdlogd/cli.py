@@ -11,7 +11,7 @@ from pathlib import Path
 import trio
 
 from mwdlogd import __version__, log, replay
-from mwdlogd.app import App
+from mwdlogd.app import App, tune_garbage_collector
 from mwdlogd.certs import DEFAULT_DAYS, DEFAULT_HOSTS, describe, init_certs
 from mwdlogd.config import (
     Config,
@@ -137,6 +137,7 @@ def _run(args: argparse.Namespace) -> int:
                           f"with server.workers={_worker_count(orphans)} to write it out")
     if config.server.workers > 1:
         return trio.run(Supervisor(config, str(path.resolve()), config_required=required).run)
+    tune_garbage_collector()
     trio.run(App(config, handle_signals=True).run)
     return 0
 

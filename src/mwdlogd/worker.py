@@ -19,7 +19,7 @@ import attrs
 import trio
 
 from mwdlogd import log
-from mwdlogd.app import App, WorkerSlot
+from mwdlogd.app import App, WorkerSlot, tune_garbage_collector
 from mwdlogd.config import Config, load_config
 from mwdlogd.errors import MwdlogdError
 from mwdlogd.servers.balance import open_board
@@ -107,6 +107,7 @@ def main(argv: list[str] | None = None) -> int:
         slot = WorkerSlot(args.index, sockets, Path(base.buffer.path) / "ledger", peers,
                           open_board(args.load_fd, base.server.workers), base.server.workers)
         app = App(worker_config(base, args.index), handle_signals=True, slot=slot)
+        tune_garbage_collector()
         trio.run(_serve, app, args.ready_fd, args.lifeline_fd)
     except* MwdlogdError as group:  # start-up errors come wrapped by the nursery
         problem = group.exceptions[0]
