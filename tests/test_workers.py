@@ -9,6 +9,7 @@ import json
 import os
 import random
 import signal
+import socket
 import subprocess
 import sys
 import threading
@@ -197,6 +198,18 @@ def test_a_worker_that_cannot_start_stops_the_supervisor(tmp_path: Path, pki: Pa
     assert result.returncode == 1
     assert "worker_failed_to_start" in result.stderr
     assert f"worker 0: open storage.root {tmp_path}/logs: cannot create" in result.stderr
+
+
+def test_a_port_in_use_is_named(tmp_path: Path, pki: Path) -> None:
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port_in_use = taken.getsockname()[1]
+        result = run_cli(workers_config(tmp_path, pki, forward={"port": port_in_use}))
+    assert result.returncode == 2
+    assert (f"forward.port: cannot listen on 127.0.0.1:{port_in_use}: Address already in use"
+            in result.stderr)
+    assert "worker_started" not in result.stderr
 
 
 def test_workers_drain_when_the_supervisor_is_killed(tmp_path: Path, pki: Path) -> None:

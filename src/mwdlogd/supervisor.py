@@ -29,7 +29,7 @@ EXIT_WORKER_FAILED = 1
 
 
 class StartupFailed(MwdlogdError):
-    pass
+    """A shared port could not be bound; no worker was started."""
 
 
 class Supervisor:
