@@ -4,14 +4,31 @@ what libraries never do (fragments, bad handshakes, wrong shapes)."""
 from __future__ import annotations
 
 import gzip
+import json
+import os
+import shutil
+import subprocess
+from pathlib import Path
 from typing import Any
 
 import msgpack
+import pytest
 import trio
 
 from mwdlogd.replay import ping_message
 
 KEY = "secret123"
+PEERS = Path(__file__).parent / "peers"
+
+needs_node = pytest.mark.skipif(
+    not os.environ.get("CI") and not ((PEERS / "node_modules").exists() and shutil.which("node")),
+    reason="run `npm ci --prefix tests/peers` (tools/test.sh does; in CI these never skip)")
+
+
+def node_send(options: dict[str, Any]) -> subprocess.CompletedProcess[str]:
+    """Send records with npm @fluent-org/logger (tests/peers/forward_send.js)."""
+    return subprocess.run(["node", str(PEERS / "forward_send.js"), json.dumps(options)],
+                          capture_output=True, text=True, timeout=60)
 
 
 def event_time(seconds: int, nanos: int = 0) -> msgpack.ExtType:

@@ -5,9 +5,6 @@ from __future__ import annotations
 
 import json
 import logging
-import os
-import shutil
-import subprocess
 from pathlib import Path
 from typing import Any
 
@@ -17,7 +14,7 @@ import trio
 import trio.testing
 
 from conftest import Running, make_config, start_app
-from forward_client import KEY, RawForward, packed, send_one
+from forward_client import KEY, RawForward, needs_node, node_send, packed, send_one
 from helpers import (
     CAPTURES,
     JournalHold,
@@ -28,7 +25,6 @@ from helpers import (
 )
 
 NGINX_FILE = "acme/nginx/www.acme.test/2024/11/25/02.log.gz"
-PEERS = Path(__file__).parent / "peers"
 
 
 async def forward_app(nursery: trio.Nursery, tmp_path: Path, pki: Path,
@@ -251,16 +247,6 @@ async def test_captured_shared_key_session_replayed(nursery: trio.Nursery, tmp_p
     assert ack == {"ack": "ZhGNgq8oQOPpu05WL8wwzg==\n"}
     await running.app.flush("test")
     assert [r["seq"] for r in all_records(running.root)] == list(range(8))
-
-
-needs_node = pytest.mark.skipif(
-    not os.environ.get("CI") and not ((PEERS / "node_modules").exists() and shutil.which("node")),
-    reason="run `npm ci --prefix tests/peers` (tools/test.sh does; in CI these never skip)")
-
-
-def node_send(options: dict[str, Any]) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(["node", str(PEERS / "forward_send.js"), json.dumps(options)],
-                          capture_output=True, text=True, timeout=60)
 
 
 @needs_node

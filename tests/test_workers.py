@@ -4,6 +4,7 @@ and the whole group killed at once recovers: every acked record lands exactly on
 
 from __future__ import annotations
 
+import concurrent.futures
 import gzip
 import json
 import os
@@ -13,6 +14,7 @@ import socket
 import subprocess
 import sys
 import threading
+import urllib.request
 from collections import Counter
 from pathlib import Path
 from typing import Any
@@ -21,8 +23,17 @@ import msgpack
 import trio
 
 from conftest import config_raw
-from forward_client import RawForward, packed, send_one
-from helpers import client_context, engine_records, free_port, http_get, ids_by_file, read_tree
+from forward_client import KEY, RawForward, needs_node, node_send, packed, send_one
+from helpers import (
+    TOKEN,
+    client_context,
+    engine_records,
+    free_port,
+    http_get,
+    ids_by_file,
+    ndjson,
+    read_tree,
+)
 from load_client import BATCH, Load
 from server_process import ServerProcess, write_config
 
@@ -306,3 +317,53 @@ async def run_tail_cli(config: Path, count: int) -> None:
     assert result.returncode == 0, result.stderr
     ids = sorted(json.loads(line)["id"] for line in result.stdout.decode().splitlines())
     assert ids == ["r0", "r1", "r2", "r3"]
+
+
+@needs_node
+def test_real_clients_against_two_workers(tmp_path: Path, pki: Path) -> None:
+    """npm @fluent-org/logger (PackedForward, TLS, shared key, acks), two processes at once
+    against each worker, and curl over HTTPS against both: every record stored once."""
+    server, pids = start(workers_config(tmp_path, pki, forward={"shared_key": KEY}))
+    host, _, forward_port = server.addresses["forward"].rpartition(":")
+    try:
+        options = [{"host": host, "port": int(forward_port), "ca": str(pki / "ca.crt"),
+                    "cert": str(pki / "engine-01.crt"), "key": str(pki / "engine-01.key"),
+                    "sharedKey": KEY, "mode": "PackedForward", "tag": "nginx.access",
+                    "count": 50, "start": 50 * n, "ack": True, "flushInterval": 20}
+                   for n in range(4)]
+        for serving in (0, 1):
+            only(pids, serving)
+            with concurrent.futures.ThreadPoolExecutor(2) as pool:
+                for result in pool.map(node_send, options[2 * serving:2 * serving + 2]):
+                    assert result.returncode == 0, result.stderr
+        only(pids, None)
+        for n in range(4):
+            curl_post(server.addresses["http"], pki, engine_records(5, start=100 + 5 * n))
+        connections = [metric_value(address, 'mwdlogd_connections_total{protocol="forward"}')
+                       for address in server.addresses["metrics"].split(",")]
+    finally:
+        drain(server)
+    ids = [record["id"] for records in read_tree(tmp_path / "logs").values()
+           for record in records]
+    assert sorted(ids) == sorted([f"node-{n}" for n in range(200)] +
+                                 [f"r{n}" for n in range(100, 120)])
+    assert connections == [2.0, 2.0]
+
+
+def curl_post(address: str, pki: Path, records: list[dict[str, Any]]) -> None:
+    result = subprocess.run(
+        ["curl", "-sS", "--fail-with-body", "--cacert", str(pki / "ca.crt"),
+         "--cert", str(pki / "engine-01.crt"), "--key", str(pki / "engine-01.key"),
+         "-H", f"Authorization: Bearer {TOKEN}", "-H", "Content-Type: application/x-ndjson",
+         "--data-binary", "@-", f"https://localhost:{address.rpartition(':')[2]}/nginx.access"],
+        input=ndjson(records), capture_output=True, timeout=30)
+    assert result.returncode == 0 and json.loads(result.stdout) == {"records": len(records)}, \
+        result.stderr
+
+
+def metric_value(address: str, name: str) -> float:
+    with urllib.request.urlopen(f"http://{address}/metrics", timeout=10) as reply:
+        for line in reply.read().decode().splitlines():
+            if line.startswith(name + " "):
+                return float(line.split()[-1])
+    raise AssertionError(f"{name} not exposed at {address}")
