@@ -51,7 +51,9 @@ def _parser() -> argparse.ArgumentParser:
     commands.add_parser("run", parents=[common], help="run the server (creates dev certs "
                         "under the tls.cert directory if no TLS files exist)",
                         description="Run until SIGTERM/SIGINT (drain: finish requests, flush "
-                        "everything, exit 0). SIGUSR1 flushes pending records to their files.")
+                        "everything, exit 0). SIGUSR1 flushes pending records to their files. "
+                        "With server.workers = N > 1 this process supervises N workers that "
+                        "share the ports and files (README: Workers); signals go to all.")
     commands.add_parser("check-config", parents=[common],
                         help="validate the config (and that TLS files exist), print a summary")
     init = commands.add_parser("init-config", parents=[common],

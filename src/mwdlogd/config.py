@@ -109,8 +109,8 @@ class StorageConfig:
     root: str = attrs.field(default="/var/log/mrwebdefence", metadata=_doc(
         "root of the hourly files tree"))
     compression: str = attrs.field(default="zlib", metadata=_doc(
-        "gzip members made by 'zlib' (level 6: smaller files) or 'igzip' (ISA-L level 1: "
-        "about a tenth of the CPU, files about half as large again)"))
+        "gzip members by 'zlib' (level 6: smaller files) or 'igzip' (ISA-L level 1: about "
+        "a tenth of the compression CPU, files a quarter to a half larger)"))
 
 
 @attrs.frozen
