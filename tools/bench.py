@@ -28,6 +28,7 @@ import statistics
 import sys
 import tempfile
 import time
+import tomllib
 from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import Any
@@ -275,18 +276,29 @@ def count_stored(root: Path) -> tuple[int, int, int]:
 
 
 def bench_config(work: Path, pki: Path, args: argparse.Namespace) -> Path:
-    raw = {
-        "server": {"hostname": "bench", "workers": args.workers},
+    """The server's config: `--config`'s (its [server], [buffer], [storage] and limits are
+    what is measured) or the defaults, with the bench's own addresses, PKI, credentials and
+    scratch directories; --workers, --compression and --no-fsync override when given."""
+    raw: dict[str, Any] = tomllib.loads(args.config.read_text()) if args.config else {}
+    loopback = {"bind": "127.0.0.1", "port": 0}
+    overrides: dict[str, dict[str, Any]] = {
         "tls": {"cert": str(pki / "server.crt"), "key": str(pki / "server.key"),
-                "ca": str(pki / "ca.crt")},
-        "http": {"bind": "127.0.0.1", "port": 0},
-        "forward": {"bind": "127.0.0.1", "port": 0, "shared_key": SHARED_KEY},
+                "ca": str(pki / "ca.crt"), "client_auth": True},
+        "http": loopback, "health": loopback, "metrics": loopback, "monitor": loopback,
+        "forward": {**loopback, "shared_key": SHARED_KEY, "transport": "tls", "users": []},
         "auth": {"tokens": [{"name": "bench", "token": TOKEN}]},
-        "storage": {"root": str(work / "logs"), "compression": args.compression},
-        "buffer": {"path": str(work / "buffer"), "fsync": not args.no_fsync},
-        "health": {"bind": "127.0.0.1", "port": 0}, "metrics": {"bind": "127.0.0.1", "port": 0},
-        "monitor": {"bind": "127.0.0.1", "port": 0},
+        "storage": {"root": str(work / "logs")},
+        "buffer": {"path": str(work / "buffer")},
     }
+    for section, values in overrides.items():
+        raw.setdefault(section, {}).update(values)
+    raw.setdefault("server", {}).setdefault("hostname", "bench")
+    if args.workers is not None:
+        raw["server"]["workers"] = args.workers
+    if args.compression is not None:
+        raw["storage"]["compression"] = args.compression
+    if args.no_fsync:
+        raw["buffer"]["fsync"] = False
     path = work / "config.toml"
     path.write_text(tomli_w.dumps(raw))
     return path
@@ -337,9 +349,12 @@ def main() -> int:
     parser.add_argument("--mode", choices=["PackedForward", "CompressedPackedForward"],
                         default="PackedForward", help="forward message mode")
     parser.add_argument("--connections", type=int, default=4)
-    parser.add_argument("--workers", type=int, default=1, help="server.workers (processes)")
-    parser.add_argument("--compression", choices=["zlib", "igzip"], default="zlib",
-                        help="storage.compression")
+    parser.add_argument("--config", type=Path, metavar="PATH",
+                        help="measure this mwdlogd config (addresses, TLS, tokens and paths "
+                        "are replaced by the bench's own)")
+    parser.add_argument("--workers", type=int, help="server.workers (default: the config's, 1)")
+    parser.add_argument("--compression", choices=["zlib", "igzip"],
+                        help="storage.compression (default: the config's, zlib)")
     parser.add_argument("--batch", type=int, default=1000, help="records per request")
     parser.add_argument("--duration", type=float, default=10.0, help="seconds of load")
     parser.add_argument("--rate", type=float, help="offered records/s (default: as fast as "
@@ -376,11 +391,13 @@ def main() -> int:
             elapsed = trio.run(load, host, int(port), context, args, stats)
             null.stop()
             reference = round(stats.records / elapsed)
-        server = None
+        server, server_config = None, None
         if args.target:
             host, _, port = args.target.rpartition(":")
         else:
-            server = ServerProcess(bench_config(work, pki, args))
+            config_path = bench_config(work, pki, args)
+            server_config = tomllib.loads(config_path.read_text())
+            server = ServerProcess(config_path)
             host, _, port = server.addresses[args.protocol].rpartition(":")
         stats = Stats()
         pids = server_pids(server) if server else []
@@ -389,8 +406,10 @@ def main() -> int:
         result: dict[str, Any] = {
             "machine": machine(), "protocol": args.protocol,
             "mode": args.mode if args.protocol == "forward" else "ndjson",
-            "workers": args.workers if server else None,
-            "compression": args.compression if server else None,
+            "config": str(args.config) if server and args.config else None,
+            "workers": server_config["server"].get("workers", 1) if server_config else None,
+            "compression": (server_config["storage"].get("compression", "zlib")
+                            if server_config else None),
             "connections": args.connections, "batch": args.batch, "rate": args.rate,
             "gzip": args.gzip, "fsync": not args.no_fsync, "duration_s": round(elapsed, 2),
             "acked_records": stats.records,
