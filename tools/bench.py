@@ -3,12 +3,14 @@
 HTTPS (ndjson, `out_http` shape) or forward (PackedForward / CompressedPackedForward over
 TLS with shared key and ack, as out_forward sends it).
 
-By default it starts mwdlogd as a subprocess on a temporary config (own dev PKI, ports 0;
-`--config` measures an operator's config instead, with those replaced), drives it over keep-alive mTLS connections with pre-encoded ndjson batches, then stops it
-with SIGTERM and counts what landed. Reports server CPU seconds per million records and
-peak RSS (VmHWM). With --target it drives any server of the same protocol instead. --reference-null
-first measures the same load against a null server (TLS + HTTP framing only, in its own
-process): the ceiling of this load generator on this machine, for side-by-side figures.
+By default it starts mwdlogd as a subprocess on a temporary config (own dev PKI, ports
+0; `--config` measures an operator's config instead, with those replaced), drives it over
+keep-alive mTLS connections with pre-encoded batches, then stops it with SIGTERM and
+counts what landed. Reports server CPU seconds per million records and peak RSS (VmHWM),
+summed over its processes, and the bytes written. With --target it drives any server of
+the same protocol instead. --reference-null first measures the same load against a null
+server (TLS + HTTP framing only, in its own process): the ceiling of this load generator
+on this machine, for side-by-side figures.
 
     python tools/bench.py --connections 4 --batch 1000 --duration 20
     python tools/bench.py --protocol forward --mode CompressedPackedForward
