@@ -4,9 +4,12 @@ comes next; torn state writes; two processes appending to one file; the sweep.""
 from __future__ import annotations
 
 import gzip
+import logging
 import multiprocessing
 import os
 from pathlib import Path
+
+import pytest
 
 from mwdlogd.storage.files import destination
 from mwdlogd.storage.hourly import MemberBuilder, append_members
@@ -36,12 +39,18 @@ def committed(ledger: Ledger, root: Path) -> int:
         return -2 if held is None else held.committed
 
 
-def test_unfinished_append_is_cut_back_and_not_committed(tmp_path: Path) -> None:
+def test_unfinished_append_is_cut_back_and_not_committed(
+        tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
     root, ledger = tmp_path / "logs", Ledger(tmp_path / "ledger")
     append_members(str(root), REL, member("1\n"), 4, ledger)
     crash_mid_append(ledger, root, "2\n")
-    assert committed(Ledger(tmp_path / "ledger"), root) == 4
+    with caplog.at_level(logging.WARNING, logger="mwdlogd"):
+        assert committed(Ledger(tmp_path / "ledger"), root) == 4
+        assert committed(Ledger(tmp_path / "ledger"), root) == 4  # cut once, logged once
     assert gzip.decompress((root / REL).read_bytes()) == b"1\n"
+    assert [r.getMessage() for r in caplog.records] == [
+        f"unfinished_append_cut path={REL} bytes_cut=9 detail=\"an append was interrupted; "
+        f"the journal that owns it writes it again\""]
 
 
 def test_a_dead_workers_torn_member_is_cut_by_the_next_writer_and_only_once(

@@ -79,8 +79,10 @@ class Held:
         """The last appender died mid-append: remove what it left."""
         assert self.state.pending is not None
         cut = truncate_to(root, self.relpath, self.state.pending)
-        log.event(logging.WARNING, "unfinished_append_cut", path=self.relpath, bytes_cut=cut,
-                  detail="an append was interrupted; the journal that owns it writes it again")
+        if cut:  # nothing to cut after a failed append that already cut itself back
+            log.event(logging.WARNING, "unfinished_append_cut", path=self.relpath,
+                      bytes_cut=cut, detail="an append was interrupted; the journal that "
+                      "owns it writes it again")
         self.state.pending = None
         self._write(sync=False)
 
