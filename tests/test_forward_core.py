@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import gzip
+import subprocess
+import sys
 from typing import Any
 
 import msgpack
@@ -216,3 +218,59 @@ def test_fuzz_only_protocol_errors_escape(data: bytes, handshake: bool) -> None:
             pass
     except ForwardProtocolError:
         pass
+
+
+HOSTILE_STREAMS = {  # name: (start, unit repeated after it)
+    # [tag, str32 declaring 1 GiB]: refused from the header
+    "huge declared string": (b"\x93\xa5nginx\xdb\x40\x00\x00\x00", b"x"),
+    # [tag, [65535 strings of 64 KiB each, ...]]: every part within limits, never complete
+    "endless entries": (b"\x92\xa5nginx\xdc\xff\xff", b"\xda\xff\xff" + b"x" * 65535),
+    # arrays nested without end
+    "endless nesting": (b"", b"\x91"),
+}
+
+# Run in a fresh interpreter: feed 16 MiB of the stream 64 KiB at a time to
+# ForwardConnection(limit 1 MiB) or, as the control, to an unbounded msgpack Unpacker;
+# print the growth of the peak resident set (VmHWM) in KiB and what stopped it.
+HOSTILE_FEEDER = """
+import sys, msgpack
+from mwdlogd.proto.forward import NEED_DATA, ForwardConnection, ForwardProtocolError
+def hwm():
+    return next(int(l.split()[1]) for l in open("/proc/self/status") if l.startswith("VmHWM"))
+head, unit = (bytes.fromhex(line) for line in sys.stdin.read().split("\\n"))
+control = sys.argv[1] == "control"
+pieces = [head] + [unit * max(1, 65536 // len(unit))] * 256
+conn = ForwardConnection(max_message_bytes=1 << 20)
+unbounded = msgpack.Unpacker(max_buffer_size=0)
+before, outcome = hwm(), "fed"
+try:
+    for piece in pieces:
+        if control:
+            unbounded.feed(piece)
+            continue
+        conn.receive_data(piece)
+        while conn.next_event() is not NEED_DATA:
+            pass
+except ForwardProtocolError as exc:
+    outcome = exc.reason
+print(hwm() - before, outcome)
+"""
+
+
+def feed_hostile(name: str, control: bool = False) -> tuple[int, str]:
+    head, unit = HOSTILE_STREAMS[name]
+    result = subprocess.run([sys.executable, "-c", HOSTILE_FEEDER,
+                             "control" if control else "core"], input=f"{head.hex()}\n{unit.hex()}",
+                            capture_output=True, text=True, timeout=60, check=True)
+    growth, outcome = result.stdout.split()
+    return int(growth), outcome
+
+
+@pytest.mark.parametrize("name", sorted(HOSTILE_STREAMS))
+def test_hostile_streams_are_refused_with_bounded_memory(name: str) -> None:
+    """16 MiB of a never-ending message against a 1 MiB limit: refused, and the process's
+    peak memory grows by less than 3 MiB, where an unbounded unpacker grows by >= 16 MiB."""
+    growth, outcome = feed_hostile(name)
+    assert outcome in ("too_large", "malformed_msgpack") and growth < 3 * 1024, (growth, outcome)
+    control_growth, _ = feed_hostile(name, control=True)
+    assert control_growth >= 16 * 1024

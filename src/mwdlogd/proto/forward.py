@@ -135,7 +135,7 @@ class ForwardConnection:
         try:
             message = next(self._unpacker)
         except StopIteration:
-            self._refuse_oversized_declaration()
+            self._refuse_oversized()
             return NEED_DATA
         except (ValueError, TypeError) as exc:  # format errors, limits, bad UTF-8, list keys
             reason = "too_large" if "exceeds max" in str(exc) else "malformed_msgpack"
@@ -150,6 +150,17 @@ class ForwardConnection:
         if isinstance(body, bytes):  # PackedForward: [tag, blob, option]
             return self._entries([_text(message[0]), body, *_text(message[2:])])
         return self._entries(_text(message))
+
+    def _refuse_oversized(self) -> None:
+        """The unfinished message may not grow past the limit. msgpack's own buffer limit
+        does not bound it: the unpacker keeps what it has parsed of an unfinished array
+        (not its bytes) across feeds, so an endless one would grow without end."""
+        unfinished = self._fed - self._head_at
+        if unfinished > self._limit:
+            raise ForwardProtocolError(
+                "too_large", f"message over forward.message_size_limit={self._limit} bytes "
+                f"({unfinished} bytes and not finished)")
+        self._refuse_oversized_declaration()
 
     def _refuse_oversized_declaration(self) -> None:
         """Read `[tag, <str/bin header>` from the message start; refuse a length over the
