@@ -64,8 +64,7 @@ class Harness:
         data = b"".join(line + b"\n" for line in lines)
         batch_id = self.tracker.next_id
         self.tracker.open(batch_id, 1, len(data))
-        await self.send.send(Submission(tag, [Group(path, hour, data, len(lines))], len(data),
-                                        batch_id))
+        await self.send.send(Submission(tag, [Group(path, hour, data, len(lines))], batch_id))
 
     async def flush(self) -> None:
         marker = FlushAll()

@@ -66,7 +66,6 @@ class Group:
 class Submission:
     tag: str
     groups: list[Group]
-    size: int
     batch_id: int = -1
     dedupe_key: str | None = None  # forward: client identity + chunk id
     error: Refused | None = None
@@ -75,6 +74,11 @@ class Submission:
     @property
     def count(self) -> int:
         return sum(g.count for g in self.groups)
+
+    @property
+    def size(self) -> int:
+        """Bytes of records: what the batch counts against buffer.total_limit."""
+        return sum(len(g.data) for g in self.groups)
 
     def payload(self) -> bytes:
         groups = [[g.path, g.hour, g.count, g.data] for g in self.groups]
@@ -85,7 +89,7 @@ class Submission:
     def from_payload(cls, batch_id: int, payload: bytes) -> "Submission":
         tag, groups, dedupe_key = msgpack.unpackb(payload, unicode_errors="surrogateescape")
         kept = [Group(path, hour, data, count) for path, hour, count, data in groups]
-        return cls(tag, kept, sum(len(g.data) for g in kept), batch_id, dedupe_key)
+        return cls(tag, kept, batch_id, dedupe_key)
 
 
 @attrs.frozen
@@ -110,7 +114,7 @@ def group_routed(tag: str, routed: Iterable[Routed]) -> Submission:
         by_path.setdefault(record.path, (record.hour, []))[1].append(record.line)
     groups = [Group(path, hour, b"".join(lines), len(lines))
               for path, (hour, lines) in by_path.items()]
-    return Submission(tag, groups, sum(len(g.data) for g in groups))
+    return Submission(tag, groups)
 
 
 class Pipeline:
@@ -315,7 +319,6 @@ def _recover(journal: Journal, ledger: Ledger, chunk_ids: ChunkIdLog, root: str
             keys.append((time.time(), submission.dedupe_key))
         submission.groups = [g for g in submission.groups if batch_id > holds(g.path)]
         if submission.groups:
-            submission.size = sum(len(g.data) for g in submission.groups)
             replay.append(submission)
             records += submission.count
     swept = ledger.sweep(LEDGER_KEEP_S)
