@@ -62,7 +62,6 @@ class WorkerSlot:
     ledger_dir: Path  # shared by every worker
     peer_chunk_ids: tuple[Path, ...]  # the other workers' chunk id logs
     load_board: mmap.mmap  # every worker's connection counts (servers/balance.py)
-    workers: int
 
 
 def token_table(config: Config) -> TokenTable:
@@ -182,7 +181,9 @@ class App:
 
     def _balance(self, listener: str) -> Balance | None:
         slot = self._slot
-        return Balance(slot.load_board, listener, slot.index, slot.workers) if slot else None
+        if slot is None:
+            return None
+        return Balance(slot.load_board, listener, slot.index, self.config.server.workers)
 
     async def _run_router(self, receive: trio.MemoryReceiveChannel[Message]) -> None:
         try:

@@ -20,7 +20,7 @@ import trio
 from mwdlogd import log
 from mwdlogd.config import Config
 from mwdlogd.errors import MwdlogdError
-from mwdlogd.servers.balance import ABSENT, LISTENERS, SLOT, board_size
+from mwdlogd.servers.balance import ABSENT, board_size, set_counts
 from mwdlogd.servers.listen import bind_shared
 from mwdlogd.worker import SHARED_SOCKETS
 
@@ -39,8 +39,8 @@ class Supervisor:
         if not config_required:
             self._worker_argv.append("--config-optional")
         self._processes: dict[int, trio.Process] = {}
-        self._side: dict[int, tuple[str, str]] = {}
-        self._load_board = -1  # index -> (metrics, monitor) address
+        self._side: dict[int, tuple[str, str]] = {}  # index -> (metrics, monitor) address
+        self._load_board = -1  # memfd of the connection counts (servers/balance.py)
         self._stopping = False
         self._failed = False
 
@@ -121,7 +121,7 @@ class Supervisor:
         argv = [*self._worker_argv, "--index", str(index), "--sockets", fds,
                 "--ready-fd", str(ready_write), "--lifeline-fd", str(lifeline),
                 "--load-fd", str(self._load_board)]
-        self._set_connections(index, 0)
+        set_counts(self._load_board, index, self._config.server.workers, 0)
         try:
             process = await trio.lowlevel.open_process(
                 argv, pass_fds=[*socket_fds, ready_write, lifeline, self._load_board])
@@ -134,14 +134,9 @@ class Supervisor:
             code = await process.wait()
             nursery.cancel_scope.cancel()
         del self._processes[index]
-        self._set_connections(index, ABSENT)
+        # gone: nobody defers to it until it is started again (with 0 connections)
+        set_counts(self._load_board, index, self._config.server.workers, ABSENT)
         return code
-
-    def _set_connections(self, index: int, value: int) -> None:
-        """0 when a worker (re)starts; ABSENT once it is gone, so no one waits for it."""
-        count = self._config.server.workers
-        for listener in range(len(LISTENERS)):
-            os.pwrite(self._load_board, SLOT.pack(value), (listener * count + index) * SLOT.size)
 
     async def _watch_signals(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED
                              ) -> None:
@@ -173,6 +168,3 @@ class Supervisor:
         for process in self._processes.values():
             if process.returncode is None:
                 process.send_signal(signum)
-
-
-

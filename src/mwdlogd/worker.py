@@ -105,7 +105,7 @@ def main(argv: list[str] | None = None) -> int:
         peers = tuple(worker_buffer(base, i) / CHUNK_IDS for i in range(base.server.workers)
                       if i != args.index)
         slot = WorkerSlot(args.index, sockets, Path(base.buffer.path) / "ledger", peers,
-                          open_board(args.load_fd, base.server.workers), base.server.workers)
+                          open_board(args.load_fd, base.server.workers))
         app = App(worker_config(base, args.index), handle_signals=True, slot=slot)
         tune_garbage_collector()
         trio.run(_serve, app, args.ready_fd, args.lifeline_fd)

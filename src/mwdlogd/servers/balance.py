@@ -10,6 +10,7 @@ the rest: after PATIENCE_S a waiting worker accepts anyway.
 """
 
 import mmap
+import os
 import struct
 from typing import Any
 
@@ -28,14 +29,24 @@ def board_size(workers: int) -> int:
     return SLOT.size * len(LISTENERS) * workers
 
 
+def _offset(listener: str, index: int, workers: int) -> int:
+    """Where worker `index`'s count for `listener` lives on the board."""
+    return (LISTENERS.index(listener) * workers + index) * SLOT.size
+
+
+def set_counts(board_fd: int, index: int, workers: int, value: int) -> None:
+    """Set every listener's count of worker `index` (the supervisor, between its runs)."""
+    for listener in LISTENERS:
+        os.pwrite(board_fd, SLOT.pack(value), _offset(listener, index, workers))
+
+
 class Balance:
     """One worker's view of one listener's connection counts."""
 
     def __init__(self, board: mmap.mmap, listener: str, index: int, workers: int) -> None:
-        first = LISTENERS.index(listener) * workers
         self._board = board
-        self._mine = (first + index) * SLOT.size
-        self._others = [(first + i) * SLOT.size for i in range(workers) if i != index]
+        self._mine = _offset(listener, index, workers)
+        self._others = [_offset(listener, i, workers) for i in range(workers) if i != index]
 
     @property
     def connections(self) -> int:
