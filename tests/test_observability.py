@@ -286,4 +286,4 @@ def test_pretty_line() -> None:
 async def test_follow_reports_an_unreachable_server() -> None:
     from mwdlogd.errors import MwdlogdError
     with pytest.raises(MwdlogdError, match="cannot reach"):
-        await follow(f"ws://127.0.0.1:{free_port()}/api/tail", sys.stdout)
+        await follow([f"ws://127.0.0.1:{free_port()}/api/tail"], sys.stdout)

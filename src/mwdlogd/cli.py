@@ -134,18 +134,14 @@ def _run(args: argparse.Namespace) -> int:
     _ensure_dev_certs(config)
     orphans = orphaned_journals(config)
     if orphans:
-        raise ConfigError("server.workers", f"{orphans[0]} holds the unwritten journal of a "
-                          f"worker beyond server.workers={config.server.workers}; start once "
-                          f"with server.workers={_worker_count(orphans)} to write it out")
+        raise ConfigError("server.workers", f"{orphans[min(orphans)]} holds the unwritten "
+                          f"journal of a worker beyond server.workers={config.server.workers}; "
+                          f"start once with server.workers={max(orphans) + 1} to write it out")
     if config.server.workers > 1:
         return trio.run(Supervisor(config, str(path.resolve()), config_required=required).run)
     tune_garbage_collector()
     trio.run(App(config, handle_signals=True).run)
     return 0
-
-
-def _worker_count(orphans: list[Path]) -> int:
-    return max(int(o.name.removeprefix("worker-")) for o in orphans) + 1
 
 
 def _check_config(args: argparse.Namespace) -> int:

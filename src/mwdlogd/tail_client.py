@@ -36,7 +36,7 @@ def pretty(record: dict[str, Any]) -> str:
             f"{json.dumps(shown, ensure_ascii=False)}")
 
 
-async def follow(urls: str | list[str], out: TextIO, *, limit: int | None = None,
+async def follow(urls: list[str], out: TextIO, *, limit: int | None = None,
                  formatter: Callable[[dict[str, Any]], str] | None = None) -> int:
     """Print records from every url (one per worker) until interrupted or `limit` records
     in all; returns how many."""
@@ -52,7 +52,7 @@ async def follow(urls: str | list[str], out: TextIO, *, limit: int | None = None
 
     try:
         async with trio.open_nursery() as nursery:
-            for url in [urls] if isinstance(urls, str) else urls:
+            for url in urls:
                 nursery.start_soon(_follow_one, url, show, nursery.cancel_scope)
     except* MwdlogdError as group:  # the first refusal or unreachable worker says why
         problem = group.exceptions[0]

@@ -49,16 +49,15 @@ def worker_buffer(config: Config, index: int) -> Path:
     return base if index == 0 else base / f"worker-{index}"
 
 
-def orphaned_journals(config: Config) -> list[Path]:
-    """Journals of workers beyond `server.workers` that still hold batches: starting
-    without them would leave acknowledged records unwritten."""
-    base = Path(config.buffer.path)
-    found = []
-    for directory in sorted(base.glob("worker-*")):
+def orphaned_journals(config: Config) -> dict[int, Path]:
+    """Buffer areas, by worker index, of workers beyond `server.workers` whose journals
+    still hold batches: starting without them would leave acknowledged records unwritten."""
+    found = {}
+    for directory in Path(config.buffer.path).glob("worker-*"):
         suffix = directory.name.removeprefix("worker-")
         if suffix.isdigit() and int(suffix) >= config.server.workers and any(
                 segment.stat().st_size for segment in directory.glob("journal/*.wal")):
-            found.append(directory)
+            found[int(suffix)] = directory
     return found
 
 
