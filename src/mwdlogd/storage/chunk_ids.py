@@ -17,6 +17,15 @@ CHUNK_IDS = "chunk-ids.log"
 COMPACT_BYTES = 4 * 1024 * 1024
 
 
+def _encode(at: float, key: str) -> bytes:
+    """One entry: the time in ms as the record id, the key as its payload."""
+    return framing.frame(MAGIC, int(at * 1000), key.encode("utf-8", "surrogateescape"))
+
+
+def _decode(records: list[tuple[int, bytes]]) -> list[tuple[float, str]]:
+    return [(ms / 1000, key.decode("utf-8", "surrogateescape")) for ms, key in records]
+
+
 class ChunkIdLog:
     def __init__(self, path: Path, *, window_s: float, fsync: bool = True) -> None:
         self.path = path
@@ -30,8 +39,7 @@ class ChunkIdLog:
     def open(self, now: float | None = None) -> list[tuple[float, str]]:
         """The ids still inside the window, oldest first; rewrites the file with just them."""
         records, _ = read_records(self.path, MAGIC, "chunk id log")
-        self._entries.extend((ms / 1000, key.decode("utf-8", "surrogateescape"))
-                             for ms, key in records)
+        self._entries.extend(_decode(records))
         self._expire(now if now is not None else time.time())
         self._rewrite()
         return list(self._entries)
@@ -39,8 +47,7 @@ class ChunkIdLog:
     def append(self, keys: list[str], now: float) -> None:
         if not keys:
             return
-        data = b"".join(framing.frame(MAGIC, int(now * 1000),
-                                      key.encode("utf-8", "surrogateescape")) for key in keys)
+        data = b"".join(_encode(now, key) for key in keys)
         try:
             os.write(self._fd, data)
         except OSError as exc:
@@ -62,8 +69,7 @@ class ChunkIdLog:
             self._entries.popleft()
 
     def _rewrite(self) -> None:
-        data = b"".join(framing.frame(MAGIC, int(at * 1000), key.encode("utf-8", "surrogateescape"))
-                        for at, key in self._entries)
+        data = b"".join(_encode(at, key) for at, key in self._entries)
         try:
             self._fd = replace_and_reopen(self.path, data, self._fd)
         except OSError as exc:
@@ -99,6 +105,6 @@ class PeerChunkIds:
                 continue
             except OSError as exc:
                 raise StorageError(str(path), "read a worker's chunk ids", str(exc)) from exc
-            found += [(ms / 1000, key.decode("utf-8", "surrogateescape")) for ms, key in records]
+            found += _decode(records)
             self._positions[path] = (inode, offset + valid)
         return found
