@@ -22,7 +22,7 @@ def loads_keeping_text(data: bytes) -> Any:
 
 
 def loads(data: bytes) -> Any:
-    """Decode one JSON document, top-level integers exact; raises JSONDecodeError (also
+    """Decode one JSON document, integers exact at any depth; raises JSONDecodeError (also
     for invalid UTF-8)."""
     value = orjson.loads(data)
     return json.loads(data) if _holds_huge_number(value) else value

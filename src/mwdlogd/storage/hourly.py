@@ -44,7 +44,6 @@ class MemberBuilder:
         return b"".join(self._parts)
 
 
-
 def append_members(root: str, relpath: str, members: bytes, max_id: int,
                    ledger: Ledger) -> int:
     """Append complete gzip members and fsync, under the file's ledger lock; returns bytes
