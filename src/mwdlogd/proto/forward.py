@@ -228,9 +228,9 @@ class ForwardConnection:
         if isinstance(body, list):  # Forward
             entries = [self._entry(e, n) for n, e in enumerate(body)]
             option = message[2] if len(message) > 2 else None
-        elif isinstance(body, str | bytes):  # PackedForward, maybe compressed
+        elif isinstance(body, bytes):  # PackedForward, maybe compressed (kept raw above)
             option = message[2] if len(message) > 2 else None
-            entries = self._packed(_bytes(body), option)
+            entries = self._packed(body, option)
         else:  # Message: [tag, time, record(, option)]
             if len(message) < 3 or not isinstance(message[2], dict):
                 raise ForwardProtocolError("wrong_shape", f"message mode needs "
