@@ -20,8 +20,9 @@ from collections import Counter
 from pathlib import Path
 from typing import Any
 
-import msgpack
 import trio
+
+from mwdlogd.storage.ledger import SUFFIX, Ledger
 
 from conftest import config_raw
 from forward_client import KEY, RawForward, needs_node, node_send, packed, send_one
@@ -74,19 +75,14 @@ def stored_ids(root: Path) -> Counter[str]:
     return Counter(record["id"] for records in read_tree(root).values() for record in records)
 
 
-def writers_per_file(buffer: Path) -> list[set[int]]:
+def writers_per_file(buffer: Path, root: Path) -> list[set[int]]:
     """Which workers appended to each hourly file, from the append ledger's states."""
-    found = []
-    for state in (buffer / "ledger").rglob("*.state"):
-        data = state.read_bytes()
-        workers: set[int] = set()
-        for offset in (0, 512):
-            payload_length = int.from_bytes(data[offset + 4:offset + 8], "big")
-            if data[offset:offset + 4] == b"MWL1":
-                _, committed = msgpack.unpackb(data[offset + 20:offset + 20 + payload_length],
-                                               strict_map_key=False)
-                workers |= set(committed)
-        found.append(workers)
+    ledger, found = Ledger(buffer / "ledger"), []
+    for state in ledger.directory.rglob("*" + SUFFIX):
+        relpath = str(state.relative_to(ledger.directory)).removesuffix(SUFFIX)
+        with ledger.hold(str(root), relpath, create=False) as held:
+            assert held is not None
+            found.append(set(held.state.committed))
     return found
 
 
@@ -139,7 +135,7 @@ def test_two_workers_share_ports_and_files(tmp_path: Path, pki: Path) -> None:
         load.stop()
     drain(server)
     assert_exactly_once(tmp_path / "logs", load.acked)
-    assert {0, 1} in writers_per_file(tmp_path / "buffer")  # one file, both workers
+    assert {0, 1} in writers_per_file(tmp_path / "buffer", tmp_path / "logs")  # both workers
     assert (tmp_path / "buffer" / "worker-1" / "journal").is_dir()
 
 
