@@ -13,7 +13,7 @@ command -v npm >/dev/null || need+=(npm)
 command -v promtool >/dev/null || need+=(prometheus)
 if [ ${#need[@]} -gt 0 ]; then
   echo "installing ${need[*]} (Debian packages)"
-  apt-get update -qq && apt-get install -y -qq "${need[@]}"
+  apt-get -o DPkg::Lock::Timeout=900 update -qq && apt-get -o DPkg::Lock::Timeout=900 install -y -qq "${need[@]}"
 fi
 
 [ -x .venv/bin/python ] || python3 -m venv .venv
