@@ -43,13 +43,15 @@ async def read_event(conn: h11.Connection, stream: trio.abc.Stream) -> Any:
 
 
 async def send_response(conn: h11.Connection, stream: trio.abc.Stream, response: Response,
-                        *, close: bool = False) -> None:
+                        *, close: bool = False, head: bool = False) -> None:
+    """Sends `response`; for a HEAD request (`head`) the headers only, as HTTP requires."""
     headers = [(b"server", SERVER_HEADER), (b"content-type", response.content_type),
                (b"content-length", str(len(response.body)).encode()), *response.headers]
     if close:
         headers.append((b"connection", b"close"))
     data = conn.send(h11.Response(status_code=response.status, headers=headers)) or b""
-    data += conn.send(h11.Data(data=response.body)) or b""
+    if not head:
+        data += conn.send(h11.Data(data=response.body)) or b""
     data += conn.send(h11.EndOfMessage()) or b""
     await stream.send_all(data)
 

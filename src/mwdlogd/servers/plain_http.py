@@ -59,7 +59,7 @@ async def _serve_connection(stream: trio.SocketStream, handler: Handler) -> None
             response = await handler(event)
         while not isinstance(await read_event(conn, stream), h11.EndOfMessage):
             pass
-        await send_response(conn, stream, response)
+        await send_response(conn, stream, response, head=event.method == b"HEAD")
         if not reusable(conn):
             return
         conn.start_next_cycle()
