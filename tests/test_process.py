@@ -135,7 +135,7 @@ def test_check_config_names_the_bad_key(tmp_path: Path, pki: Path) -> None:
     raw["server"]["workers"] = 2
     ok = mwdlogd("check-config", "--config", str(write_config(tmp_path / "ok.toml", raw)))
     assert ok.returncode == 0 and "config OK" in ok.stdout
-    assert "metrics=127.0.0.1:9100,127.0.0.1:9101 " in ok.stdout and "workers=2" in ok.stdout
+    assert "metrics.port=127.0.0.1:9100 " in ok.stdout and "workers=2" in ok.stdout
 
 
 def test_run_refuses_a_missing_key_file(tmp_path: Path, pki: Path) -> None:

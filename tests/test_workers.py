@@ -227,7 +227,7 @@ def test_workers_drain_when_the_supervisor_is_killed(tmp_path: Path, pki: Path) 
     acked = acked_records(server, pki, 20 * BATCH, requests_per_connection=2)
     server.signal(signal.SIGKILL)
     for index in pids:
-        server.wait_for(rf" shutdown_complete worker={index}$")
+        server.wait_for(rf" shutdown_complete .* worker={index}$")
     assert_exactly_once(tmp_path / "logs", acked)
     assert gzip.decompress(next((tmp_path / "logs").rglob("*.log.gz")).read_bytes())
 
@@ -254,7 +254,7 @@ async def test_a_forward_resend_to_the_other_worker_is_not_stored_twice(tmp_path
             reply = await send_one(server.addresses["forward"], client_context(pki), message)
             assert reply == {"ack": "chunk-A==\n"}
         only(pids, None)
-        worker_1_metrics = server.addresses["metrics"].split(",")[1]
+        worker_1_metrics = server.addresses["worker_metrics"].split(",")[1]
         _, body = await http_get(worker_1_metrics, "/metrics")
         assert b"mwdlogd_forward_duplicate_chunks_total 1.0" in body
     finally:
@@ -271,7 +271,7 @@ async def test_connections_that_arrive_together_are_spread_over_the_workers(
         async with trio.open_nursery() as nursery:
             for _ in range(4):
                 nursery.start_soon(connect_forward, server.addresses["forward"], pki, clients)
-        for metrics in server.addresses["metrics"].split(","):
+        for metrics in server.addresses["worker_metrics"].split(","):
             _, body = await http_get(metrics, "/metrics")
             assert b'mwdlogd_connections_total{protocol="forward"} 2.0' in body
     finally:
@@ -339,7 +339,7 @@ def test_real_clients_against_two_workers(tmp_path: Path, pki: Path) -> None:
         for n in range(4):
             curl_post(server.addresses["http"], pki, engine_records(5, start=100 + 5 * n))
         connections = [metric_value(address, 'mwdlogd_connections_total{protocol="forward"}')
-                       for address in server.addresses["metrics"].split(",")]
+                       for address in server.addresses["worker_metrics"].split(",")]
     finally:
         drain(server)
     ids = [record["id"] for records in read_tree(tmp_path / "logs").values()

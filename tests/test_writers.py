@@ -83,8 +83,9 @@ async def start(nursery: trio.Nursery, *, timekey_wait: float = 10.0,
                 **settings: float) -> Harness:
     store, telemetry, tracker = MemoryStore(), Telemetry("h"), BatchTracker()
     wall = [HOUR + 600.0 - trio.current_time()]  # wall clock = trio clock + offset
-    router = Router(store=store, settings=writer_settings(**settings),  # type: ignore[arg-type]
-                    timekey_wait_s=timekey_wait, telemetry=telemetry, tracker=tracker,
+    fixed = writer_settings(**settings)  # type: ignore[arg-type]
+    router = Router(store=store, settings=lambda: fixed,
+                    timekey_wait_s=lambda: timekey_wait, telemetry=telemetry, tracker=tracker,
                     wall_clock=lambda: trio.current_time() + wall[0])
     send, receive = trio.open_memory_channel[Message](0)
     nursery.start_soon(router.run, receive)

@@ -1,4 +1,4 @@
-"""The main nursery: start order, readiness line, signals, and the phased shutdown."""
+"""The main nursery: start order, readiness line, signals, reload, and the phased shutdown."""
 
 import gc
 import logging
@@ -14,24 +14,26 @@ import trio
 from prometheus_client import CONTENT_TYPE_LATEST
 
 from mwdlogd import log
-from mwdlogd.config import DEV_TOKEN, Config
-from mwdlogd.errors import StorageError
-from mwdlogd.proto.auth import Credential, TokenTable
+from mwdlogd.config import Config, check_tls_files
+from mwdlogd.errors import MwdlogdError, StorageError
+from mwdlogd.live import Live, Settings, merge_reload, token_table
 from mwdlogd.runtime.dedupe import ChunkMemory
 from mwdlogd.runtime.filestore import FileStore
-from mwdlogd.runtime.pipeline import Message, Pipeline
+from mwdlogd.runtime.pipeline import FlushAll, Message, Pipeline
 from mwdlogd.runtime.router import Router
 from mwdlogd.runtime.tail import TailHub
 from mwdlogd.runtime.tracker import BatchTracker
 from mwdlogd.runtime.writer import WriterSettings
 from mwdlogd.servers import monitor_agent
 from mwdlogd.servers.balance import Balance
-from mwdlogd.servers.forward import ForwardServer, ForwardSettings
+from mwdlogd.servers.forward import ForwardServer
 from mwdlogd.servers.http_io import Response, json_response
-from mwdlogd.servers.https import HttpsIngestServer, IngestSettings
+from mwdlogd.servers.https import HttpsIngestServer
+from mwdlogd.servers.listen import bind_listeners
 from mwdlogd.servers.monitor import MonitorServer
 from mwdlogd.servers.plain_http import not_found, run_plain_http
 from mwdlogd.servers.tls import server_context
+from mwdlogd.startup import certificate_warnings
 from mwdlogd.storage.chunk_ids import CHUNK_IDS, ChunkIdLog, PeerChunkIds
 from mwdlogd.storage.hourly import check_writable
 from mwdlogd.storage.journal import Journal
@@ -42,6 +44,7 @@ from mwdlogd.telemetry import BufferView, Telemetry
 FILE_IO_THREADS = 4
 # Journaled batches waiting for the router; small: backpressure reaches the journal task.
 ROUTER_QUEUE = 16
+LISTENERS = ("http", "forward", "health", "metrics", "monitor")
 
 
 @attrs.frozen
@@ -64,18 +67,24 @@ class WorkerSlot:
     load_board: mmap.mmap  # every worker's connection counts (servers/balance.py)
 
 
-def token_table(config: Config) -> TokenTable:
-    return TokenTable([Credential(t.name, t.token.encode(), frozenset(t.customers))
-                       for t in config.auth.tokens])
+def writer_settings(config: Config) -> WriterSettings:
+    buffer = config.buffer
+    return WriterSettings(buffer.flush_interval, buffer.chunk_limit, buffer.retry_max_interval,
+                          buffer.retry_timeout, config.storage.compression)
 
 
 class App:
-    """One server instance. `run` reports its Addresses once every listener is up."""
+    """One server instance. `run` reports its Addresses once every listener is up.
+
+    `loader` reads the config file again for a reload (SIGHUP); without one (tests that
+    build a Config in memory) a reload is refused."""
 
     def __init__(self, config: Config, *, handle_signals: bool = False,
                  wall_clock: Callable[[], float] | None = None,
-                 slot: WorkerSlot | None = None) -> None:
-        self.config = config
+                 slot: WorkerSlot | None = None,
+                 loader: Callable[[], Config] | None = None) -> None:
+        self.live = Live(Settings(config, token_table(config), None))
+        self._loader = loader
         self._slot = slot
         self.telemetry = Telemetry(config.server.hostname)
         buffer = Path(config.buffer.path)
@@ -87,19 +96,17 @@ class App:
                                fsync=config.buffer.fsync)
         self.pipeline = Pipeline(journal=self.journal, ledger=ledger, chunk_ids=chunk_ids,
                                  memory=ChunkMemory(config.forward.dedupe_window),
-                                 tracker=self.tracker, total_limit=config.buffer.total_limit,
+                                 tracker=self.tracker,
+                                 total_limit=lambda: self.config.buffer.total_limit,
                                  limiter=trio.CapacityLimiter(1),
                                  fsync_seconds=self.telemetry.journal_sync,
                                  peers=PeerChunkIds(list(slot.peer_chunk_ids)) if slot else None)
         store = FileStore(root=config.storage.root, failed_dir=buffer / "failed",
                           ledger=ledger, limiter=trio.CapacityLimiter(FILE_IO_THREADS))
-        writer_settings = WriterSettings(config.buffer.flush_interval, config.buffer.chunk_limit,
-                                         config.buffer.retry_max_interval,
-                                         config.buffer.retry_timeout, config.storage.compression)
         extra = {"wall_clock": wall_clock} if wall_clock else {}
         self.tail = TailHub(self.telemetry)
-        self.router = Router(store=store, settings=writer_settings,
-                             timekey_wait_s=config.buffer.timekey_wait,
+        self.router = Router(store=store, settings=lambda: writer_settings(self.config),
+                             timekey_wait_s=lambda: self.config.buffer.timekey_wait,
                              telemetry=self.telemetry, tracker=self.tracker, tail=self.tail,
                              **extra)
         self.telemetry.buffer = BufferView(
@@ -107,7 +114,7 @@ class App:
             stage_bytes=self.router.pending_bytes, queue_length=self.router.pending_files,
             timekeys=self.router.timekeys, journal_bytes=lambda: self.journal.size_bytes,
             waiting_for_room=lambda: self.pipeline.waiting_for_room,
-            limit_bytes=config.buffer.total_limit)
+            limit_bytes=lambda: self.config.buffer.total_limit)
         self._handle_signals = handle_signals
         self._stop = trio.Event()
         self._router_done = trio.Event()
@@ -117,13 +124,53 @@ class App:
         self.https: HttpsIngestServer | None = None
         self.forward: ForwardServer | None = None
 
+    @property
+    def config(self) -> Config:
+        """The running config (a reload swaps it; restart-only keys keep their values)."""
+        return self.live.config
+
     def request_stop(self) -> None:
         """Begin the drain: stop accepting, finish requests, flush, then `run` returns."""
         self._stop.set()
 
-    async def flush(self, reason: str) -> None:
-        await self.pipeline.flush()
-        log.event(logging.INFO, "flush_done", reason=reason)
+    async def flush(self, reason: str) -> FlushAll:
+        """Write everything acked so far to its file; says how many records and files."""
+        done = await self.pipeline.flush()
+        log.event(logging.INFO, "flush_done", reason=reason, records=done.records,
+                  files=done.files, failed_files=done.failed_files)
+        return done
+
+    async def _flush_for_monitor(self) -> dict[str, int]:
+        done = await self.flush("/api/flush")
+        return {"records": done.records, "files": done.files,
+                "failed_files": done.failed_files,
+                "worker": self._slot.index if self._slot else 0}
+
+    async def reload(self) -> bool:
+        """Read the config file again and apply what can change live. A file that does
+        not load is refused (`reload_failed`, the running config stays); restart-only
+        keys that differ are named (`reload_ignored`) and keep their running values."""
+        try:
+            if self._loader is None:
+                raise MwdlogdError("no config file to reload (config given in memory)")
+            new = await trio.to_thread.run_sync(self._loader)
+            check_tls_files(new)
+            context = server_context(new.tls)
+        except (MwdlogdError, OSError) as exc:
+            log.event(logging.ERROR, "reload_failed", error=str(exc),
+                      detail="the running config is kept")
+            return False
+        merged, changed, ignored = merge_reload(self.config, new)
+        self.live.swap(Settings(merged, token_table(merged), context))
+        log.set_level(merged.server.log_level)
+        log.event(logging.INFO, "reloaded", changed=",".join(changed) or "nothing",
+                  tokens=",".join(t.name for t in merged.auth.tokens))
+        if ignored:
+            log.event(logging.WARNING, "reload_ignored", keys=",".join(ignored),
+                      detail="restart to apply")
+        for warning in certificate_warnings(merged):
+            log.event(logging.WARNING, warning.event, key=warning.key, problem=warning.problem)
+        return True
 
     async def run(self, *, task_status: trio.TaskStatus[Addresses] = trio.TASK_STATUS_IGNORED
                   ) -> None:
@@ -132,22 +179,23 @@ class App:
             problem = await trio.to_thread.run_sync(check_writable, path)
             if problem:
                 raise StorageError(path, f"open {key}", problem)
-        await self.pipeline.recover(self.config.storage.root)
-        if any(t.token == DEV_TOKEN for t in self.config.auth.tokens):
-            log.event(logging.WARNING, "DEV_TOKEN_IN_USE",
-                      detail="auth.tokens holds the development token; replace it before "
-                             "exposing this server")
-        context = server_context(self.config.tls)
-        self.https = HttpsIngestServer(
-            settings=IngestSettings(self.config.http, self.config.server.hostname),
-            ssl_context=context, tokens=token_table(self.config), pipeline=self.pipeline,
-            telemetry=self.telemetry, inherited=self._inherited("http"),
-            balance=self._balance("http"))
-        self.forward = ForwardServer(
-            settings=ForwardSettings(self.config.forward, self.config.server.hostname),
-            ssl_context=context if self.config.forward.transport == "tls" else None,
-            pipeline=self.pipeline, telemetry=self.telemetry,
-            inherited=self._inherited("forward"), balance=self._balance("forward"))
+        self.live.swap(attrs.evolve(self.live.settings, ssl_context=server_context(
+            self.config.tls)))
+        inherited = self._slot.sockets if self._slot else {}
+        owned = bind_listeners(self.config, [name for name in LISTENERS if name not in inherited])
+        try:
+            await self.pipeline.recover(self.config.storage.root)
+        except BaseException:
+            for sock in owned.values():
+                sock.close()
+            raise
+        sockets = {**inherited, **owned}
+        self.https = HttpsIngestServer(live=self.live, sock=sockets["http"],
+                                       pipeline=self.pipeline, telemetry=self.telemetry,
+                                       balance=self._balance("http"))
+        self.forward = ForwardServer(live=self.live, sock=sockets["forward"],
+                                     pipeline=self.pipeline, telemetry=self.telemetry,
+                                     balance=self._balance("forward"))
         async with trio.open_nursery() as nursery:
             to_router, from_pipeline = trio.open_memory_channel[Message](ROUTER_QUEUE)
             nursery.start_soon(self._run_router, from_pipeline)
@@ -155,15 +203,12 @@ class App:
             addresses = Addresses(
                 http=await nursery.start(self._ingest, self.https, self._https_done),
                 forward=await nursery.start(self._ingest, self.forward, self._forward_done),
-                health=await nursery.start(run_plain_http, self.config.health.bind,
-                                           self.config.health.port, self._health,
-                                           self._inherited("health")),
-                metrics=await nursery.start(run_plain_http, self.config.metrics.bind,
-                                            self.config.metrics.port, self._metrics),
+                health=await nursery.start(run_plain_http, sockets["health"], self._health),
+                metrics=await nursery.start(run_plain_http, sockets["metrics"], self._metrics),
                 monitor=await nursery.start(MonitorServer(
-                    bind=self.config.monitor.bind, port=self.config.monitor.port, tail=self.tail,
-                    tokens=token_table(self.config),
-                    plugins=lambda: monitor_agent.plugins(self.config, self.telemetry)).run))
+                    sock=sockets["monitor"], tail=self.tail, live=self.live,
+                    plugins=lambda: monitor_agent.plugins(self.config, self.telemetry),
+                    flush=self._flush_for_monitor).run))
             if self._handle_signals:
                 await nursery.start(self._watch_signals)
             log.event(logging.INFO, "listening" if self._slot is None else "worker_listening",
@@ -175,9 +220,6 @@ class App:
             await self._drain()
             nursery.cancel_scope.cancel()
         self.stopped.set()
-
-    def _inherited(self, name: str) -> socket.socket | None:
-        return self._slot.sockets.get(name) if self._slot else None
 
     def _balance(self, listener: str) -> Balance | None:
         slot = self._slot
@@ -195,6 +237,8 @@ class App:
         timeout = self.config.server.shutdown_timeout
         log.event(logging.INFO, "shutdown_started", timeout_s=timeout,
                   open_files=self.router.open_files)
+        out = self.telemetry.output
+        records_before, members_before = out.written_records, out.write_count
         with trio.move_on_after(timeout) as scope:
             assert self.https is not None and self.forward is not None
             self.pipeline.stop_waiting()
@@ -211,7 +255,9 @@ class App:
                       bytes_left_in_journal=self.tracker.buffered_bytes,
                       detail="recovered from the journal at the next start")
         else:
-            log.event(logging.INFO, "shutdown_complete")
+            log.event(logging.INFO, "shutdown_complete",
+                      records=out.written_records - records_before,
+                      files=out.write_count - members_before)
 
     @staticmethod
     async def _ingest(server: HttpsIngestServer | ForwardServer, done: trio.Event, *,
@@ -225,12 +271,17 @@ class App:
 
     async def _watch_signals(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED
                              ) -> None:
-        with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT, signal.SIGUSR1) as signals:
+        with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT, signal.SIGUSR1,
+                                       signal.SIGHUP) as signals:
             task_status.started()
             async with trio.open_nursery() as nursery:
                 async for signum in signals:
                     if signum == signal.SIGUSR1:
                         nursery.start_soon(self.flush, "SIGUSR1")
+                    elif signum == signal.SIGHUP:
+                        log.event(logging.INFO, "signal", name="SIGHUP",
+                                  detail="reloading the config file")
+                        await self.reload()
                     else:
                         log.event(logging.INFO, "signal", name=signal.Signals(signum).name)
                         self.request_stop()

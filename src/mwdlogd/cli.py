@@ -3,6 +3,7 @@
 import argparse
 import logging
 import os
+import signal
 import sys
 import urllib.error
 import urllib.request
@@ -10,7 +11,7 @@ from pathlib import Path
 
 import trio
 
-from mwdlogd import __version__, log, replay
+from mwdlogd import __version__, log, replay, startup
 from mwdlogd.app import App, tune_garbage_collector
 from mwdlogd.certs import DEFAULT_DAYS, DEFAULT_HOSTS, describe, init_certs
 from mwdlogd.config import (
@@ -18,10 +19,12 @@ from mwdlogd.config import (
     ListenConfig,
     check_tls_files,
     config_path,
+    listen_ports,
     load_config,
     missing_tls_files,
 )
 from mwdlogd.errors import ConfigError, MwdlogdError
+from mwdlogd.flush_client import run_flush
 from mwdlogd.init_config import render_default_config
 from mwdlogd.supervisor import Supervisor
 from mwdlogd.tail_client import run_tail, tail_url
@@ -51,7 +54,10 @@ def _parser() -> argparse.ArgumentParser:
     commands.add_parser("run", parents=[common], help="run the server (creates dev certs "
                         "under the tls.cert directory if no TLS files exist)",
                         description="Run until SIGTERM/SIGINT (drain: finish requests, flush "
-                        "everything, exit 0). SIGUSR1 flushes pending records to their files. "
+                        "everything, exit 0). SIGUSR1 flushes pending records to their files "
+                        "(or use `mwdlogd flush`). SIGHUP reloads the config file: tokens, "
+                        "limits, log level and certificates change live; an invalid file is "
+                        "refused and the running config kept. "
                         "With server.workers = N > 1 this process supervises N workers that "
                         "share the ports and files (README: Workers); signals go to all.")
     commands.add_parser("check-config", parents=[common],
@@ -103,6 +109,17 @@ def _parser() -> argparse.ArgumentParser:
     tail.add_argument("--server", metavar="HOST:PORT",
                       help="monitor address (default: [monitor] bind and port)")
     tail.add_argument("--count", type=int, help="stop after this many records")
+    flush = commands.add_parser(
+        "flush", parents=[common], help="write everything acknowledged to the hourly files now",
+        description="POSTs /api/flush on the [monitor] port (every worker's, port + N) and "
+        "waits until each has written what it had; prints the records and files written as "
+        "JSON. Exit 1 if a worker could not be reached or a file could not be written. The "
+        "token is --token, $MWDLOGD_TOKEN, or the first of auth.tokens in the config.")
+    flush.add_argument("--token", help="bearer token (default: $MWDLOGD_TOKEN or the config's)")
+    flush.add_argument("--server", metavar="HOST:PORT", action="append",
+                       help="monitor address (repeatable; default: [monitor] of every worker)")
+    flush.add_argument("--timeout", type=float, default=300.0,
+                       help="seconds to wait for each worker's flush (default 300)")
     show = certs_commands.add_parser("show", help="print subject, issuer and days to expiry")
     show.add_argument("--dir", default="certs", help="directory of .crt files (default: certs)")
     return parser
@@ -129,31 +146,34 @@ def _ensure_dev_certs(config: Config) -> None:
 
 
 def _run(args: argparse.Namespace) -> int:
+    signal.signal(signal.SIGHUP, signal.SIG_IGN)  # until the server listens for it
     path, required = config_path(getattr(args, "config", None))
     config = load_config(path, required=required)
+    log.set_level(config.server.log_level)
     _ensure_dev_certs(config)
     orphans = orphaned_journals(config)
     if orphans:
         raise ConfigError("server.workers", f"{orphans[min(orphans)]} holds the unwritten "
                           f"journal of a worker beyond server.workers={config.server.workers}; "
                           f"start once with server.workers={max(orphans) + 1} to write it out")
+    startup.log_summary(config, path.resolve() if path.exists() else None)
     if config.server.workers > 1:
         return trio.run(Supervisor(config, str(path.resolve()), config_required=required).run)
     tune_garbage_collector()
-    trio.run(App(config, handle_signals=True).run)
+    trio.run(App(config, handle_signals=True,
+                 loader=lambda: load_config(path, required=required)).run)
     return 0
 
 
 def _check_config(args: argparse.Namespace) -> int:
     config = _load(args)
     check_tls_files(config)
-    workers = [worker_config(config, i) for i in range(config.server.workers)]
-    print(f"config OK: http={config.http.bind}:{config.http.port} "
-          f"forward={config.forward.bind}:{config.forward.port} "
-          f"health={config.health.bind}:{config.health.port} "
-          f"metrics={','.join(f'{w.metrics.bind}:{w.metrics.port}' for w in workers)} "
+    ports = " ".join(f"{key}={bind}:{port}" for key, bind, port in listen_ports(config))
+    print(f"config OK: {ports} "
           f"storage.root={config.storage.root} compression={config.storage.compression} "
           f"workers={config.server.workers} tokens={len(config.auth.tokens)}")
+    for warning in startup.setting_warnings(config):
+        print(f"warning: {warning.key}: {warning.problem}")
     return 0
 
 
@@ -197,21 +217,31 @@ def _local_address(listen: ListenConfig) -> str:
     return f"{host}:{listen.port}"
 
 
-def _tail(args: argparse.Namespace) -> int:
-    token = args.token or os.environ.get("MWDLOGD_TOKEN")
-    servers = [args.server] if args.server else []
+def _monitor_access(args: argparse.Namespace, servers: list[str]) -> tuple[str, list[str]]:
+    """The token and monitor addresses for tail and flush: from the options, else the
+    environment and the config (every worker's monitor port)."""
+    token = args.token or os.environ.get("MWDLOGD_TOKEN") or ""
     if not (token and servers):  # only then is the config needed
         config = _load(args)
         token = token or next((t.token for t in config.auth.tokens), "")
         servers = servers or [_local_address(worker_config(config, i).monitor)
                               for i in range(config.server.workers)]
     if not token:
-        print("mwdlogd: no token: pass --token, set MWDLOGD_TOKEN or configure auth.tokens",
-              file=sys.stderr)
-        return 1
+        raise ConfigError("auth.tokens", "no token: pass --token, set MWDLOGD_TOKEN or "
+                          "configure auth.tokens")
+    return token, servers
+
+
+def _tail(args: argparse.Namespace) -> int:
+    token, servers = _monitor_access(args, [args.server] if args.server else [])
     urls = [tail_url(server, token=token, customer=args.customer, log_type=args.log_type,
                      fqdn=args.fqdn, sample=args.sample) for server in servers]
     return run_tail(urls, limit=args.count)
+
+
+def _flush(args: argparse.Namespace) -> int:
+    token, servers = _monitor_access(args, args.server or [])
+    return run_flush(servers, token, args.timeout)
 
 
 def _health(args: argparse.Namespace) -> int:
@@ -228,7 +258,7 @@ def _health(args: argparse.Namespace) -> int:
 
 
 COMMANDS = {"run": _run, "check-config": _check_config, "init-config": _init_config,
-            "certs": _certs, "tail": _tail, "health": _health}
+            "certs": _certs, "tail": _tail, "health": _health, "flush": _flush}
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -27,6 +27,7 @@ ENV_PREFIX = "MWDLOGD_"
 MAX_WORKERS = 64
 # Shipped in the repository's development config.toml; start-up warns loudly when it is in use.
 DEV_TOKEN = "dev-token-CHANGE-ME"
+LOG_LEVELS = ("debug", "info", "warning", "error")
 
 
 def _doc(text: str) -> dict[str, str]:
@@ -41,6 +42,8 @@ class ServerConfig:
         "server processes sharing the ports and the hourly files (one per core)"))
     shutdown_timeout: Duration = attrs.field(default=Duration(30.0), metadata=_doc(
         "SIGTERM/SIGINT: time allowed to finish requests and flush everything"))
+    log_level: str = attrs.field(default="info", metadata=_doc(
+        "debug, info, warning or error (SIGHUP applies a change)"))
 
 
 @attrs.frozen
@@ -308,7 +311,42 @@ def validate(config: Config) -> None:
         raise ConfigError("buffer.chunk_limit", "must be greater than 0")
     if not config.server.hostname:
         raise ConfigError("server.hostname", "must not be empty")
+    if config.server.log_level not in LOG_LEVELS:
+        raise ConfigError("server.log_level", f"must be one of {', '.join(LOG_LEVELS)}, got "
+                          f"{config.server.log_level!r}")
     _validate_tokens(config.auth.tokens)
+    _validate_ports(config)
+
+
+def listen_ports(config: Config) -> list[tuple[str, str, int]]:
+    """(key, bind, port) of every port the server listens on; with workers, the monitor
+    port of worker N is `monitor.port+N` (each worker's /metrics is on a private loopback
+    port behind the one `metrics.port`)."""
+    ports = [(f"{name}.port", getattr(config, name).bind, getattr(config, name).port)
+             for name in ("http", "forward", "health", "metrics", "monitor")]
+    monitor = config.monitor
+    ports += [(f"monitor.port+{n}", monitor.bind, monitor.port + n)
+              for n in range(1, config.server.workers) if monitor.port]
+    return ports
+
+
+def _validate_ports(config: Config) -> None:
+    """Two listeners on one port would fail at start-up (or worse, with SO_REUSEPORT
+    elsewhere, share it): name both keys now."""
+    seen: list[tuple[str, str, int]] = []
+    for key, bind, port in listen_ports(config):
+        if port > 65535:
+            raise ConfigError(key, f"{port} is beyond 65535 (server.workers="
+                              f"{config.server.workers})")
+        for other, other_bind, other_port in seen:
+            if port and port == other_port and _overlap(bind, other_bind):
+                raise ConfigError(key, f"port {port} is also {other} ({other_bind}:{other_port})")
+        seen.append((key, bind, port))
+
+
+def _overlap(a: str, b: str) -> bool:
+    wildcard = ("0.0.0.0", "::", "")
+    return a == b or a in wildcard or b in wildcard
 
 
 def _validate_tokens(tokens: tuple[Token, ...]) -> None:

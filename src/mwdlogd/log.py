@@ -42,6 +42,11 @@ def configure(level: int = logging.INFO, *, worker: int | None = None) -> None:
     logger.propagate = False
 
 
+def set_level(name: str) -> None:
+    """`server.log_level` (debug, info, warning, error); applied again on reload."""
+    logger.setLevel(name.upper())
+
+
 def event(level: int, name: str, /, **fields: Any) -> None:
     """Log one event; field values are quoted when they hold spaces or quotes."""
     if logger.isEnabledFor(level):

@@ -6,7 +6,11 @@ hands each new connection to whichever worker is free. A worker that dies is sta
 again (its own recovery replays its journal; the append ledger lets it share files with
 the workers still running). A worker that dies before it ever became ready is a start-up
 error (bad storage, bad certificate): the others are stopped and `run` exits non-zero.
-SIGTERM/SIGINT drain every worker; SIGUSR1 is passed on to all of them.
+SIGTERM/SIGINT drain every worker; SIGUSR1 (flush) and SIGHUP (reload) are passed on
+to all of them.
+
+`metrics.port` is served here: the sum of every worker's /metrics (metrics_sum.py), so
+one scrape sees the whole server; each worker's own series are at `/metrics?worker=N`.
 """
 
 import logging
@@ -14,22 +18,27 @@ import os
 import signal
 import socket
 import sys
+from urllib.parse import parse_qs
 
+import h11
 import trio
+from prometheus_client import CONTENT_TYPE_LATEST
+from prometheus_client.core import GaugeMetricFamily
 
 from mwdlogd import log
 from mwdlogd.config import Config
-from mwdlogd.errors import MwdlogdError
+from mwdlogd.metrics_sum import sum_expositions
 from mwdlogd.servers.balance import ABSENT, board_size, set_counts
-from mwdlogd.servers.listen import bind_shared
+from mwdlogd.servers.http_io import Response, json_response
+from mwdlogd.servers.listen import address_of, bind_listeners
+from mwdlogd.servers.plain_http import not_found, run_plain_http
 from mwdlogd.worker import SHARED_SOCKETS
 
 RESTART_DELAY_S = 1.0
 EXIT_WORKER_FAILED = 1
-
-
-class StartupFailed(MwdlogdError):
-    """A shared port could not be bound; no worker was started."""
+# A worker's /metrics must answer within this; Prometheus' default scrape timeout is 10 s.
+SCRAPE_TIMEOUT_S = 5.0
+MAX_EXPOSITION_BYTES = 64 * 1024 * 1024
 
 
 class Supervisor:
@@ -45,7 +54,8 @@ class Supervisor:
         self._failed = False
 
     async def run(self) -> int:
-        sockets = self._bind()
+        sockets = bind_listeners(self._config, (*SHARED_SOCKETS, "metrics"))
+        metrics = sockets.pop("metrics")
         lifeline_read, lifeline_write = os.pipe()  # workers see EOF if this process dies
         os.set_inheritable(lifeline_read, True)
         count = self._config.server.workers
@@ -54,6 +64,7 @@ class Supervisor:
         try:
             async with trio.open_nursery() as nursery:
                 await nursery.start(self._watch_signals)
+                await nursery.start(run_plain_http, metrics, self._metrics)
                 async with trio.open_nursery() as workers:
                     ready = [trio.Event() for _ in range(count)]
                     for index in range(count):
@@ -62,35 +73,58 @@ class Supervisor:
                     for event in ready:
                         await event.wait()
                     if not self._failed:
-                        self._log_listening(sockets)
+                        self._log_listening(sockets, metrics)
                 nursery.cancel_scope.cancel()
         finally:
             os.close(lifeline_write)
             os.close(lifeline_read)
             os.close(self._load_board)
-            for sock in sockets.values():
+            for sock in [*sockets.values(), metrics]:
                 sock.close()
         return EXIT_WORKER_FAILED if self._failed else 0
 
-    def _bind(self) -> dict[str, socket.socket]:
-        sockets = {}
-        for name in SHARED_SOCKETS:
-            section = getattr(self._config, name)
-            try:
-                sockets[name] = bind_shared(section.bind, section.port)
-            except OSError as exc:
-                raise StartupFailed(f"{name}.port: cannot listen on {section.bind}:"
-                                    f"{section.port}: {exc.strerror or exc}") from exc
-        return sockets
-
-    def _log_listening(self, sockets: dict[str, socket.socket]) -> None:
+    def _log_listening(self, sockets: dict[str, socket.socket], metrics: socket.socket) -> None:
         count = self._config.server.workers
-        addresses = {name: "{}:{}".format(*sock.getsockname()[:2])
-                     for name, sock in sockets.items()}
+        addresses = {name: address_of(sock) for name, sock in sockets.items()}
         side = {section: ",".join(self._side[i][n] for i in range(count))
-                for n, section in enumerate(("metrics", "monitor"))}
-        log.event(logging.INFO, "listening", **addresses, **side,
+                for n, section in enumerate(("worker_metrics", "monitor"))}
+        log.event(logging.INFO, "listening", **addresses, metrics=address_of(metrics), **side,
                   storage=self._config.storage.root, workers=count)
+
+    async def _metrics(self, request: h11.Request) -> Response:
+        """The sum over the workers, or `?worker=N`: that worker's own exposition."""
+        path, _, query = request.target.decode("latin-1").partition("?")
+        if path != "/metrics":
+            return not_found(request, "/metrics")
+        count = self._config.server.workers
+        texts: list[str | None] = [None] * count
+
+        async def scrape(index: int) -> None:
+            side = self._side.get(index)
+            if side is not None and index in self._processes:
+                with trio.move_on_after(SCRAPE_TIMEOUT_S):
+                    texts[index] = await _fetch_metrics(side[0])
+
+        wanted = parse_qs(query).get("worker", [""])[-1]
+        indexes = [int(wanted)] if wanted.isdigit() and int(wanted) < count else range(count)
+        if wanted and len(indexes) != 1:
+            return json_response(404, {"error": "not_found",
+                                       "detail": f"worker must be 0..{count - 1}"})
+        async with trio.open_nursery() as nursery:
+            for index in indexes:
+                nursery.start_soon(scrape, index)
+        if wanted:
+            text = texts[indexes[0]]
+            if text is None:
+                return json_response(503, {"error": "unavailable",
+                                           "detail": f"worker {wanted} did not answer"})
+            return Response(200, text.encode(), CONTENT_TYPE_LATEST.encode())
+        up = GaugeMetricFamily("mwdlogd_worker_up", "1 when the worker's metrics are in this "
+                               "sum (0: restarting or not answering)", labels=["worker"])
+        for index, text in enumerate(texts):
+            up.add_metric([str(index)], 0.0 if text is None else 1.0)
+        body = sum_expositions([t for t in texts if t is not None], [up])
+        return Response(200, body, CONTENT_TYPE_LATEST.encode())
 
     async def _keep_running(self, index: int, sockets: dict[str, socket.socket],
                             lifeline: int, ready: trio.Event) -> None:
@@ -140,11 +174,14 @@ class Supervisor:
 
     async def _watch_signals(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED
                              ) -> None:
-        with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT, signal.SIGUSR1) as signals:
+        with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT, signal.SIGUSR1,
+                                       signal.SIGHUP) as signals:
             task_status.started()
             async for signum in signals:
-                if signum == signal.SIGUSR1:
-                    self._send_all(signal.SIGUSR1)
+                if signum in (signal.SIGUSR1, signal.SIGHUP):
+                    log.event(logging.INFO, "signal", name=signal.Signals(signum).name,
+                              detail="passed on to every worker")
+                    self._send_all(signum)
                     continue
                 log.event(logging.INFO, "signal", name=signal.Signals(signum).name,
                           detail="draining every worker")
@@ -152,7 +189,8 @@ class Supervisor:
                 return
 
     async def _await_ready(self, index: int, fd: int, ready: trio.Event) -> None:
-        """The worker writes `metrics_address monitor_address` once it serves."""
+        """The worker writes `metrics_address monitor_address` once it serves (again after
+        each restart: its private metrics port changes)."""
         async with trio.lowlevel.FdStream(fd) as stream:
             line = await stream.receive_some()
         if line:
@@ -168,3 +206,35 @@ class Supervisor:
         for process in self._processes.values():
             if process.returncode is None:
                 process.send_signal(signum)
+
+
+async def _fetch_metrics(address: str) -> str | None:
+    """GET /metrics from a worker's private port; None if it does not answer 200."""
+    host, _, port = address.rpartition(":")
+    try:
+        stream = await trio.open_tcp_stream(host, int(port))
+    except OSError:
+        return None
+    async with stream:
+        conn = h11.Connection(h11.CLIENT)
+        data = conn.send(h11.Request(method="GET", target="/metrics",
+                                     headers=[("host", address), ("connection", "close")]))
+        body = bytearray()
+        try:
+            await stream.send_all(data + (conn.send(h11.EndOfMessage()) or b""))
+            status = 0
+            while True:
+                event = conn.next_event()
+                if event is h11.NEED_DATA:
+                    conn.receive_data(bytes(await stream.receive_some(65536)))
+                elif isinstance(event, h11.Response):
+                    status = event.status_code
+                elif isinstance(event, h11.Data):
+                    body += event.data
+                    if len(body) > MAX_EXPOSITION_BYTES:
+                        return None
+                elif isinstance(event, (h11.EndOfMessage, h11.ConnectionClosed)):
+                    break
+        except (trio.BrokenResourceError, h11.ProtocolError):
+            return None
+    return body.decode() if status == 200 else None

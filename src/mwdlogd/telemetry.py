@@ -35,6 +35,7 @@ class OutputStats:
     num_errors: int = 0
     flush_time_count: float = 0.0  # milliseconds spent in successful flushes
     slow_flush_count: int = 0
+    written_records: int = 0  # records appended to hourly files
 
 
 @attrs.define
@@ -45,6 +46,10 @@ class InputStats:
 
 def _zero() -> int:
     return 0
+
+
+def _one() -> int:
+    return 1
 
 
 def _none() -> list[int]:
@@ -61,7 +66,7 @@ class BufferView:
     timekeys: Callable[[], list[int]] = _none
     journal_bytes: Callable[[], int] = _zero
     waiting_for_room: Callable[[], int] = _zero
-    limit_bytes: int = 1
+    limit_bytes: Callable[[], int] = _one
 
 
 class Telemetry:
@@ -132,7 +137,7 @@ class Telemetry:
                                     lambda: float(buf().queue_length())),
             "buffer_available_space_ratio": (
                 "Percent of buffer.total_limit free",
-                lambda: max(0.0, 100.0 * (1 - buf().total_bytes() / buf().limit_bytes))),
+                lambda: max(0.0, 100.0 * (1 - buf().total_bytes() / buf().limit_bytes()))),
             "retry_count": ("Retries of failed writes", lambda: float(out.retry_count)),
             "num_errors": ("Failed writes to hourly files", lambda: float(out.num_errors)),
             "emit_count": ("Chunks handed to file writers", lambda: float(out.emit_count)),
@@ -202,6 +207,7 @@ class Telemetry:
         for tag, count in by_tag.items():
             self.output_records.labels(tag, self.hostname).inc(count)
         self.output.write_count += 1
+        self.output.written_records += sum(by_tag.values())
         self.output.flush_time_count += seconds * 1000
         if seconds >= SLOW_FLUSH_S:
             self.output.slow_flush_count += 1

@@ -2,15 +2,16 @@
 
 A worker is a whole server (App) with its own journal, chunk ids and failed/ area
 under `{buffer.path}/worker-{index}` (worker 0 keeps `{buffer.path}` itself, so going
-from one worker to several keeps the journal), its own metrics and monitor ports
-(`port + index`, like fluent-plugin-prometheus with Fluentd workers), and the shared
-ingest and health sockets the supervisor bound. The hourly files are shared through
-the append ledger in `{buffer.path}/ledger`.
+from one worker to several keeps the journal), its own monitor port (`monitor.port +
+index`), its own /metrics on a private loopback port that the supervisor sums into the
+one `metrics.port`, and the shared ingest and health sockets the supervisor bound. The
+hourly files are shared through the append ledger in `{buffer.path}/ledger`.
 """
 
 import argparse
 import logging
 import os
+import signal
 import socket
 import sys
 from pathlib import Path
@@ -20,7 +21,7 @@ import trio
 
 from mwdlogd import log
 from mwdlogd.app import App, WorkerSlot, tune_garbage_collector
-from mwdlogd.config import Config, load_config
+from mwdlogd.config import Config, ListenConfig, load_config
 from mwdlogd.errors import MwdlogdError
 from mwdlogd.servers.balance import open_board
 from mwdlogd.storage.chunk_ids import CHUNK_IDS
@@ -29,19 +30,19 @@ EXIT_FAILED = 2
 SHARED_SOCKETS = ("http", "forward", "health")
 
 
+# Where a worker serves its own /metrics for the supervisor to sum (any free port).
+WORKER_METRICS = ListenConfig("127.0.0.1", 0)
+
+
 def worker_config(config: Config, index: int) -> Config:
-    """The config as worker `index` sees it: its own buffer area and side ports."""
-    if index == 0:
-        return config
-
-    def shifted(port: int) -> int:
-        return port + index if port else 0
-
+    """The config as worker `index` sees it: its own buffer area and monitor port, and a
+    private metrics port."""
+    monitor = config.monitor.port + index if config.monitor.port else 0
     return attrs.evolve(
         config,
         buffer=attrs.evolve(config.buffer, path=str(worker_buffer(config, index))),
-        metrics=attrs.evolve(config.metrics, port=shifted(config.metrics.port)),
-        monitor=attrs.evolve(config.monitor, port=shifted(config.monitor.port)))
+        metrics=WORKER_METRICS,
+        monitor=attrs.evolve(config.monitor, port=monitor))
 
 
 def worker_buffer(config: Config, index: int) -> Path:
@@ -95,17 +96,25 @@ async def _watch_supervisor(app: App, lifeline_fd: int) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
+    signal.signal(signal.SIGHUP, signal.SIG_IGN)  # until App listens: this start reads it anyway
     log.configure(worker=args.index)
     problem = None
+    path, required = Path(args.config), not args.config_optional
+
+    def loader() -> Config:
+        return worker_config(load_config(path, required=required), args.index)
+
     try:
-        base = load_config(Path(args.config), required=not args.config_optional)
+        base = load_config(path, required=required)
+        log.set_level(base.server.log_level)
         sockets = {name: socket.socket(fileno=int(fd)) for name, fd in
                    (item.split("=") for item in args.sockets.split(","))}
         peers = tuple(worker_buffer(base, i) / CHUNK_IDS for i in range(base.server.workers)
                       if i != args.index)
         slot = WorkerSlot(args.index, sockets, Path(base.buffer.path) / "ledger", peers,
                           open_board(args.load_fd, base.server.workers))
-        app = App(worker_config(base, args.index), handle_signals=True, slot=slot)
+        app = App(worker_config(base, args.index), handle_signals=True, slot=slot,
+                  loader=loader)
         tune_garbage_collector()
         trio.run(_serve, app, args.ready_fd, args.lifeline_fd)
     except* MwdlogdError as group:  # start-up errors come wrapped by the nursery

@@ -8,7 +8,7 @@ the next one (group commit).
 
 import logging
 import time
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from typing import Any
 
 import attrs
@@ -98,11 +98,15 @@ class Committed:
     duplicate: bool  # a forward resend of a chunk already durable: acked, not stored
 
 
-@attrs.frozen
+@attrs.define
 class FlushAll:
-    """Travels behind earlier batches; the router flushes every file when it arrives."""
+    """Travels behind earlier batches; the router flushes every file when it arrives and
+    fills in what that flush wrote."""
 
     done: trio.Event = attrs.field(factory=trio.Event)
+    records: int = 0
+    files: int = 0
+    failed_files: int = 0  # appends that failed (kept for their retry)
 
 
 Message = Submission | FlushAll
@@ -119,7 +123,7 @@ def group_routed(tag: str, routed: Iterable[Routed]) -> Submission:
 
 class Pipeline:
     def __init__(self, *, journal: Journal, ledger: Ledger, chunk_ids: ChunkIdLog,
-                 memory: ChunkMemory, tracker: BatchTracker, total_limit: int,
+                 memory: ChunkMemory, tracker: BatchTracker, total_limit: Callable[[], int],
                  limiter: trio.CapacityLimiter, fsync_seconds: Histogram,
                  peers: PeerChunkIds | None = None) -> None:
         self._journal = journal
@@ -140,7 +144,7 @@ class Pipeline:
 
     @property
     def overloaded(self) -> bool:
-        return self._tracker.buffered_bytes >= self._total_limit
+        return self._tracker.buffered_bytes >= self._total_limit()
 
     @property
     def buffered_bytes(self) -> int:
@@ -175,15 +179,15 @@ class Pipeline:
             self._memory.finish(dedupe_key, durable)
 
     async def _commit(self, submission: Submission, wait_for_room: bool) -> Committed:
-        if submission.size > self._total_limit:
+        if submission.size > self._total_limit():
             raise Overloaded(f"batch of {submission.size} bytes can never fit "
-                             f"buffer.total_limit={self._total_limit}")
-        while self._tracker.buffered_bytes + submission.size > self._total_limit:
+                             f"buffer.total_limit={self._total_limit()}")
+        while self._tracker.buffered_bytes + submission.size > self._total_limit():
             if self._stopping:
                 raise ShuttingDown("server is shutting down")
             if not wait_for_room:
                 raise Overloaded(f"buffer holds {self._tracker.buffered_bytes} bytes; "
-                                 f"buffer.total_limit={self._total_limit}")
+                                 f"buffer.total_limit={self._total_limit()}")
             if self._room.is_set():  # waiters share one event, renewed once it has fired
                 self._room = trio.Event()
             self.waiting_for_room += 1
@@ -200,14 +204,16 @@ class Pipeline:
             raise submission.error
         return Committed(submission.count, False)
 
-    async def flush(self) -> None:
-        """Returns once everything acked before the call has been tried in its file."""
+    async def flush(self) -> FlushAll:
+        """Returns once everything acked before the call has been tried in its file, with
+        the counts of that flush."""
         marker = FlushAll()
         try:
             await self._send.send(marker)
         except (trio.ClosedResourceError, trio.BrokenResourceError):
-            return  # shutting down: the drain flushes everything anyway
+            return marker  # shutting down: the drain flushes everything anyway
         await marker.done.wait()
+        return marker
 
     def stop_waiting(self) -> None:
         """Shutdown begins: commits waiting for buffer room give up (nothing was kept)."""

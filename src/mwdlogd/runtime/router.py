@@ -38,7 +38,8 @@ class Router:
     it has had no records for `timekey_wait`; records that come later for that hour open a
     new writer, which waits for its predecessor so appends to one file never overlap."""
 
-    def __init__(self, *, store: Store, settings: WriterSettings, timekey_wait_s: float,
+    def __init__(self, *, store: Store, settings: Callable[[], WriterSettings],
+                 timekey_wait_s: Callable[[], float],
                  telemetry: Telemetry, tracker: BatchTracker, tail: TailHub | None = None,
                  wall_clock: Callable[[], float] = time.time) -> None:
         self._tail = tail
@@ -88,9 +89,15 @@ class Router:
 
     async def _flush_all(self, marker: FlushAll) -> None:
         """Flush every writer, including those already closing, then signal the marker."""
+        async def flush(writer: DestinationWriter) -> None:
+            result = await writer.flush()
+            marker.records += result.records
+            marker.files += 1 if result.records else 0
+            marker.failed_files += 1 if result.failed else 0
+
         async with trio.open_nursery() as nursery:
             for writer in list(self._live):
-                nursery.start_soon(writer.flush)
+                nursery.start_soon(flush, writer)
         marker.done.set()
 
     async def _route(self, submission: Submission) -> None:
@@ -122,7 +129,7 @@ class Router:
             self._live.discard(writer)
 
     def _close_wall_time(self, entry: _Open) -> float:
-        return max(entry.hour + HOUR_S, entry.last_used) + self._timekey_wait_s
+        return max(entry.hour + HOUR_S, entry.last_used) + self._timekey_wait_s()
 
     def _next_close_at(self) -> float:
         """Trio-clock deadline of the next writer to close, or inf."""

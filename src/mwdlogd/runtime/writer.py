@@ -46,9 +46,13 @@ class Chunk:
     count: int
 
 
-@attrs.frozen
+@attrs.define
 class FlushRequest:
-    done: trio.Event
+    """A flush asked from outside; the writer fills in what it wrote."""
+
+    done: trio.Event = attrs.field(factory=trio.Event)
+    records: int = 0  # written by this flush (0 when nothing was pending or it failed)
+    failed: bool = False
 
 
 @attrs.frozen
@@ -68,9 +72,10 @@ class DestinationWriter:
     (1 s doubling, up to `retry_max_interval`); past `retry_timeout` the chunk moves to
     the failed/ area. `written(batch_ids)` is told of every group that reached a file.
     A `predecessor` (the closed writer of the same file) finishes before this one writes.
+    `settings` is called at each use, so a reload applies from the next chunk or flush.
     """
 
-    def __init__(self, path: str, *, store: Store, settings: WriterSettings,
+    def __init__(self, path: str, *, store: Store, settings: Callable[[], WriterSettings],
                  telemetry: Telemetry, written: Callable[[Iterable[int]], None],
                  predecessor: "DestinationWriter | None" = None) -> None:
         self.path = path
@@ -81,7 +86,7 @@ class DestinationWriter:
         self._written = written
         self._predecessor = predecessor
         self._send, self._receive = trio.open_memory_channel[Chunk | FlushRequest](WRITER_QUEUE)
-        self._builder = MemberBuilder(self._settings.compression)
+        self._builder = MemberBuilder(self._settings().compression)
         self._raw: list[bytes] = []
         self._raw_bytes = 0
         self._ready = b""  # finished members whose append failed
@@ -99,15 +104,17 @@ class DestinationWriter:
     async def submit(self, chunk: Chunk) -> None:
         await self._send.send(chunk)
 
-    async def flush(self) -> None:
-        """Returns once what was pending when called has been tried (or the writer ended)."""
-        done = trio.Event()
+    async def flush(self) -> FlushRequest:
+        """Returns once what was pending when called has been tried (or the writer ended),
+        saying how many records that flush wrote."""
+        request = FlushRequest()
         try:
-            await self._send.send(FlushRequest(done))
+            await self._send.send(request)
         except (trio.ClosedResourceError, trio.BrokenResourceError):
             await self.finished.wait()
-            return
-        await done.wait()
+            return request
+        await request.done.wait()
+        return request
 
     async def close(self) -> None:
         """No more chunks: the writer flushes what it has and ends."""
@@ -137,10 +144,12 @@ class DestinationWriter:
                 return
             if isinstance(message, Chunk):
                 await self._add(message)
-                if self._pending_bytes < self._settings.chunk_limit:
+                if self._pending_bytes < self._settings().chunk_limit:
                     continue
-            await self._flush()
+            pending = sum(self._by_tag.values())
+            written = await self._flush()
             if isinstance(message, FlushRequest):
+                message.records, message.failed = (pending, False) if written else (0, True)
                 message.done.set()
 
     async def _add(self, chunk: Chunk) -> None:
@@ -150,8 +159,8 @@ class DestinationWriter:
         self._batch_ids.append(chunk.batch_id)
         self._by_tag[chunk.tag] += chunk.count
         if self._deadline == math.inf:
-            self._deadline = trio.current_time() + self._settings.flush_interval_s * (
-                1 + self._settings.flush_spread * random.random())
+            self._deadline = trio.current_time() + self._settings().flush_interval_s * (
+                1 + self._settings().flush_spread * random.random())
         if self._raw_bytes >= COMPRESS_BLOCK:
             await self._store.compress(self._builder, self._take_raw())
 
@@ -166,7 +175,7 @@ class DestinationWriter:
             return True
         if self._raw or not self._builder.empty:
             self._ready += await self._store.finish(self._builder, self._take_raw())
-            self._builder = MemberBuilder(self._settings.compression)
+            self._builder = MemberBuilder(self._settings().compression)
         started = trio.current_time()
         try:
             size = await self._store.append(self.path, self._ready, max(self._batch_ids))
@@ -180,7 +189,7 @@ class DestinationWriter:
     async def _failed(self, exc: StorageError) -> bool:
         now = trio.current_time()
         self._failing_since = self._failing_since if self._failing_since is not None else now
-        if now - self._failing_since >= self._settings.retry_timeout_s:
+        if now - self._failing_since >= self._settings().retry_timeout_s:
             try:
                 moved = await self._store.fail(self.path, self._ready, max(self._batch_ids),
                                                str(exc))
@@ -192,7 +201,8 @@ class DestinationWriter:
                 self._settled()
                 return True
         self._failures += 1
-        delay = min(RETRY_BASE_S * 2 ** (self._failures - 1), self._settings.retry_max_interval_s)
+        delay = min(RETRY_BASE_S * 2 ** (self._failures - 1),
+                    self._settings().retry_max_interval_s)
         self._deadline = now + delay
         self._telemetry.write_failed(self.path, str(exc), sum(self._by_tag.values()), delay)
         return False

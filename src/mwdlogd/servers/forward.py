@@ -11,12 +11,12 @@ import logging
 import socket
 import ssl
 import time
+from collections.abc import Callable
 
-import attrs
 import trio
 
 from mwdlogd import log
-from mwdlogd.config import ForwardConfig
+from mwdlogd.live import Live
 from mwdlogd.pipeline.normalize import Context, normalize_batch
 from mwdlogd.proto.forward import NEED_DATA, Entries, ForwardConnection, ForwardProtocolError, Pong
 from mwdlogd.runtime.pipeline import Pipeline, Refused
@@ -31,35 +31,33 @@ from mwdlogd.telemetry import Telemetry
 HANDSHAKE_TIMEOUT_S = 30.0
 
 
-@attrs.frozen
-class ForwardSettings:
-    forward: ForwardConfig
-    hostname: str
-
-
 class _Close(Exception):
     """End this connection now (already logged and counted)."""
 
 
 class ForwardServer:
-    def __init__(self, *, settings: ForwardSettings, ssl_context: ssl.SSLContext | None,
-                 pipeline: Pipeline, telemetry: Telemetry,
-                 inherited: socket.socket | None = None, balance: Balance | None = None
-                 ) -> None:
-        self._inherited = inherited
-        self._config = settings.forward
-        self._hostname = settings.hostname
-        self._ssl_context = ssl_context
+    """Each connection takes the forward settings (shared key, users, limits) and TLS
+    context current when it opens and keeps them; a reload applies to new connections."""
+
+    def __init__(self, *, live: Live, sock: socket.socket, pipeline: Pipeline,
+                 telemetry: Telemetry, balance: Balance | None = None) -> None:
+        self._live = live
+        self._sock = sock
         self._pipeline = pipeline
         self._telemetry = telemetry
-        self._users = {u.username: u.password.encode() for u in settings.forward.users}
         self._acceptor = Acceptor(balance)
 
     async def run(self, *, task_status: trio.TaskStatus[str] = trio.TASK_STATUS_IGNORED) -> None:
         """Serves until `stop_accepting()`, then returns once every connection has closed."""
-        listeners = await stream_listeners(self._config.bind, self._config.port,
-                                           self._ssl_context, self._inherited)
-        await self._acceptor.serve(listeners, self._handle, task_status)
+        tls = self._live.config.forward.transport == "tls"  # restart-only
+        context: Callable[[], ssl.SSLContext] | None = self._ssl_context if tls else None
+        await self._acceptor.serve(stream_listeners(self._sock, context), self._handle,
+                                   task_status)
+
+    def _ssl_context(self) -> ssl.SSLContext:
+        context = self._live.settings.ssl_context
+        assert context is not None
+        return context
 
     def stop_accepting(self) -> None:
         self._acceptor.stop()
@@ -83,17 +81,19 @@ class ForwardServer:
             log.event(logging.DEBUG, "forward_connection_closed", peer=peer)
 
     async def _serve(self, stream: trio.abc.Stream, peer: str) -> None:
-        shared_key = self._config.shared_key.encode() or None
-        conn = ForwardConnection(max_message_bytes=self._config.message_size_limit,
-                                 shared_key=shared_key, self_hostname=self._config.self_hostname,
-                                 users=self._users)
+        config = self._live.config.forward
+        shared_key = config.shared_key.encode() or None
+        conn = ForwardConnection(max_message_bytes=config.message_size_limit,
+                                 shared_key=shared_key, self_hostname=config.self_hostname,
+                                 users={u.username: u.password.encode() for u in config.users})
         identity = peer.rpartition(":")[0] if "/" not in peer else peer.split("/", 1)[1]
         if shared_key is not None:
             await stream.send_all(conn.helo())
         while True:
             event = conn.next_event()
             if event is NEED_DATA:
-                data = await self._receive(stream, conn.established)
+                timeout = config.idle_timeout if conn.established else HANDSHAKE_TIMEOUT_S
+                data = await self._receive(stream, timeout)
                 if not data:
                     return
                 conn.receive_data(data)
@@ -107,17 +107,16 @@ class ForwardServer:
             elif isinstance(event, Entries):
                 await self._store(stream, conn, event, peer, identity)
 
-    async def _receive(self, stream: trio.abc.Stream, established: bool) -> bytes:
+    async def _receive(self, stream: trio.abc.Stream, idle_s: float) -> bytes:
         """Next bytes; b"" on EOF, on idle timeout and when draining."""
-        timeout = self._config.idle_timeout if established else HANDSHAKE_TIMEOUT_S
-        with self._acceptor.idle(timeout):
+        with self._acceptor.idle(idle_s):
             return bytes(await stream.receive_some(RECEIVE_BYTES))
         return b""
 
     async def _store(self, stream: trio.abc.Stream, conn: ForwardConnection, event: Entries,
                      peer: str, identity: str) -> None:
         received_at = time.time()
-        ctx = Context(event.tag, received_at, received_at, self._hostname)
+        ctx = Context(event.tag, received_at, received_at, self._live.config.server.hostname)
         routed = normalize_batch(((record, at, None) for at, record in event.entries), ctx)
         key = f"{identity}\0{event.chunk}" if event.chunk is not None else None
         started = trio.current_time()

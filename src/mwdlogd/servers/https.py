@@ -10,15 +10,13 @@ import socket
 import ssl
 import time
 
-import attrs
 import h11
 import trio
 
 from mwdlogd import log
-from mwdlogd.config import HttpConfig
 from mwdlogd.errors import IngestError
+from mwdlogd.live import Live
 from mwdlogd.pipeline.normalize import Context, normalize_batch
-from mwdlogd.proto.auth import TokenTable
 from mwdlogd.proto.ingest import RequestReader
 from mwdlogd.runtime.pipeline import Pipeline, Refused
 from mwdlogd.servers.acceptor import Acceptor
@@ -40,31 +38,27 @@ LINGER_S = 1.0
 RETRY_AFTER_S = b"5"
 
 
-@attrs.frozen
-class IngestSettings:
-    http: HttpConfig
-    hostname: str
-
-
 class HttpsIngestServer:
-    def __init__(self, *, settings: IngestSettings, ssl_context: ssl.SSLContext,
-                 tokens: TokenTable, pipeline: Pipeline, telemetry: Telemetry,
-                 inherited: socket.socket | None = None, balance: Balance | None = None
-                 ) -> None:
-        self._inherited = inherited
-        self._http = settings.http
-        self._hostname = settings.hostname
-        self._ssl_context = ssl_context
-        self._tokens = tokens
+    """Limits, tokens and the TLS context are read from `live` for each connection and
+    request, so a reload applies to the next ones."""
+
+    def __init__(self, *, live: Live, sock: socket.socket, pipeline: Pipeline,
+                 telemetry: Telemetry, balance: Balance | None = None) -> None:
+        self._live = live
+        self._sock = sock
         self._pipeline = pipeline
         self._telemetry = telemetry
         self._acceptor = Acceptor(balance)
 
     async def run(self, *, task_status: trio.TaskStatus[str] = trio.TASK_STATUS_IGNORED) -> None:
         """Serves until `stop_accepting()`, then returns once every connection has closed."""
-        listeners = await stream_listeners(self._http.bind, self._http.port, self._ssl_context,
-                                           self._inherited)
-        await self._acceptor.serve(listeners, self._handle, task_status)
+        await self._acceptor.serve(stream_listeners(self._sock, self._ssl_context),
+                                   self._handle, task_status)
+
+    def _ssl_context(self) -> ssl.SSLContext:
+        context = self._live.settings.ssl_context
+        assert context is not None  # HTTPS always has one (App loads it before serving)
+        return context
 
     def stop_accepting(self) -> None:
         self._acceptor.stop()
@@ -79,7 +73,8 @@ class HttpsIngestServer:
         peer = peer_name(stream)
         try:
             if await handshake(stream, protocol="http", peer=peer,
-                               timeout_s=self._http.request_timeout, telemetry=self._telemetry):
+                               timeout_s=self._live.config.http.request_timeout,
+                               telemetry=self._telemetry):
                 peer = peer_name(stream)
                 await self._serve_connection(stream, peer)
         except (trio.BrokenResourceError, trio.ClosedResourceError):
@@ -95,13 +90,13 @@ class HttpsIngestServer:
             request = await self._next_request(conn, stream)
             if request is None:
                 return
-            with trio.move_on_after(self._http.request_timeout) as timer:
+            timeout = self._live.config.http.request_timeout
+            with trio.move_on_after(timeout) as timer:
                 await self._serve_request(conn, stream, request, peer)
             if timer.cancelled_caught:
                 await self._refuse(conn, stream, peer, IngestError(
                     408, "request_timeout",
-                    f"request not received within http.request_timeout="
-                    f"{self._http.request_timeout}s"))
+                    f"request not received within http.request_timeout={timeout}s"))
             if not reusable(conn):
                 return
             conn.start_next_cycle()
@@ -110,7 +105,7 @@ class HttpsIngestServer:
                             stream: trio.SSLStream[trio.SocketStream]) -> h11.Request | None:
         """The next request head, or None on EOF, idle timeout or drain."""
         event = None
-        with self._acceptor.idle(self._http.idle_timeout) as scope:
+        with self._acceptor.idle(self._live.config.http.idle_timeout) as scope:
             try:
                 event = await read_event(conn, stream)
             except h11.RemoteProtocolError as exc:
@@ -124,9 +119,10 @@ class HttpsIngestServer:
     async def _serve_request(self, conn: h11.Connection, stream: trio.SSLStream[trio.SocketStream],
                              request: h11.Request, peer: str) -> None:
         received_at = time.time()
+        settings = self._live.settings
         try:
-            reader = RequestReader(request, tokens=self._tokens,
-                                   body_limit=self._http.body_size_limit)
+            reader = RequestReader(request, tokens=settings.tokens,
+                                   body_limit=settings.config.http.body_size_limit)
             if self._pipeline.overloaded:
                 raise IngestError(503, "buffer_full", f"buffer holds "
                                   f"{self._pipeline.buffered_bytes} bytes, over "
@@ -142,7 +138,7 @@ class HttpsIngestServer:
                 exc.error_status_hint, "bad_http", str(exc)))
             return
         ctx = Context(accepted.tag, received_at, accepted.default_time or received_at,
-                      self._hostname)
+                      settings.config.server.hostname)
         routed = normalize_batch(accepted.with_text(), ctx)
         commit_started = trio.current_time()
         try:

@@ -1,4 +1,6 @@
-"""The monitor port: Fluentd's monitor_agent API and the `/api/tail` WebSocket.
+"""The monitor port: Fluentd's monitor_agent API, the `/api/tail` WebSocket and
+`POST /api/flush` (what `mwdlogd flush` calls: answers once the flush is done, with its
+counts). Tail and flush need a bearer token of `auth.tokens`.
 
 trio-websocket only takes a raw stream, so the request head is read here with h11 and
 the bytes already read are replayed to it (`_Replay`). Plain requests get one answer and
@@ -6,7 +8,9 @@ the connection closes.
 """
 
 import logging
-from collections.abc import Callable
+import socket
+from collections.abc import Awaitable, Callable
+from typing import Any
 from urllib.parse import parse_qs
 
 import h11
@@ -14,10 +18,11 @@ import trio
 import trio_websocket
 
 from mwdlogd import log
-from mwdlogd.proto.auth import TokenTable
+from mwdlogd.live import Live
 from mwdlogd.runtime.tail import TailFilter, TailHub
 from mwdlogd.servers import monitor_agent
 from mwdlogd.servers.http_io import RECEIVE_BYTES, Response, json_response, send_response
+from mwdlogd.servers.listen import address_of, tcp_listener
 from mwdlogd.servers.plain_http import not_found
 
 HEAD_TIMEOUT_S = 10.0
@@ -51,19 +56,21 @@ class _Replay(trio.abc.Stream):
         await self._inner.aclose()
 
 
+Flush = Callable[[], Awaitable[dict[str, Any]]]
+
+
 class MonitorServer:
-    def __init__(self, *, bind: str, port: int, tail: TailHub, tokens: TokenTable,
-                 plugins: Callable[[], list[monitor_agent.Plugin]]) -> None:
-        self._bind = bind
-        self._port = port
+    def __init__(self, *, sock: socket.socket, tail: TailHub, live: Live,
+                 plugins: Callable[[], list[monitor_agent.Plugin]], flush: Flush) -> None:
+        self._sock = sock
         self._tail = tail
-        self._tokens = tokens
+        self._live = live
         self._plugins = plugins
+        self._flush = flush
 
     async def run(self, *, task_status: trio.TaskStatus[str] = trio.TASK_STATUS_IGNORED) -> None:
-        listeners = await trio.open_tcp_listeners(self._port, host=self._bind)
-        task_status.started("{}:{}".format(*listeners[0].socket.getsockname()[:2]))
-        await trio.serve_listeners(self._handle, listeners)
+        task_status.started(address_of(self._sock))
+        await trio.serve_listeners(self._handle, [tcp_listener(self._sock)])
 
     async def _handle(self, stream: trio.SocketStream) -> None:
         """Never raises: an exception reaching serve_listeners would stop the server."""
@@ -89,16 +96,18 @@ class MonitorServer:
     async def _route(self, conn: h11.Connection, stream: trio.SocketStream,
                      request: h11.Request, raw: bytes) -> None:
         path, _, query = request.target.decode("latin-1").partition("?")
+        if path in ("/api/tail", "/api/flush") and \
+                self._live.settings.tokens.authenticate(_bearer(request, query)) is None:
+            await send_response(conn, stream, json_response(401, {
+                "error": "unauthorized",
+                "detail": "send Authorization: Bearer <token> or ?token=<token>"}), close=True)
+            return
         if path == "/api/tail":
-            credential = self._tokens.authenticate(_bearer(request, query))
-            if credential is None:
-                await send_response(conn, stream, json_response(401, {
-                    "error": "unauthorized",
-                    "detail": "send Authorization: Bearer <token> or ?token=<token>"}), close=True)
-                return
             await self._serve_tail(stream, raw, query)
             return
-        if path == "/api/plugins.json":
+        if path == "/api/flush":
+            response = await self._serve_flush(request)
+        elif path == "/api/plugins.json":
             response = Response(200, monitor_agent.as_json(
                 monitor_agent.select(self._plugins(), query)))
         elif path == "/api/plugins":
@@ -107,6 +116,13 @@ class MonitorServer:
         else:
             response = not_found(request, "/api/plugins.json or /api/tail")
         await send_response(conn, stream, response, close=True)
+
+    async def _serve_flush(self, request: h11.Request) -> Response:
+        if request.method != b"POST":
+            return json_response(405, {"error": "method_not_allowed",
+                                       "detail": "POST /api/flush"})
+        log.event(logging.INFO, "flush_requested", via="/api/flush")
+        return json_response(200, await self._flush())
 
     async def _serve_tail(self, stream: trio.SocketStream, raw: bytes, query: str) -> None:
         options = {k: v[-1] for k, v in parse_qs(query).items()}

@@ -16,19 +16,18 @@ from mwdlogd.servers.http_io import (
     reusable,
     send_response,
 )
-from mwdlogd.servers.listen import tcp_listeners
+from mwdlogd.servers.listen import address_of, tcp_listener
 
 Handler = Callable[[h11.Request], Awaitable[Response]]
 # Scrapers and probes send small requests quickly; anything slower is not one of them.
 IDLE_TIMEOUT_S = 30.0
 
 
-async def run_plain_http(bind: str, port: int, handler: Handler,
-                         inherited: socket.socket | None = None, *,
+async def run_plain_http(sock: socket.socket, handler: Handler, *,
                          task_status: trio.TaskStatus[str] = trio.TASK_STATUS_IGNORED) -> None:
-    """Serves `handler` until cancelled; reports `host:port` once the socket listens."""
-    listeners = await tcp_listeners(bind, port, inherited)
-    address = "{}:{}".format(*listeners[0].socket.getsockname()[:2])
+    """Serves `handler` on the listening `sock` until cancelled; reports `host:port`."""
+    listeners = [tcp_listener(sock)]
+    address = address_of(sock)
 
     async def serve(stream: trio.SocketStream) -> None:
         try:
