@@ -1,0 +1,165 @@
+"""SIGHUP reloads config.toml in a running server (a real subprocess): tokens, limits and
+certificates change while clients keep sending over keep-alive HTTPS, with no failed
+request and every acked record stored once; an invalid file is refused and the running
+config kept; restart-only keys are named; with workers every worker reloads."""
+
+from __future__ import annotations
+
+import copy
+import functools
+import signal
+import ssl
+from pathlib import Path
+from typing import Any
+
+import pytest
+import trio
+
+from mwdlogd.certs import init_certs
+
+from conftest import config_raw
+from helpers import Connection, client_context, engine_records, http_get, ndjson, post
+from load_client import Load
+from server_process import ServerProcess, write_config
+from test_workers import drain, stored_ids, workers_config
+
+NEW_TOKEN = "new-token-0123456789abcdef"
+
+
+def reload(server: ServerProcess, config: Path, raw: dict[str, Any], outcome: str) -> str:
+    """Write `raw`, send SIGHUP, return the first line matching `outcome` after it."""
+    write_config(config, raw)
+    mark = len(server.lines)
+    server.signal(signal.SIGHUP)
+    return server.wait_for(outcome, start=mark)
+
+
+async def status_with(server: ServerProcess, pki: Path, token: str, first: int) -> int:
+    reply = await post(server.addresses["http"], client_context(pki), "/nginx.access",
+                       ndjson(engine_records(1, start=first)), token=token)
+    return reply.status
+
+
+def http_connections(metrics: bytes) -> float:
+    for line in metrics.decode().splitlines():
+        if line.startswith('mwdlogd_connections_total{protocol="http"} '):
+            return float(line.split()[-1])
+    raise AssertionError("no http connection count")
+
+
+async def test_reload_under_keepalive_load(tmp_path: Path, pki: Path) -> None:
+    raw = config_raw(tmp_path, pki, buffer={"flush_interval": "100ms"})
+    config = write_config(tmp_path / "config.toml", raw)
+    server = ServerProcess(config)
+    load = Load(client_context(pki))  # three keep-alive connections, posting all the time
+    load.serve(int(server.addresses["http"].rpartition(":")[2]))
+    extra_connections = 0
+    try:
+        load.wait_for_acks(200)
+        assert await status_with(server, pki, NEW_TOKEN, 9000) == 401
+        changed = copy.deepcopy(raw)
+        changed["auth"]["tokens"] = [t for t in raw["auth"]["tokens"] if t["name"] != "acme-only"]
+        changed["auth"]["tokens"].append({"name": "new", "token": NEW_TOKEN})
+        changed["http"].update(port=1, body_size_limit="2MiB")
+        changed["server"]["log_level"] = "debug"
+        line = reload(server, config, changed, r" reloaded ")
+        assert "changed=auth.tokens,http.body_size_limit,server.log_level" in line
+        assert "tokens=engine-01,fluentd-capture,new" in line and NEW_TOKEN not in line
+        ignored = server.wait_for(r" reload_ignored ", start=server.lines.index(line))
+        assert "keys=http.port" in ignored and "restart to apply" in ignored
+        assert await status_with(server, pki, NEW_TOKEN, 9001) == 200
+        assert await status_with(server, pki, "acme-token-0123456789", 9002) == 401
+        extra_connections += 3
+        load.wait_for_acks(len(load.acked) + 200)
+
+        broken = copy.deepcopy(changed)
+        broken["http"]["body_size_limit"] = "lots"
+        line = reload(server, config, broken, r" reload_failed ")
+        assert "http.body_size_limit" in line and "the running config is kept" in line
+        assert await status_with(server, pki, NEW_TOKEN, 9003) == 200
+        (tmp_path / "config.toml").write_text("[http\n")
+        mark = len(server.lines)
+        server.signal(signal.SIGHUP)
+        assert "not valid TOML" in server.wait_for(r" reload_failed ", start=mark)
+        extra_connections += 1
+        for _ in range(3):  # back and forth while the load keeps going
+            reload(server, config, raw, r" reloaded ")
+            reload(server, config, changed, r" reloaded ")
+        load.wait_for_acks(len(load.acked) + 200)
+        _, metrics = await http_get(server.addresses["metrics"], "/metrics")
+    finally:
+        load.stop()
+        server.signal(signal.SIGTERM)
+        assert server.wait() == 0
+    assert dict(load.statuses) == {200: load.statuses[200]}  # not one failed request
+    assert http_connections(metrics) == 3 + extra_connections  # none was dropped
+    stored = stored_ids(tmp_path / "logs")
+    assert max(stored.values()) == 1
+    assert set(stored) == load.acked | {"r9001", "r9003"}
+
+
+async def test_a_new_certificate_is_used_by_new_handshakes_only(
+        tmp_path: Path, pki: Path, tmp_path_factory: pytest.TempPathFactory) -> None:
+    other = tmp_path_factory.mktemp("other-pki")
+    init_certs(other, hosts=["localhost", "127.0.0.1"], clients=["engine-01"], days=30)
+    raw = config_raw(tmp_path, pki)
+    config = write_config(tmp_path / "config.toml", raw)
+    server = ServerProcess(config)
+    address = server.addresses["http"]
+    try:
+        old = await Connection.open(address, client_context(pki))
+        assert (await old.post("/nginx.access", ndjson(engine_records(1)))).status == 200
+        swapped = copy.deepcopy(raw)
+        swapped["tls"] = {"cert": str(other / "server.crt"), "key": str(other / "server.key"),
+                          "ca": str(other / "ca.crt")}
+        line = reload(server, config, swapped, r" reloaded ")
+        assert "tls.ca,tls.cert,tls.key" in line
+        with pytest.raises(trio.BrokenResourceError) as refused:
+            await post(address, client_context(pki), "/nginx.access", b"")
+        assert isinstance(refused.value.__cause__, ssl.SSLCertVerificationError)
+        reply = await post(address, client_context(other), "/nginx.access",
+                           ndjson(engine_records(1, start=1)))
+        assert reply.status == 200
+        # the connection from before the reload goes on with its certificate
+        assert (await old.post("/nginx.access", ndjson(engine_records(1, start=2)))).status \
+            == 200
+        await old.aclose()
+        missing = copy.deepcopy(swapped)
+        missing["tls"]["cert"] = str(tmp_path / "nowhere.crt")
+        line = reload(server, config, missing, r" reload_failed ")
+        assert "tls.cert: file not found" in line
+        reply = await post(address, client_context(other), "/nginx.access",
+                           ndjson(engine_records(1, start=3)))
+        assert reply.status == 200
+    finally:
+        server.signal(signal.SIGTERM)
+        assert server.wait() == 0
+    assert stored_ids(tmp_path / "logs") == {f"r{n}": 1 for n in range(4)}
+
+
+def test_every_worker_reloads(tmp_path: Path, pki: Path) -> None:
+    config = workers_config(tmp_path, pki)
+    server = ServerProcess(config)
+    try:
+        raw = config_raw(tmp_path, pki, buffer={"flush_interval": "10ms", "chunk_limit": "2KiB"})
+        raw["server"]["workers"] = 3
+        raw["auth"]["tokens"].append({"name": "new", "token": NEW_TOKEN})
+        write_config(config, raw)
+        mark = len(server.lines)
+        server.signal(signal.SIGHUP)
+        for index in (0, 1):
+            line = server.wait_for(rf" reloaded .* worker={index}$", start=mark)
+            assert "changed=auth.tokens" in line and ",new " in line
+            line = server.wait_for(rf" reload_ignored .* worker={index}$", start=mark)
+            assert "keys=server.workers" in line
+        assert " signal name=SIGHUP detail=\"passed on to every worker\"" in \
+            "\n".join(server.lines[mark:])
+        for first in range(0, 20, 2):  # whichever worker takes it knows the new token
+            reply = trio.run(functools.partial(
+                post, server.addresses["http"], client_context(pki), "/nginx.access",
+                ndjson(engine_records(2, start=first)), token=NEW_TOKEN))
+            assert reply.status == 200
+    finally:
+        drain(server)
+    assert stored_ids(tmp_path / "logs") == {f"r{n}": 1 for n in range(20)}
+
