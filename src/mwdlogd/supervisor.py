@@ -97,34 +97,38 @@ class Supervisor:
         if path != "/metrics":
             return not_found(request, "/metrics")
         count = self._config.server.workers
-        texts: list[str | None] = [None] * count
-
-        async def scrape(index: int) -> None:
-            side = self._side.get(index)
-            if side is not None and index in self._processes:
-                with trio.move_on_after(SCRAPE_TIMEOUT_S):
-                    texts[index] = await _fetch_metrics(side[0])
-
         wanted = parse_qs(query).get("worker", [""])[-1]
-        indexes = [int(wanted)] if wanted.isdigit() and int(wanted) < count else range(count)
-        if wanted and len(indexes) != 1:
-            return json_response(404, {"error": "not_found",
-                                       "detail": f"worker must be 0..{count - 1}"})
-        async with trio.open_nursery() as nursery:
-            for index in indexes:
-                nursery.start_soon(scrape, index)
         if wanted:
-            text = texts[indexes[0]]
+            if not (wanted.isdigit() and int(wanted) < count):
+                return json_response(404, {"error": "not_found",
+                                           "detail": f"worker must be 0..{count - 1}"})
+            text = await self._scrape(int(wanted))
             if text is None:
                 return json_response(503, {"error": "unavailable",
                                            "detail": f"worker {wanted} did not answer"})
             return Response(200, text.encode(), CONTENT_TYPE_LATEST.encode())
+        texts: list[str | None] = [None] * count
+
+        async def scrape(index: int) -> None:
+            texts[index] = await self._scrape(index)
+
+        async with trio.open_nursery() as nursery:
+            for index in range(count):
+                nursery.start_soon(scrape, index)
         up = GaugeMetricFamily("mwdlogd_worker_up", "1 when the worker's metrics are in this "
                                "sum (0: restarting or not answering)", labels=["worker"])
         for index, text in enumerate(texts):
             up.add_metric([str(index)], 0.0 if text is None else 1.0)
         body = sum_expositions([t for t in texts if t is not None], [up])
         return Response(200, body, CONTENT_TYPE_LATEST.encode())
+
+    async def _scrape(self, index: int) -> str | None:
+        side = self._side.get(index)
+        if side is None or index not in self._processes:
+            return None
+        with trio.move_on_after(SCRAPE_TIMEOUT_S):
+            return await _fetch_metrics(side[0])
+        return None
 
     async def _keep_running(self, index: int, sockets: dict[str, socket.socket],
                             lifeline: int, ready: trio.Event) -> None:
