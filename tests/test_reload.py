@@ -67,9 +67,13 @@ async def test_reload_under_keepalive_load(tmp_path: Path, pki: Path) -> None:
         assert "tokens=engine-01,fluentd-capture,new" in line and NEW_TOKEN not in line
         ignored = server.wait_for(r" reload_ignored ", start=server.lines.index(line))
         assert "keys=http.port" in ignored and "restart to apply" in ignored
+        server.wait_for(r" DEBUG +flushed ", start=server.lines.index(line))  # log_level
         assert await status_with(server, pki, NEW_TOKEN, 9001) == 200
         assert await status_with(server, pki, "acme-token-0123456789", 9002) == 401
-        extra_connections += 3
+        too_large = await post(server.addresses["http"], client_context(pki), "/nginx.access",
+                               b"x" * (2 * 1024 * 1024 + 1))
+        assert too_large.status == 413 and b"body_size_limit=2097152" in too_large.body
+        extra_connections += 4
         load.wait_for_acks(len(load.acked) + 200)
 
         broken = copy.deepcopy(changed)

@@ -387,7 +387,7 @@ def _parser() -> argparse.ArgumentParser:
                            "and duplicated records")
     load.add_argument("--settle", type=float, default=0.0, metavar="SECONDS",
                       help="before --verify, wait this long for the server's flush "
-                           "(its buffer.flush_interval), unless you flush it with SIGUSR1")
+                           "(its buffer.flush_interval), unless you run `mwdlogd flush` first")
     return parser
 
 
