@@ -5,6 +5,7 @@ import logging
 import mmap
 import signal
 import socket
+import ssl
 from collections.abc import Callable
 from pathlib import Path
 
@@ -151,11 +152,7 @@ class App:
         not load is refused (`reload_failed`, the running config stays); restart-only
         keys that differ are named (`reload_ignored`) and keep their running values."""
         try:
-            if self._loader is None:
-                raise MwdlogdError("no config file to reload (config given in memory)")
-            new = await trio.to_thread.run_sync(self._loader)
-            check_tls_files(new)
-            context = server_context(new.tls)
+            new, context = await trio.to_thread.run_sync(self._load_again)
         except (MwdlogdError, OSError) as exc:
             log.event(logging.ERROR, "reload_failed", error=str(exc),
                       detail="the running config is kept")
@@ -171,6 +168,14 @@ class App:
         for warning in certificate_warnings(merged):
             log.event(logging.WARNING, warning.event, key=warning.key, problem=warning.problem)
         return True
+
+    def _load_again(self) -> tuple[Config, ssl.SSLContext]:
+        """The config file and its TLS files, read and checked (blocking; in a thread)."""
+        if self._loader is None:
+            raise MwdlogdError("no config file to reload (config given in memory)")
+        new = self._loader()
+        check_tls_files(new)
+        return new, server_context(new.tls)
 
     async def run(self, *, task_status: trio.TaskStatus[Addresses] = trio.TASK_STATUS_IGNORED
                   ) -> None:
