@@ -15,9 +15,12 @@ from typing import Any
 import pytest
 import trio
 
+from mwdlogd.app import App
 from mwdlogd.certs import init_certs
+from mwdlogd.config import load_config
 
 from conftest import config_raw
+from forward_client import KEY, RawForward, packed
 from helpers import Connection, client_context, engine_records, http_get, ndjson, post
 from load_client import Load
 from server_process import ServerProcess, write_config
@@ -167,3 +170,41 @@ def test_every_worker_reloads(tmp_path: Path, pki: Path) -> None:
         drain(server)
     assert stored_ids(tmp_path / "logs") == {f"r{n}": 1 for n in range(20)}
 
+
+
+async def test_forward_settings_and_buffer_limit_change_in_process(
+        nursery: trio.Nursery, tmp_path: Path, pki: Path) -> None:
+    """App.reload without a signal: a shared key applies to new forward connections while
+    an open one goes on; a lower buffer.total_limit refuses at once, a higher one admits."""
+    raw = config_raw(tmp_path, pki, buffer={"flush_interval": "1h", "timekey_wait": "1h"})
+    path = write_config(tmp_path / "config.toml", raw)
+    app = App(load_config(path, required=True), loader=lambda: load_config(path, required=True))
+    addresses = await nursery.start(app.run)
+    context = client_context(pki)
+    before = await RawForward.connect(addresses.forward, context)
+    await before.send(packed("nginx.access", engine_records(1), chunk="a"))
+    assert await before.receive() == {"ack": "a"}
+    keyed = copy.deepcopy(raw)
+    keyed["forward"]["shared_key"] = KEY
+    write_config(path, keyed)
+    assert await app.reload()
+    after = await RawForward.connect(addresses.forward, context)
+    assert (await after.handshake())[1] is True  # HELO, then PONG true
+    await before.send(packed("nginx.access", engine_records(1, start=1), chunk="b"))
+    assert await before.receive() == {"ack": "b"}  # no handshake asked of it
+    for limit in ("100B", "1MiB"):
+        keyed["buffer"]["total_limit"] = limit
+        write_config(path, keyed)
+        assert await app.reload()
+        if limit == "100B":
+            full = await post(addresses.http, context, "/nginx.access",
+                              ndjson(engine_records(1, start=2)))
+            assert full.status == 503 and full.json()["error"] == "buffer_full"
+    await after.send(packed("nginx.access", engine_records(1, start=3), chunk="c"))
+    assert await after.receive() == {"ack": "c"}
+    for client in (before, after):
+        await client.aclose()
+    assert (await http_get(addresses.monitor, "/api/flush"))[0] == 401  # no token
+    app.request_stop()
+    await app.stopped.wait()
+    assert stored_ids(tmp_path / "logs") == {"r0": 1, "r1": 1, "r3": 1}
