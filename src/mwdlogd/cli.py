@@ -26,6 +26,7 @@ from mwdlogd.config import (
 from mwdlogd.errors import ConfigError, MwdlogdError
 from mwdlogd.flush_client import run_flush
 from mwdlogd.init_config import render_default_config
+from mwdlogd.ops import archive, backup
 from mwdlogd.supervisor import Supervisor
 from mwdlogd.tail_client import run_tail, tail_url
 from mwdlogd.worker import orphaned_journals, worker_config
@@ -120,6 +121,8 @@ def _parser() -> argparse.ArgumentParser:
                        help="monitor address (repeatable; default: [monitor] of every worker)")
     flush.add_argument("--timeout", type=float, default=300.0,
                        help="seconds to wait for each worker's flush (default 300)")
+    archive.add_parser(commands, common)
+    backup.add_parsers(commands, common)
     show = certs_commands.add_parser("show", help="print subject, issuer and days to expiry")
     show.add_argument("--dir", default="certs", help="directory of .crt files (default: certs)")
     return parser
@@ -257,8 +260,21 @@ def _health(args: argparse.Namespace) -> int:
     return 1
 
 
+def _archive(args: argparse.Namespace) -> int:
+    return archive.command(args, _load(args))
+
+
+def _backup(args: argparse.Namespace) -> int:
+    return backup.backup_command(args, config_path(getattr(args, "config", None)))
+
+
+def _restore(args: argparse.Namespace) -> int:
+    return backup.restore_command(args, config_path(getattr(args, "config", None)))
+
+
 COMMANDS = {"run": _run, "check-config": _check_config, "init-config": _init_config,
-            "certs": _certs, "tail": _tail, "health": _health, "flush": _flush}
+            "certs": _certs, "tail": _tail, "health": _health, "flush": _flush,
+            "archive": _archive, "backup": _backup, "restore": _restore}
 
 
 def main(argv: list[str] | None = None) -> int:
