@@ -236,7 +236,8 @@ def check_member(member: tarfile.TarInfo) -> str | None:
     a safe relative name under one of the backup's top directories."""
     name = member.name
     kind = ("a symbolic link" if member.issym() else "a hard link" if member.islnk()
-            else "a device file" if member.isdev() else None)
+            else "a device file" if member.ischr() or member.isblk()
+            else "a named pipe (FIFO)" if member.isfifo() else None)
     if kind:
         return f"is {kind}"
     if not (member.isfile() or member.isdir()):
