@@ -19,6 +19,7 @@ import pytest
 
 from mwdlogd.ops.archive import (
     MANIFEST_NAME,
+    ArchiveBusy,
     Archiver,
     Digest,
     Manifest,
@@ -356,3 +357,20 @@ def test_object_problem_checks_size_sha256_and_md5_etag() -> None:
     assert "ChecksumSHA256" in str(object_problem({**good, "ChecksumSHA256": "AAAA"}, digest))
     assert object_problem({"ContentLength": 5, "ETag": '"abc-2"'}, digest) == (
         "the store returned neither ChecksumSHA256 nor an MD5 ETag")
+
+
+def test_manifest_survives_a_torn_last_line_and_refuses_a_second_run(tmp_path: Path) -> None:
+    path = tmp_path / MANIFEST_NAME
+    upload = {"event": "upload", "path": "a/2026/01/01/00.log.gz", "bucket": "b",
+              "key": "archive/a/2026/01/01/00.log.gz", "size": 3, "sha256": "00", "md5": "11",
+              "storage_class": "GLACIER", "mtime_ns": 5}
+    path.write_text(json.dumps(upload) + "\n" + '{"event": "upload", "path": "b/20')
+    manifest = Manifest(path, writable=True)
+    with pytest.raises(ArchiveBusy, match="another `mwdlogd archive` holds"):
+        Manifest(path, writable=True)
+    manifest.record("deleted", path=upload["path"], bucket="b", key=upload["key"])
+    manifest.close()
+    reread = Manifest(path, writable=False)
+    assert reread.current == {}
+    assert reread.generations == {(upload["path"], "b"): 1}
+    assert path.read_text().count("\n") == 3

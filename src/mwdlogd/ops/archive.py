@@ -200,6 +200,7 @@ class Upload:
     sha256: str
     md5: str
     storage_class: str
+    mtime_ns: int = 0  # of the local file when it was hashed: unchanged files are not re-read
 
     @property
     def digest(self) -> Digest:
@@ -225,6 +226,9 @@ class Manifest:
                 os.close(self._fd)
                 raise ArchiveBusy(f"another `mwdlogd archive` holds {path}; "
                                   "wait for it to finish") from None
+            size = os.fstat(self._fd).st_size
+            if size and os.pread(self._fd, 1, size - 1) != b"\n":  # torn by a crash
+                os.write(self._fd, b"\n")
         if path.exists():
             for number, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
                 if line.strip():
@@ -236,7 +240,7 @@ class Manifest:
             ident = (event["path"], event["bucket"])
             if event["event"] == "upload":
                 self.current[ident] = Upload(**{f.name: event[f.name]
-                                                for f in attrs.fields(Upload)})
+                                                for f in attrs.fields(Upload) if f.name in event})
             elif event["event"] in ("deleted", "invalid"):
                 self.current.pop(ident, None)
                 if event["event"] == "deleted":
@@ -386,6 +390,7 @@ class Archiver:
         self.err = err
         self.summary = Summary(dry_run=settings.dry_run)
         self._digests: dict[str, Digest] = {}
+        self._mtimes: dict[str, int] = {}
 
     def run(self) -> Summary:
         files = scan(self.root)
@@ -405,14 +410,22 @@ class Archiver:
 
     def _digest(self, file: HourFile) -> Digest:
         if file.relpath not in self._digests:
+            self._mtimes[file.relpath] = os.stat(self.root / file.relpath).st_mtime_ns
             self._digests[file.relpath] = digest_file(self.root / file.relpath)
         return self._digests[file.relpath]
+
+    def _unchanged(self, file: HourFile, recorded: Upload) -> bool:
+        """Same bytes as uploaded: same size and mtime as then, or else the same SHA-256."""
+        stat = os.stat(self.root / file.relpath)
+        if (stat.st_size, stat.st_mtime_ns) == (recorded.size, recorded.mtime_ns):
+            return True
+        return recorded.digest == self._digest(file)
 
     def _upload_all(self, due: list[HourFile]) -> None:
         todo = []
         for file in due:
             recorded = self.manifest.current.get(self._ident(file))
-            if recorded is not None and recorded.digest == self._digest(file):
+            if recorded is not None and self._unchanged(file, recorded):
                 self.summary.skipped += 1
             else:
                 todo.append(file)
@@ -445,7 +458,7 @@ class Archiver:
                                  f"verify: {problem}")
             self.manifest.record("upload", **attrs.asdict(Upload(
                 file.relpath, self.settings.bucket, key, digest.size, digest.sha256,
-                digest.md5, self.settings.storage_class)))
+                digest.md5, self.settings.storage_class, self._mtimes[file.relpath])))
         self.summary.uploaded += 1
         self.summary.bytes += digest.size
 
