@@ -250,7 +250,7 @@ def test_altered_object_fails_verification_and_is_kept_then_repaired(
 
     repaired = run_archive(config, s3, bucket, "--delete-days", "50")
     assert repaired.returncode == 0, repaired.stderr
-    assert repaired.stdout.splitlines()[-1].startswith("archive: uploaded 1 files")
+    assert repaired.stdout.splitlines()[-1].startswith("archive: uploaded 1 file ")
     assert s3.objects(bucket) == {key: data}
     assert not (root / rel).exists()
 
@@ -329,8 +329,9 @@ def test_unreachable_store_exits_1_and_deletes_nothing(tree: dict[str, Any], s3:
     s3.stop()
     result = run_archive(tree["config"], s3, bucket)
     assert result.returncode == 1
-    assert "Could not connect" in result.stderr
-    assert result.stdout.splitlines()[-1].startswith("archive: uploaded 0 files")
+    assert result.stdout.splitlines() == [
+        f'archive: stopped before any upload or deletion: bucket s3://{bucket}: Could not '
+        f'connect to the endpoint URL: "{s3.url}/{bucket}"']
     assert all((tree["root"] / rel).exists() for rel in tree["files"].values())
 
 

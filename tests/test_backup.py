@@ -72,7 +72,7 @@ def test_round_trip_is_byte_identical_and_cuts_an_unfinished_member(tmp_path: Pa
                    "--buffer")
     assert made.returncode == 0, made.stderr
     assert made.stdout.startswith(f"backup: wrote {out}: 13 files (")
-    assert made.stdout.rstrip().endswith("1 files cut at their last complete gzip member "
+    assert made.stdout.rstrip().endswith("1 hourly file cut at the last complete gzip member "
                                          f"({source['torn']} B still being written left out)")
 
     target = tmp_path / "dst" / "config.toml"

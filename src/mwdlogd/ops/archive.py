@@ -37,7 +37,7 @@ import attrs
 from mwdlogd import log
 from mwdlogd.config import Config
 from mwdlogd.errors import ConfigError, MwdlogdError
-from mwdlogd.ops.progress import Progress, human_bytes
+from mwdlogd.ops.progress import Progress, human_bytes, plural
 from mwdlogd.storage.files import fsync_dir
 from mwdlogd.storage.ledger import Ledger
 
@@ -368,7 +368,7 @@ class Summary:
 
     def line(self) -> str:
         verb = "would upload" if self.dry_run else "uploaded"
-        return (f"archive: {verb} {self.uploaded} files ({human_bytes(self.bytes)}), "
+        return (f"archive: {verb} {plural(self.uploaded, 'file')} ({human_bytes(self.bytes)}), "
                 f"skipped {self.skipped} already archived, failed {self.failed}, "
                 f"{'would delete' if self.dry_run else 'deleted'} {self.deleted}, "
                 f"{self.not_due} not due yet")
@@ -579,8 +579,7 @@ def command(args: argparse.Namespace, config: Config) -> int:
             if exc.code in BAD_BUCKET:
                 raise ConfigError("--bucket / S3_BUCKET", f"{exc} ({BAD_BUCKET[exc.code]})") \
                     from None
-            print(f"mwdlogd: {exc}", file=sys.stderr)
-            print(Summary(dry_run=settings.dry_run).line())
+            print(f"archive: stopped before any upload or deletion: {exc}")
             return EXIT_FAILED
         archiver = Archiver(root, Path(config.buffer.path) / "ledger", settings, store,
                             manifest, now=time.time(), out=sys.stdout, err=sys.stderr)

@@ -46,7 +46,7 @@ from mwdlogd.config import (
     validate,
 )
 from mwdlogd.errors import ConfigError, MwdlogdError
-from mwdlogd.ops.progress import Progress, human_bytes
+from mwdlogd.ops.progress import Progress, human_bytes, plural
 
 FORMAT = "mwdlogd-backup 1"
 MANIFEST = "MANIFEST.json"
@@ -488,10 +488,11 @@ def backup_command(args: argparse.Namespace, config_file: tuple[Path, bool]) -> 
         summary = write_backup(out, sources, tls_dirs, progress)
     finally:
         progress.close()
-    cut = (f", {summary.cut_files} files cut at their last complete gzip member "
+    cut = (f", {plural(summary.cut_files, 'hourly file')} cut at the last complete gzip member "
            f"({human_bytes(summary.cut_bytes)} still being written left out)"
            if summary.cut_files else "")
-    print(f"backup: wrote {out}: {summary.files} files ({human_bytes(summary.bytes)}){cut}")
+    print(f"backup: wrote {out}: {plural(summary.files, 'file')} "
+          f"({human_bytes(summary.bytes)}){cut}")
     return 0
 
 
@@ -520,7 +521,7 @@ def restore_command(args: argparse.Namespace, config_file: tuple[Path, bool]) ->
         summary = extract(archive, checked.manifest, where, same, progress)
     finally:
         progress.close()
-    print(f"restore: {summary.written} files written ({human_bytes(summary.bytes)}), "
+    print(f"restore: {plural(summary.written, 'file')} written ({human_bytes(summary.bytes)}), "
           f"{summary.unchanged} already identical; config {target_config}, "
           f"logs {config.storage.root}, buffer {config.buffer.path}")
     return 0
