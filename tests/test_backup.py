@@ -181,7 +181,8 @@ def test_a_member_that_fails_its_checksum_is_refused(tmp_path: Path) -> None:
 
 
 def test_restore_refuses_a_running_servers_buffer(tmp_path: Path, pki: Path) -> None:
-    raw = config_raw(tmp_path, pki, health={"bind": "127.0.0.1", "port": free_port()})
+    raw = config_raw(tmp_path, pki, health={"bind": "127.0.0.1", "port": free_port()},
+                     storage={"root": "logs"}, buffer={"path": "buffer"})  # beside the config
     config = write_config(tmp_path / "config.toml", raw)
     server = ServerProcess(config)
     try:
@@ -191,8 +192,14 @@ def test_restore_refuses_a_running_servers_buffer(tmp_path: Path, pki: Path) -> 
         assert "the server is running" in made.stderr
         refused = mwdlogd("--config", str(config), "restore", str(out), "--force")
         assert refused.returncode == 2
-        assert ("refusing to restore logs/buffer into a running server (something listens "
-                f"on the health port 127.0.0.1:{raw['health']['port']})") in refused.stderr
+        health = f"http://127.0.0.1:{raw['health']['port']}/health"
+        assert ("refusing to restore logs/buffer into a running server "
+                f"({health} answers for storage_root {tmp_path / 'logs'})") in refused.stderr
+        # the same config elsewhere (same ports, other files) is not that server's buffer
+        elsewhere = tmp_path / "copy" / "config.toml"
+        copied = mwdlogd("--config", str(elsewhere), "restore", str(out))
+        assert copied.returncode == 0, copied.stderr
+        assert (tmp_path / "copy" / "buffer" / "journal").is_dir()
     finally:
         server.stop()
 

@@ -30,6 +30,8 @@ import sys
 import tarfile
 import time
 import tomllib
+import urllib.error
+import urllib.request
 import zlib
 from collections.abc import Iterator
 from pathlib import Path, PurePosixPath
@@ -54,6 +56,7 @@ CONFIG_MEMBER = "config/config.toml"
 TLS_KEYS = ("tls.cert", "tls.key", "tls.ca")
 LOCK_NAME = ".lock"  # the running server's exclusive flock on its buffer directory
 READ_CHUNK = 1 << 20
+HEALTH_TIMEOUT_S = 2.0
 OUT_LIMIT = 4 << 20  # bound on inflated bytes held while checking members
 TAR_LEVEL = 1  # the logs are gzip already: level 1 saves CPU for a few % of size
 
@@ -356,8 +359,9 @@ def targets(manifest: dict[str, Any], config: Config, config_file: Path) -> dict
 
 
 def live_server(config: Config) -> str | None:
-    """How a server using this buffer shows it is running, None if none does: its
-    buffer lock is held, or its health port answers."""
+    """How a server using these files shows it is running, None if none does: its
+    buffer lock is held, or the config's health port answers for the same storage_root
+    (a server on another directory with the same ports is not this one)."""
     lock = Path(config.buffer.path) / LOCK_NAME
     with contextlib.suppress(FileNotFoundError):
         fd = os.open(lock, os.O_RDONLY)
@@ -369,11 +373,23 @@ def live_server(config: Config) -> str | None:
         finally:
             os.close(fd)
     host = "127.0.0.1" if config.health.bind in ("0.0.0.0", "::") else config.health.bind
-    if config.health.port:
-        with contextlib.suppress(OSError), socket.create_connection(
-                (host, config.health.port), timeout=1.0):
-            return f"something listens on the health port {host}:{config.health.port}"
-    return None
+    if not config.health.port:
+        return None
+    url = f"http://{host}:{config.health.port}/health"
+    try:
+        with urllib.request.urlopen(url, timeout=HEALTH_TIMEOUT_S) as reply:
+            answer = reply.read()
+    except urllib.error.HTTPError as exc:  # 503: running, but unhealthy
+        answer = exc.read()
+    except OSError:
+        return None  # nothing listens there
+    try:
+        served = json.loads(answer)["storage_root"]
+    except (ValueError, KeyError, TypeError):
+        return f"{url} answers, but not as mwdlogd; assuming a server uses these files"
+    if os.path.realpath(served) == os.path.realpath(config.storage.root):
+        return f"{url} answers for storage_root {served}"
+    return None  # another server, on other files
 
 
 @attrs.define
