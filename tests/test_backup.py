@@ -114,7 +114,7 @@ def test_overwrite_refused_without_force(tmp_path: Path) -> None:
     changed.write_bytes(b"newer local data")
     refused = mwdlogd("--config", str(target), "restore", str(out))
     assert refused.returncode == 2
-    assert f"1 existing files differ from the backup: {changed}; use --force" in refused.stderr
+    assert f"existing files differ from the backup (1): {changed}; use --force" in refused.stderr
     assert tree(tmp_path / "dst") == {f"logs/{HOUR_FILE}": b"newer local data"}
 
     forced = mwdlogd("--config", str(target), "restore", str(out), "--force")

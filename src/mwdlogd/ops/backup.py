@@ -530,8 +530,8 @@ def restore_command(args: argparse.Namespace, config_file: tuple[Path, bool]) ->
     if differ and not args.force:
         shown = ", ".join(str(p) for p in differ[:5])
         more = f" and {len(differ) - 5} more" if len(differ) > 5 else ""
-        raise BackupError(f"{len(differ)} existing files differ from the backup: {shown}{more}; "
-                          "use --force to replace them")
+        raise BackupError(f"existing files differ from the backup ({len(differ)}): "
+                          f"{shown}{more}; use --force to replace them")
     progress = Progress(sys.stderr, len(where) - len(same), "files")
     try:
         summary = extract(archive, checked.manifest, where, same, progress)
