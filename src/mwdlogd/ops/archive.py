@@ -549,6 +549,13 @@ files (AWS_ACCESS_KEY_ID, AWS_PROFILE, instance roles).
 Exit status: 0 all done, 1 something failed (details on stderr), 2 bad settings."""
 
 
+OPTION_HELP = {"bucket": "bucket to archive into", "prefix": "key prefix",
+               "archive_days": "upload hours that ended this many days ago",
+               "delete_days": "delete local hours that ended this many days ago, once their "
+               "upload verifies", "storage_class": f"one of {', '.join(STORAGE_CLASSES)}",
+               "endpoint_url": "S3-compatible store (MinIO, Ceph, ...); AWS when unset"}
+
+
 def add_parser(commands: Any, common: argparse.ArgumentParser) -> None:
     parser = commands.add_parser("archive", parents=[common], help="upload old hourly files "
                                  "to S3 and delete archived ones past retention (cron)",
@@ -556,7 +563,7 @@ def add_parser(commands: Any, common: argparse.ArgumentParser) -> None:
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
     for name, env, default in OPTIONS:
         parser.add_argument(f"--{name.replace('_', '-')}", dest=name, metavar=env,
-                            help=f"(env {env}, default {default or 'none'})")
+                            help=f"{OPTION_HELP[name]} (env {env}, default {default or 'none'})")
     parser.add_argument("--dry-run", action="store_true",
                         help="print what would be uploaded and deleted; change nothing")
 

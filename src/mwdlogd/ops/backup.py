@@ -502,6 +502,8 @@ def backup_command(args: argparse.Namespace, config_file: tuple[Path, bool]) -> 
     progress = Progress(sys.stderr, len(sources), "files")
     try:
         summary = write_backup(out, sources, tls_dirs, progress)
+    except OSError as exc:
+        raise BackupError(f"writing {out}: {exc}; no backup was written") from exc
     finally:
         progress.close()
     cut = (f", {plural(summary.cut_files, 'hourly file')} cut at the last complete gzip member "
@@ -535,6 +537,9 @@ def restore_command(args: argparse.Namespace, config_file: tuple[Path, bool]) ->
     progress = Progress(sys.stderr, len(where) - len(same), "files")
     try:
         summary = extract(archive, checked.manifest, where, same, progress)
+    except OSError as exc:
+        raise BackupError(f"restoring from {archive}: {exc}; files restored before it stay, "
+                          "run the restore again with --force once fixed") from exc
     finally:
         progress.close()
     print(f"restore: {plural(summary.written, 'file')} written ({human_bytes(summary.bytes)}), "
