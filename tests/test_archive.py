@@ -107,7 +107,9 @@ def make_file(root: Path, rel: str, text: str) -> bytes:
 
 
 def write_config(tmp_path: Path) -> Path:
+    """storage.root and buffer.path as a server leaves them (deletes take its append locks)."""
     (tmp_path / "logs").mkdir(exist_ok=True)
+    (tmp_path / "buffer" / "ledger").mkdir(parents=True, exist_ok=True)
     path = tmp_path / "config.toml"
     path.write_text('[storage]\nroot = "logs"\n[buffer]\npath = "buffer"\n')
     return path
@@ -165,6 +167,8 @@ def test_normal_run_uploads_due_hours_and_deletes_only_verified_old_ones(
     assert sorted(p.relative_to(root).as_posix() for p in root.rglob("*.log.gz")) == sorted(
         files[n] for n in ("month", "month_unmatched", "recent", "current"))
     assert not (root / files["old"]).parent.exists()  # emptied directories are pruned
+    ledger = tree["config"].parent / "buffer" / "ledger"
+    assert (ledger / (files["old"] + ".state")).exists()  # deleted under the append lock
     events = manifest_events(root)
     assert [(e["event"], e["path"]) for e in events] == (
         [("upload", rel) for rel in in_scan_order(files[n] for n in archived)]

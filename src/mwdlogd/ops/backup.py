@@ -433,23 +433,31 @@ def extract(path: Path, manifest: dict[str, Any], where: dict[str, Path], skip: 
             target = where[member.name]
             target.parent.mkdir(parents=True, exist_ok=True)
             temp = target.with_name(f".{target.name}.restoring")
-            sha = hashlib.sha256()
-            with open(temp, "wb") as out:
-                while chunk := data.read(READ_CHUNK):
-                    sha.update(chunk)
-                    out.write(chunk)
-                out.flush()
-                os.fsync(out.fileno())
-            if sha.hexdigest() != manifest["files"][member.name]["sha256"]:
-                temp.unlink()
-                raise BackupError(f"{path}: member {member.name!r} changed between reads")
-            os.chmod(temp, member.mode & 0o777)
-            os.utime(temp, (member.mtime, member.mtime))
-            os.replace(temp, target)
+            try:
+                _write_checked(data, temp, manifest["files"][member.name]["sha256"])
+                os.chmod(temp, member.mode & 0o777)
+                os.utime(temp, (member.mtime, member.mtime))
+                os.replace(temp, target)
+            except BaseException:
+                temp.unlink(missing_ok=True)
+                raise
             summary.written += 1
             summary.bytes += member.size
             progress.step(member.size)
     return summary
+
+
+def _write_checked(data: IO[bytes], temp: Path, sha256: str) -> None:
+    sha = hashlib.sha256()
+    with open(temp, "wb") as out:
+        while chunk := data.read(READ_CHUNK):
+            sha.update(chunk)
+            out.write(chunk)
+        out.flush()
+        os.fsync(out.fileno())
+    if sha.hexdigest() != sha256:
+        raise BackupError(f"{temp.name.removesuffix('.restoring')[1:]} changed between the "
+                          "check and the restore: the archive is being modified")
 
 
 # --- command line ----------------------------------------------------------------------
