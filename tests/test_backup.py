@@ -8,19 +8,22 @@ import gzip
 import io
 import json
 import os
+import signal
 import subprocess
 import sys
 import tarfile
+import time
 from pathlib import Path
 from typing import Any
 
 import pytest
+import trio
 
 from mwdlogd.certs import init_certs
 from mwdlogd.ops.backup import complete_gzip_length
 
 from conftest import config_raw
-from helpers import free_port
+from helpers import client_context, engine_records, free_port, ids_by_file, ndjson, post
 from server_process import ServerProcess, write_config
 
 HOUR_FILE = "acme/nginx/www.acme.com/2026/01/31/23.log.gz"
@@ -180,14 +183,27 @@ def test_a_member_that_fails_its_checksum_is_refused(tmp_path: Path) -> None:
     assert not (tmp_path / "dst").exists()
 
 
-def test_restore_refuses_a_running_servers_buffer(tmp_path: Path, pki: Path) -> None:
+def test_live_backup_restores_every_record_once_and_refuses_the_live_files(
+        tmp_path: Path, pki: Path) -> None:
     raw = config_raw(tmp_path, pki, health={"bind": "127.0.0.1", "port": free_port()},
                      storage={"root": "logs"}, buffer={"path": "buffer"})  # beside the config
     config = write_config(tmp_path / "config.toml", raw)
+    sent = (engine_records(30, time=time.time() - 7200)
+            + engine_records(20, start=30, customer="beta"))
     server = ServerProcess(config)
     try:
+        context = client_context(pki)
+        for batch in (sent[:30], sent[30:]):
+            reply = trio.run(post, server.addresses["http"], context, "/nginx.access",
+                             ndjson(batch))
+            assert reply.status == 200
+        mark = len(server.lines)
+        server.signal(signal.SIGUSR1)
+        server.wait_for("flush_done", start=mark)
+
         out = tmp_path / "live.tar.gz"
-        made = mwdlogd("--config", str(config), "backup", "--out", str(out), "--buffer")
+        made = mwdlogd("--config", str(config), "backup", "--out", str(out), "--logs",
+                       "--buffer")
         assert made.returncode == 0, made.stderr
         assert "the server is running" in made.stderr
         refused = mwdlogd("--config", str(config), "restore", str(out), "--force")
@@ -196,12 +212,22 @@ def test_restore_refuses_a_running_servers_buffer(tmp_path: Path, pki: Path) -> 
         assert ("refusing to restore logs/buffer into a running server "
                 f"({health} answers for storage_root {tmp_path / 'logs'})") in refused.stderr
         # the same config elsewhere (same ports, other files) is not that server's buffer
-        elsewhere = tmp_path / "copy" / "config.toml"
-        copied = mwdlogd("--config", str(elsewhere), "restore", str(out))
+        copy = tmp_path / "copy" / "config.toml"
+        copied = mwdlogd("--config", str(copy), "restore", str(out))
         assert copied.returncode == 0, copied.stderr
-        assert (tmp_path / "copy" / "buffer" / "journal").is_dir()
     finally:
         server.stop()
+    expected = sorted(r["id"] for r in sent)
+    assert sorted(i for ids in ids_by_file(tmp_path / "copy" / "logs").values()
+                  for i in ids) == expected
+    restored = ServerProcess(copy)  # its recovery finds nothing missing, writes nothing twice
+    try:
+        restored.wait_for("recovered .*batches_replayed=0")
+    finally:
+        restored.signal(signal.SIGTERM)
+        assert restored.wait() == 0
+    assert sorted(i for ids in ids_by_file(tmp_path / "copy" / "logs").values()
+                  for i in ids) == expected
 
 
 def test_restore_refuses_a_locked_buffer(tmp_path: Path) -> None:
