@@ -435,6 +435,7 @@ class Archiver:
                 try:
                     self._upload(file)
                 except StoreError as exc:
+                    progress.interrupt()
                     self._fail(file, str(exc))
                     if exc.unreachable:
                         self._give_up(todo[index + 1:], str(exc))

@@ -40,6 +40,12 @@ class Progress:
                                f"{human_bytes(self._bytes)}\x1b[K")
             self._stream.flush()
 
+    def interrupt(self) -> None:
+        """End the bar's line so a log line can follow; the next step draws it again."""
+        if self._live and self._done:
+            self._stream.write("\n")
+            self._stream.flush()
+
     def close(self) -> None:
         if self._live and self._done:
             self._stream.write("\n")
