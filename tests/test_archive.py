@@ -4,10 +4,12 @@ counts is the path's hour."""
 
 from __future__ import annotations
 
+import contextlib
 import gzip
 import io
 import json
 import os
+import pty
 import subprocess
 import sys
 import time
@@ -378,3 +380,25 @@ def test_manifest_survives_a_torn_last_line_and_refuses_a_second_run(tmp_path: P
     assert reread.current == {}
     assert reread.generations == {(upload["path"], "b"): 1}
     assert path.read_text().count("\n") == 3
+
+
+def test_progress_bar_on_a_terminal_only(s3: S3, bucket: str, tree: dict[str, Any]) -> None:
+    """stderr on a real pseudo-terminal gets the bar; a pipe (cron) gets none."""
+    leader, follower = pty.openpty()
+    environ = {**os.environ, **CREDENTIALS, "S3_BUCKET": bucket, "S3_ENDPOINT_URL": s3.url}
+    process = subprocess.Popen([sys.executable, "-m", "mwdlogd", "--config", str(tree["config"]),
+                                "archive"], env=environ, stdout=subprocess.PIPE, stderr=follower)
+    os.close(follower)
+    drawn = b""
+    with contextlib.suppress(OSError):  # EIO once the process has closed the terminal
+        while chunk := os.read(leader, 4096):
+            drawn += chunk
+    os.close(leader)
+    assert process.communicate(timeout=60)[0].decode().startswith("archive: uploaded 4 files")
+    assert process.returncode == 0
+    frames = [frame.split(b"\x1b[K")[0] for frame in drawn.split(b"\r") if frame.strip()]
+    assert frames[0].startswith(b"[#######")
+    assert b"] 1/4 uploaded " in frames[0]
+    assert b"] 4/4 uploaded " in frames[-1]
+    piped = run_archive(tree["config"], s3, bucket)
+    assert "[#" not in piped.stderr and "uploaded" not in piped.stderr
