@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import fcntl
 import gzip
+import hashlib
 import io
 import json
 import os
@@ -162,6 +163,26 @@ def test_hostile_archives_are_refused_naming_the_member(tmp_path: Path, member: 
     assert f"refused member {member.name!r}: {reason}; nothing was restored" in result.stderr
     assert not (tmp_path / "dst").exists()
     assert not (tmp_path / "evil").exists()
+
+
+def test_a_member_given_twice_is_refused(tmp_path: Path) -> None:
+    name = f"logs/{HOUR_FILE}"
+    good = members('{"a":1}')
+    body = json.dumps({"format": "mwdlogd-backup 1", "tls_dirs": {}, "files": {
+        name: {"size": len(good), "sha256": hashlib.sha256(good).hexdigest()}}}).encode()
+    archive = tmp_path / "twice.tar.gz"
+    with tarfile.open(archive, "w:gz") as tar:
+        for data in (b"read first, restored first", good):  # the manifest matches the last
+            info = tarfile.TarInfo(name)
+            info.size = len(data)
+            tar.addfile(info, io.BytesIO(data))
+        info = tarfile.TarInfo("MANIFEST.json")
+        info.size = len(body)
+        tar.addfile(info, io.BytesIO(body))
+    result = mwdlogd("--config", str(tmp_path / "dst" / "config.toml"), "restore", str(archive))
+    assert result.returncode == 2
+    assert f"refused member {name!r}: it appears twice" in result.stderr
+    assert not (tmp_path / "dst").exists()
 
 
 def test_a_member_that_fails_its_checksum_is_refused(tmp_path: Path) -> None:

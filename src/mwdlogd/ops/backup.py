@@ -276,6 +276,9 @@ def check_archive(path: Path) -> Checked:
                                       "nothing was restored")
                 if member.isdir():
                     continue
+                if member.name in digests:
+                    raise BackupError(f"{path}: refused member {member.name!r}: it appears "
+                                      "twice; nothing was restored")
                 data = tar.extractfile(member)
                 assert data is not None  # a regular file
                 if member.name == MANIFEST:
