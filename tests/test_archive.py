@@ -402,3 +402,24 @@ def test_progress_bar_on_a_terminal_only(s3: S3, bucket: str, tree: dict[str, An
     assert b"] 4/4 uploaded " in frames[-1]
     piped = run_archive(tree["config"], s3, bucket)
     assert "[#" not in piped.stderr and "uploaded" not in piped.stderr
+
+
+def test_only_regular_files_are_archived(s3: S3, bucket: str, tmp_path: Path) -> None:
+    """A FIFO or symlink named like an hourly file is not the server's: not read (a FIFO
+    would block), not uploaded, not deleted."""
+    config = write_config(tmp_path)
+    root = tmp_path / "logs"
+    old = hour_start(100 * 24)
+    fifo = root / hour_rel("acme/nginx/a.example", old)
+    fifo.parent.mkdir(parents=True)
+    os.mkfifo(fifo)
+    outside = tmp_path / "outside.log.gz"
+    outside.write_bytes(gzip.compress(b"not the server's\n"))
+    link = root / hour_rel("acme/nginx/b.example", old)
+    link.parent.mkdir(parents=True)
+    link.symlink_to(outside)
+    result = run_archive(config, s3, bucket)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.splitlines()[-1].startswith("archive: uploaded 0 files")
+    assert s3.objects(bucket) == {}
+    assert fifo.exists() and link.is_symlink() and outside.exists()

@@ -26,6 +26,7 @@ import json
 import logging
 import os
 import re
+import stat
 import sys
 import time
 from collections.abc import Iterator, Mapping
@@ -139,17 +140,25 @@ def hour_of(relpath: str) -> int | None:
 
 
 def scan(root: Path) -> list[HourFile]:
-    """Every hourly file under `root`, `_invalid` and `_unmatched` included, sorted; hidden
-    entries (the manifest) are not logs."""
+    """Every hourly file under `root`, `_invalid` and `_unmatched` included, sorted. Only
+    regular files: the server makes no links, FIFOs or hidden entries (the manifest)."""
     found: list[HourFile] = []
     for dirpath, dirnames, filenames in os.walk(root):
         dirnames[:] = sorted(name for name in dirnames if not name.startswith("."))
         for name in sorted(filenames):
-            relpath = os.path.relpath(os.path.join(dirpath, name), root).replace(os.sep, "/")
+            path = os.path.join(dirpath, name)
+            relpath = os.path.relpath(path, root).replace(os.sep, "/")
             hour = hour_of(relpath)
-            if hour is not None and not name.startswith("."):
+            if hour is not None and not name.startswith(".") and _regular(path):
                 found.append(HourFile(relpath, hour))
     return found
+
+
+def _regular(path: str) -> bool:
+    try:
+        return stat.S_ISREG(os.lstat(path).st_mode)
+    except FileNotFoundError:
+        return False
 
 
 def is_due(hour_start: int, days: float, now: float) -> bool:
@@ -425,7 +434,12 @@ class Archiver:
         todo = []
         for file in due:
             recorded = self.manifest.current.get(self._ident(file))
-            if recorded is not None and self._unchanged(file, recorded):
+            try:
+                unchanged = recorded is not None and self._unchanged(file, recorded)
+            except OSError as exc:
+                self._fail(file, f"cannot read: {exc}")
+                continue
+            if unchanged:
                 self.summary.skipped += 1
             else:
                 todo.append(file)
@@ -433,18 +447,19 @@ class Archiver:
         try:
             for index, file in enumerate(todo):
                 try:
-                    self._upload(file)
-                except StoreError as exc:
+                    progress.step(self._upload(file))
+                except (StoreError, OSError) as exc:
                     progress.interrupt()
                     self._fail(file, str(exc))
-                    if exc.unreachable:
+                    if isinstance(exc, StoreError) and exc.unreachable:
                         self._give_up(todo[index + 1:], str(exc))
                         return
-                progress.step(self._digest(file).size)
+                    progress.step(0)
         finally:
             progress.close()
 
-    def _upload(self, file: HourFile) -> None:
+    def _upload(self, file: HourFile) -> int:
+        """Upload and verify one file (or say what would be done); its size."""
         digest = self._digest(file)
         key = object_key(self.settings.prefix, file.relpath,
                          self.manifest.generations.get(self._ident(file), 0))
@@ -462,6 +477,7 @@ class Archiver:
                 digest.md5, self.settings.storage_class, self._mtimes[file.relpath])))
         self.summary.uploaded += 1
         self.summary.bytes += digest.size
+        return digest.size
 
     def _fail(self, file: HourFile, problem: str) -> None:
         self.summary.failed += 1
@@ -495,8 +511,13 @@ class Archiver:
                 continue
             if self.settings.dry_run:
                 self._would_delete(file)
-            elif self._delete(file, recorded):
-                self.summary.deleted += 1
+                continue
+            try:
+                deleted = self._delete(file, recorded)
+            except (OSError, MwdlogdError) as exc:  # StorageError from the append ledger
+                self._fail(file, f"cannot delete: {exc}")
+                continue
+            self.summary.deleted += deleted
 
     def _would_delete(self, file: HourFile) -> None:
         print(f"would delete {file.relpath}", file=self.out)
