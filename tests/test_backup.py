@@ -86,6 +86,7 @@ def test_round_trip_is_byte_identical_and_cuts_an_unfinished_member(tmp_path: Pa
     expected = tree(tmp_path / "src")
     expected[f"logs/{LIVE_FILE}"] = source["complete"]
     assert tree(tmp_path / "dst") == expected
+    assert out.stat().st_mode & 0o777 == 0o600  # it holds private keys and tokens
     key = tmp_path / "dst" / "certs" / "server.key"
     assert key.stat().st_mode & 0o777 == (tmp_path / "src/certs/server.key").stat().st_mode & 0o777
 
@@ -264,22 +265,20 @@ def test_restore_refuses_a_locked_buffer(tmp_path: Path) -> None:
     assert f"{lock} is locked by a running server" in refused.stderr
 
 
-def test_complete_gzip_length_stops_at_the_last_whole_member(tmp_path: Path) -> None:
+def test_complete_gzip_length_stops_at_the_last_whole_member() -> None:
     whole = members(*(f'{{"n":{i}}}' for i in range(50)))
-    path = tmp_path / "f.log.gz"
     cuts = [0, 1, 10, len(whole) // 2, len(whole) - 1]
     boundaries = [0]
     for i in range(50):
         boundaries.append(boundaries[-1] + len(gzip.compress(f'{{"n":{i}}}\n'.encode())))
     for cut in cuts:
-        path.write_bytes(whole[:cut])
-        assert complete_gzip_length(path, cut) == max(b for b in boundaries if b <= cut)
-    path.write_bytes(whole)
-    assert complete_gzip_length(path, len(whole)) == len(whole)
+        expected = max(b for b in boundaries if b <= cut)
+        assert complete_gzip_length(io.BytesIO(whole), cut) == expected  # size taken earlier
+        assert complete_gzip_length(io.BytesIO(whole[:cut]), len(whole)) == expected
+    assert complete_gzip_length(io.BytesIO(whole), len(whole)) == len(whole)
     corrupt = bytearray(whole)
-    corrupt[boundaries[3] - 6] ^= 0xFF  # CRC of member 3 wrong
-    path.write_bytes(bytes(corrupt))
-    assert complete_gzip_length(path, len(whole)) == boundaries[2]
+    corrupt[boundaries[3] - 6] ^= 0xFF  # CRC of the third member wrong
+    assert complete_gzip_length(io.BytesIO(bytes(corrupt)), len(whole)) == boundaries[2]
 
 
 def test_restore_does_not_follow_a_symlink_on_disk_out_of_its_target(tmp_path: Path) -> None:

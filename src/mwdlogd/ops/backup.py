@@ -23,6 +23,7 @@ import contextlib
 import errno
 import fcntl
 import hashlib
+import io
 import json
 import os
 import socket
@@ -68,27 +69,27 @@ class BackupError(MwdlogdError):
 # --- consistency of live files ---------------------------------------------------------
 
 
-def complete_gzip_length(path: Path, size: int) -> int:
-    """Bytes of `path`'s first `size` that end with its last complete gzip member: zlib
+def complete_gzip_length(file: IO[bytes], size: int) -> int:
+    """Bytes of the file's first `size` that end with its last complete gzip member: zlib
     checks each member's trailer (CRC-32 and length), so a member being appended, or
-    a torn one, ends the count."""
+    a torn one, ends the count. Reads from the start; leaves the position anywhere."""
     good = 0
     pos = 0  # file offset of `data`
     inflater = zlib.decompressobj(31)
-    with open(path, "rb") as file:
-        while pos < size and (data := file.read(min(READ_CHUNK, size - pos))):
-            while data:
-                try:
-                    inflater.decompress(data, OUT_LIMIT)
-                except zlib.error:
-                    return good
-                if inflater.eof:
-                    good = pos + len(data) - len(inflater.unused_data)
-                    data, pos = inflater.unused_data, good
-                    inflater = zlib.decompressobj(31)
-                else:
-                    pos += len(data) - len(inflater.unconsumed_tail)
-                    data = inflater.unconsumed_tail
+    file.seek(0)
+    while pos < size and (data := file.read(min(READ_CHUNK, size - pos))):
+        while data:
+            try:
+                inflater.decompress(data, OUT_LIMIT)
+            except zlib.error:
+                return good
+            if inflater.eof:
+                good = pos + len(data) - len(inflater.unused_data)
+                data, pos = inflater.unused_data, good
+                inflater = zlib.decompressobj(31)
+            else:
+                pos += len(data) - len(inflater.unconsumed_tail)
+                data = inflater.unconsumed_tail
     return good
 
 
@@ -162,28 +163,36 @@ def write_backup(out: Path, sources: list[Source], tls_dirs: dict[str, str],
                  progress: Progress) -> BackupSummary:
     """Write the tar.gz to `out` through a temporary file renamed at the end."""
     summary = BackupSummary()
-    files: dict[str, dict[str, Any]] = {}
     temp = out.with_name(f".{out.name}.partial")
     try:
-        with tarfile.open(temp, "w:gz", compresslevel=TAR_LEVEL, format=tarfile.PAX_FORMAT) as tar:
-            for source in sources:
-                entry = _add(tar, source, summary)
-                if entry is not None:
-                    files[source.member] = entry
-                    progress.step(entry["size"])
-            manifest = json.dumps({"format": FORMAT, "created_at": _now(),
-                                   "hostname": socket.gethostname(), "tls_dirs": tls_dirs,
-                                   "files": files}, indent=1).encode()
-            info = tarfile.TarInfo(MANIFEST)
-            info.size, info.mtime, info.mode = len(manifest), int(time.time()), 0o600
-            tar.addfile(info, _Bytes(manifest))
-        with open(temp, "rb") as file:
-            os.fsync(file.fileno())
+        # 0600 from the start: the archive holds private keys and the config's tokens
+        with open(os.open(temp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600), "wb") as raw:
+            _write_tar(raw, sources, tls_dirs, progress, summary)
+            raw.flush()
+            os.fsync(raw.fileno())
         os.replace(temp, out)
     finally:
         with contextlib.suppress(FileNotFoundError):
             temp.unlink()
     return summary
+
+
+def _write_tar(raw: IO[bytes], sources: list[Source], tls_dirs: dict[str, str],
+               progress: Progress, summary: BackupSummary) -> None:
+    files: dict[str, dict[str, Any]] = {}
+    with tarfile.open(fileobj=raw, mode="w:gz", compresslevel=TAR_LEVEL,
+                      format=tarfile.PAX_FORMAT) as tar:
+        for source in sources:
+            entry = _add(tar, source, summary)
+            if entry is not None:
+                files[source.member] = entry
+                progress.step(entry["size"])
+        manifest = json.dumps({"format": FORMAT, "created_at": _now(),
+                               "hostname": socket.gethostname(), "tls_dirs": tls_dirs,
+                               "files": files}, indent=1).encode()
+        info = tarfile.TarInfo(MANIFEST)
+        info.size, info.mtime, info.mode = len(manifest), int(time.time()), 0o600
+        tar.addfile(info, io.BytesIO(manifest))
 
 
 def _add(tar: tarfile.TarFile, source: Source, summary: BackupSummary) -> dict[str, Any] | None:
@@ -198,7 +207,8 @@ def _add(tar: tarfile.TarFile, source: Source, summary: BackupSummary) -> dict[s
         stat = os.fstat(file.fileno())
         size = stat.st_size
         if source.gzip_members:
-            size = complete_gzip_length(source.path, stat.st_size)
+            size = complete_gzip_length(file, stat.st_size)
+            file.seek(0)
             if size < stat.st_size:
                 summary.cut_files += 1
                 summary.cut_bytes += stat.st_size - size
@@ -214,17 +224,6 @@ def _add(tar: tarfile.TarFile, source: Source, summary: BackupSummary) -> dict[s
     summary.files += 1
     summary.bytes += size
     return {"size": size, "sha256": reader.sha256.hexdigest()}
-
-
-class _Bytes:
-    def __init__(self, data: bytes) -> None:
-        self._data = data
-        self._pos = 0
-
-    def read(self, size: int = -1) -> bytes:
-        end = len(self._data) if size < 0 else self._pos + size
-        chunk, self._pos = self._data[self._pos:end], min(end, len(self._data))
-        return chunk
 
 
 def _now() -> str:
@@ -520,8 +519,10 @@ def backup_command(args: argparse.Namespace, config_file: tuple[Path, bool]) -> 
     cut = (f", {plural(summary.cut_files, 'hourly file')} cut at the last complete gzip member "
            f"({human_bytes(summary.cut_bytes)} still being written left out)"
            if summary.cut_files else "")
+    gone = (f", {plural(summary.vanished, 'file')} gone before it was read (journal segments "
+            "written out meanwhile)" if summary.vanished else "")
     print(f"backup: wrote {out}: {plural(summary.files, 'file')} "
-          f"({human_bytes(summary.bytes)}){cut}")
+          f"({human_bytes(summary.bytes)}){cut}{gone}")
     return 0
 
 
