@@ -32,6 +32,7 @@ from mwdlogd.ops.archive import (
     object_key,
     object_problem,
 )
+from mwdlogd.storage.ledger import Ledger
 
 boto3 = pytest.importorskip("boto3")
 moto_server = pytest.importorskip("moto.server")
@@ -423,3 +424,23 @@ def test_only_regular_files_are_archived(s3: S3, bucket: str, tmp_path: Path) ->
     assert result.stdout.splitlines()[-1].startswith("archive: uploaded 0 files")
     assert s3.objects(bucket) == {}
     assert fifo.exists() and link.is_symlink() and outside.exists()
+
+
+def test_upload_takes_the_append_lock_and_cuts_a_dead_appenders_tail(
+        s3: S3, bucket: str, tmp_path: Path) -> None:
+    """A flush that died mid-append left a pending mark in the ledger and half a member:
+    the archive, like the server's next writer, cuts it back before reading the file."""
+    config = write_config(tmp_path)
+    root = tmp_path / "logs"
+    rel = hour_rel("acme/nginx/www.acme.com", hour_start(40 * 24))
+    clean = make_file(root, rel, "whole")
+    with Ledger(tmp_path / "buffer" / "ledger").hold(str(root), rel) as held:
+        assert held is not None
+        held.begin(len(clean))  # "pending: size before", then the appender dies
+        with open(root / rel, "ab") as file:
+            file.write(gzip.compress(b'{"n":"torn"}\n')[:-5])
+    result = run_archive(config, s3, bucket)
+    assert result.returncode == 0, result.stderr
+    assert "unfinished_append_cut" in result.stderr
+    assert s3.objects(bucket) == {f"archive/{rel}": clean}
+    assert (root / rel).read_bytes() == clean

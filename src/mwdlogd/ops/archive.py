@@ -448,7 +448,7 @@ class Archiver:
             for index, file in enumerate(todo):
                 try:
                     progress.step(self._upload(file))
-                except (StoreError, OSError) as exc:
+                except (MwdlogdError, OSError) as exc:  # StorageError from the ledger too
                     progress.interrupt()
                     self._fail(file, str(exc))
                     if isinstance(exc, StoreError) and exc.unreachable:
@@ -460,15 +460,19 @@ class Archiver:
 
     def _upload(self, file: HourFile) -> int:
         """Upload and verify one file (or say what would be done); its size."""
-        digest = self._digest(file)
         key = object_key(self.settings.prefix, file.relpath,
                          self.manifest.generations.get(self._ident(file), 0))
         if self.settings.dry_run:
+            digest = self._digest(file)
             print(f"would upload {file.relpath} -> s3://{self.settings.bucket}/{key} "
                   f"({human_bytes(digest.size)})", file=self.out)
         else:
-            self.store.put(self.root / file.relpath, key, digest, self.settings.storage_class)
-            problem = self.store.verify(key, digest)
+            with self._append_lock(file, create=False):  # a flush in progress finishes first
+                self._digests.pop(file.relpath, None)  # hashed again under the lock
+                digest = self._digest(file)
+                self.store.put(self.root / file.relpath, key, digest,
+                               self.settings.storage_class)
+                problem = self.store.verify(key, digest)
             if problem:
                 raise StoreError(f"uploaded s3://{self.settings.bucket}/{key} does not "
                                  f"verify: {problem}")
@@ -527,7 +531,7 @@ class Archiver:
         """Unlink under the file's append lock (so no flush appends to the unlinked file),
         after checking the bytes are still the ones uploaded."""
         path = self.root / file.relpath
-        with self._append_lock(file):
+        with self._append_lock(file, create=True):
             if digest_file(path) != recorded.digest:
                 log.event(logging.WARNING, "archive_changed", path=file.relpath,
                           detail="appended to since its upload; uploaded again next run")
@@ -540,11 +544,14 @@ class Archiver:
         return True
 
     @contextlib.contextmanager
-    def _append_lock(self, file: HourFile) -> Iterator[None]:
+    def _append_lock(self, file: HourFile, *, create: bool) -> Iterator[None]:
+        """Hold the file's append lock (the server's ledger flock). To delete, the state
+        file is created if missing, so no appender can start; to upload, an existing one
+        is enough (an append that starts anyway changes the bytes and fails the checks)."""
         if not self.ledger_dir.is_dir():  # no server has used this buffer: nothing appends
             yield
             return
-        with Ledger(self.ledger_dir).hold(str(self.root), file.relpath):
+        with Ledger(self.ledger_dir).hold(str(self.root), file.relpath, create=create):
             yield
 
 
