@@ -268,7 +268,7 @@ def test_store_stopped_mid_run_deletes_nothing_and_a_rerun_completes(
     data = {hour_rel(f"c{i}/nginx/s.example", hour_start(100 * 24)): b"" for i in range(6)}
     for rel in data:
         data[rel] = make_file(root, rel, rel)
-    settings = Settings(bucket=bucket, endpoint_url=s3.url)
+    settings = Settings(bucket=bucket, endpoint_url=s3.url, jobs=1)  # "after two": in order
 
     class StopsAfterTwo(S3Store):
         """The real store; the real server goes away before the third upload."""
@@ -301,6 +301,21 @@ def test_store_stopped_mid_run_deletes_nothing_and_a_rerun_completes(
         restarted.stop()
 
 
+def test_parallel_uploads_keep_the_manifest_in_file_order(
+        s3: S3, bucket: str, tmp_path: Path) -> None:
+    config = write_config(tmp_path)
+    root = tmp_path / "logs"
+    data = {hour_rel(f"c{i:02d}/openappsec/s.example", hour_start(35 * 24 + i)): b""
+            for i in range(24)}
+    for rel in data:
+        data[rel] = make_file(root, rel, rel)
+    result = run_archive(config, s3, bucket, "--jobs", "8")
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.splitlines()[-1].startswith("archive: uploaded 24 files")
+    assert s3.objects(bucket) == {f"archive/{rel}": d for rel, d in data.items()}
+    assert [e["path"] for e in manifest_events(root)] == in_scan_order(data)
+
+
 def test_a_file_recreated_after_deletion_gets_a_new_key(
         s3: S3, bucket: str, tmp_path: Path) -> None:
     config = write_config(tmp_path)
@@ -319,6 +334,7 @@ def test_a_file_recreated_after_deletion_gets_a_new_key(
     (("--archive-days", "40", "--delete-days", "30"), {}, "is less than ARCHIVE_DAYS 40"),
     (("--archive-days", "soon"), {}, "ARCHIVE_DAYS: expected a number of days, got 'soon'"),
     (("--storage-class", "COLD"), {}, "'COLD' is not one of STANDARD"),
+    ((), {"ARCHIVE_JOBS": "0"}, "--jobs / ARCHIVE_JOBS: expected 1..64 uploads at once, got '0'"),
     (("--bucket", "no-such-bucket"), {}, "404 Not Found (no such bucket)"),
 ])
 def test_bad_settings_exit_2_naming_the_setting(s3: S3, bucket: str, tree: dict[str, Any],

@@ -28,8 +28,10 @@ import os
 import re
 import stat
 import sys
+import threading
 import time
 from collections.abc import Iterator, Mapping
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any, TextIO
 
@@ -60,6 +62,10 @@ BAD_BUCKET = {"404": "no such bucket", "NoSuchBucket": "no such bucket",
 READ_CHUNK = 1 << 20
 
 
+class _NotAttempted(Exception):
+    """An upload not started because the store became unreachable."""
+
+
 class ArchiveBusy(MwdlogdError):
     """Another archive run holds the manifest."""
 
@@ -73,13 +79,15 @@ class Settings:
     storage_class: str = "GLACIER"
     endpoint_url: str | None = None
     dry_run: bool = False
+    jobs: int = 4
 
 
 # flag, environment variable, default
 OPTIONS = (("bucket", "S3_BUCKET", None), ("prefix", "S3_PREFIX", "archive"),
            ("archive_days", "ARCHIVE_DAYS", "30"), ("delete_days", "DELETE_DAYS", "90"),
            ("storage_class", "S3_STORAGE_CLASS", "GLACIER"),
-           ("endpoint_url", "S3_ENDPOINT_URL", None))
+           ("endpoint_url", "S3_ENDPOINT_URL", None), ("jobs", "ARCHIVE_JOBS", "4"))
+MAX_JOBS = 64
 
 
 def settings_from(args: argparse.Namespace, environ: Mapping[str, str]) -> Settings:
@@ -103,7 +111,18 @@ def settings_from(args: argparse.Namespace, environ: Mapping[str, str]) -> Setti
     return Settings(bucket=str(values["bucket"]), prefix=(values["prefix"] or "").strip("/"),
                     archive_days=days["archive_days"], delete_days=days["delete_days"],
                     storage_class=storage_class, endpoint_url=values["endpoint_url"] or None,
-                    dry_run=bool(args.dry_run))
+                    dry_run=bool(args.dry_run), jobs=_jobs(values["jobs"]))
+
+
+def _jobs(text: str | None) -> int:
+    try:
+        jobs = int(text or "")
+    except ValueError:
+        jobs = 0
+    if not 1 <= jobs <= MAX_JOBS:
+        raise ConfigError("--jobs / ARCHIVE_JOBS", f"expected 1..{MAX_JOBS} uploads at once, "
+                          f"got {text!r}")
+    return jobs
 
 
 def _days(text: str | None, name: str) -> float:
@@ -297,6 +316,7 @@ class S3Store:
         self._client = boto3.client(
             "s3", endpoint_url=settings.endpoint_url,
             config=BotoConfig(connect_timeout=10, read_timeout=120,
+                              max_pool_connections=max(10, settings.jobs),
                               retries={"max_attempts": 3, "mode": "standard"}))
 
     @contextlib.contextmanager
@@ -444,54 +464,68 @@ class Archiver:
             else:
                 todo.append(file)
         progress = Progress(self.err, len(todo), "uploaded")
-        try:
-            for index, file in enumerate(todo):
-                try:
-                    progress.step(self._upload(file))
-                except (MwdlogdError, OSError) as exc:  # StorageError from the ledger too
-                    progress.interrupt()
-                    self._fail(file, str(exc))
-                    if isinstance(exc, StoreError) and exc.unreachable:
-                        self._give_up(todo[index + 1:], str(exc))
-                        return
-                    progress.step(0)
-        finally:
-            progress.close()
+        unreachable = threading.Event()
+        not_attempted = 0
+        # Uploads run in worker threads; results are taken in file order, so the manifest,
+        # the output and the progress bar read the same whatever finishes first.
+        with ThreadPoolExecutor(max_workers=self.settings.jobs) as pool:
+            futures = [pool.submit(self._send, file, unreachable) for file in todo]
+            try:
+                for file, future in zip(todo, futures, strict=True):
+                    try:
+                        digest, key = future.result()
+                    except _NotAttempted:
+                        not_attempted += 1
+                        continue
+                    except (MwdlogdError, OSError) as exc:  # StorageError from the ledger too
+                        progress.interrupt()
+                        self._fail(file, str(exc))
+                        if isinstance(exc, StoreError) and exc.unreachable:
+                            unreachable.set()
+                        progress.step(0)
+                        continue
+                    self._record(file, digest, key)
+                    progress.step(digest.size)
+            finally:
+                unreachable.set()  # on the way out for any reason: start nothing more
+                progress.close()
+        if not_attempted:
+            self.summary.failed += not_attempted
+            log.event(logging.ERROR, "archive_stopped", not_attempted=not_attempted,
+                      detail="the store is unreachable; run again later")
 
-    def _upload(self, file: HourFile) -> int:
-        """Upload and verify one file (or say what would be done); its size."""
+    def _send(self, file: HourFile, unreachable: threading.Event) -> tuple[Digest, str]:
+        """Worker thread: upload and verify one file (in a dry run, only hash it)."""
+        if unreachable.is_set():
+            raise _NotAttempted
         key = object_key(self.settings.prefix, file.relpath,
                          self.manifest.generations.get(self._ident(file), 0))
         if self.settings.dry_run:
+            return self._digest(file), key
+        with self._append_lock(file, create=False):  # a flush in progress finishes first
+            self._digests.pop(file.relpath, None)  # hashed again under the lock
             digest = self._digest(file)
+            self.store.put(self.root / file.relpath, key, digest, self.settings.storage_class)
+            problem = self.store.verify(key, digest)
+        if problem:
+            raise StoreError(f"uploaded s3://{self.settings.bucket}/{key} does not verify: "
+                             f"{problem}")
+        return digest, key
+
+    def _record(self, file: HourFile, digest: Digest, key: str) -> None:
+        if self.settings.dry_run:
             print(f"would upload {file.relpath} -> s3://{self.settings.bucket}/{key} "
                   f"({human_bytes(digest.size)})", file=self.out)
         else:
-            with self._append_lock(file, create=False):  # a flush in progress finishes first
-                self._digests.pop(file.relpath, None)  # hashed again under the lock
-                digest = self._digest(file)
-                self.store.put(self.root / file.relpath, key, digest,
-                               self.settings.storage_class)
-                problem = self.store.verify(key, digest)
-            if problem:
-                raise StoreError(f"uploaded s3://{self.settings.bucket}/{key} does not "
-                                 f"verify: {problem}")
             self.manifest.record("upload", **attrs.asdict(Upload(
                 file.relpath, self.settings.bucket, key, digest.size, digest.sha256,
                 digest.md5, self.settings.storage_class, self._mtimes[file.relpath])))
         self.summary.uploaded += 1
         self.summary.bytes += digest.size
-        return digest.size
 
     def _fail(self, file: HourFile, problem: str) -> None:
         self.summary.failed += 1
         log.event(logging.ERROR, "archive_failed", path=file.relpath, problem=problem)
-
-    def _give_up(self, rest: list[HourFile], problem: str) -> None:
-        if rest:
-            self.summary.failed += len(rest)
-            log.event(logging.ERROR, "archive_stopped", not_attempted=len(rest),
-                      problem=problem, detail="the store is unreachable; run again later")
 
     def _delete_all(self, due: list[HourFile]) -> None:
         for file in due:
@@ -582,7 +616,8 @@ OPTION_HELP = {"bucket": "bucket to archive into", "prefix": "key prefix",
                "archive_days": "upload hours that ended this many days ago",
                "delete_days": "delete local hours that ended this many days ago, once their "
                "upload verifies", "storage_class": f"one of {', '.join(STORAGE_CLASSES)}",
-               "endpoint_url": "S3-compatible store (MinIO, Ceph, ...); AWS when unset"}
+               "endpoint_url": "S3-compatible store (MinIO, Ceph, ...); AWS when unset",
+               "jobs": f"uploads at once, 1..{MAX_JOBS}"}
 
 
 def add_parser(commands: Any, common: argparse.ArgumentParser) -> None:
