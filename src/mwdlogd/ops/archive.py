@@ -642,6 +642,10 @@ def command(args: argparse.Namespace, config: Config) -> int:
     except ArchiveBusy as exc:
         print(f"mwdlogd: {exc}", file=sys.stderr)
         return EXIT_FAILED
+    except OSError as exc:
+        raise ConfigError("storage.root", f"cannot open the archive manifest "
+                          f"{root / MANIFEST_NAME}: {exc.strerror}") \
+            from None
     try:
         store = S3Store(settings)
         try:
