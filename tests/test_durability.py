@@ -88,7 +88,8 @@ async def test_an_append_cut_short_is_repaired_and_written_once(tmp_path: Path,
 async def test_full_buffer_answers_503_then_recovers(nursery: trio.Nursery, tmp_path: Path,
                                                      pki: Path) -> None:
     running = await start_app(nursery, make_config(
-        tmp_path, pki, buffer={"flush_interval": "1h", "total_limit": "8KiB"}))
+        tmp_path, pki, buffer={"flush_interval": "1h", "total_limit": "8KiB"},
+        http={"full_wait": "0s"}))  # refuse at once instead of holding the request
     context = client_context(pki)
     accepted, statuses = [], []
     for batch in range(10):

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import logging
+import shutil
 from pathlib import Path
 from typing import Any
 
@@ -116,6 +117,16 @@ async def test_a_resend_is_acked_but_stored_once_even_after_restart(tmp_path: Pa
     assert "mwdlogd_forward_duplicate_chunks_total 2.0" in metrics
 
 
+async def test_with_window_zero_a_resend_is_stored_again(nursery: trio.Nursery,
+                                                         tmp_path: Path, pki: Path) -> None:
+    running = await forward_app(nursery, tmp_path, pki, dedupe_window="0s")
+    message = packed("nginx.access", engine_records(2), chunk="same==\n")
+    for _ in range(2):
+        assert await send_one(running.addresses.forward, client_context(pki), message) == \
+            {"ack": "same==\n"}
+    assert await flushed_ids(running) == {NGINX_FILE: ["r0", "r1", "r0", "r1"]}
+
+
 async def test_concurrent_resends_wait_for_the_first_copy(
         nursery: trio.Nursery, tmp_path: Path, pki: Path) -> None:
     running = await forward_app(nursery, tmp_path, pki)
@@ -176,6 +187,7 @@ async def test_full_buffer_stops_reading_instead_of_refusing(
     (msgpack.packb({"not": "an array"}), "wrong_shape"),
     (b"\x93\xa1t\xdb\x40\x00\x00\x00", "too_large"),
     (msgpack.packb(["nginx.access", [[1, {"id": "x"}]], {"size": 9}]), "size_mismatch"),
+    (packed("nginx.access", [{"id": "x"}], chunk="c" * 65), "chunk_id_too_long"),
 ])
 async def test_malformed_input_closes_only_that_connection(
         nursery: trio.Nursery, tmp_path: Path, pki: Path, garbage: bytes, reason: str,
@@ -201,6 +213,52 @@ async def test_malformed_input_closes_only_that_connection(
     closed = [r.getMessage() for r in caplog.records if "forward_connection_closed" in
               r.getMessage() and "reason=" in r.getMessage()]
     assert len(closed) == 1
+
+
+async def test_what_a_client_may_make_the_server_remember_is_bounded(
+        nursery: trio.Nursery, tmp_path: Path, pki: Path) -> None:
+    """Chunk ids up to 64 bytes and PING names up to 255 bytes are kept for the dedupe
+    window; longer ones are refused with the reason."""
+    running = await forward_app(nursery, tmp_path, pki, shared_key=KEY)
+    client = await RawForward.connect(running.addresses.forward, client_context(pki))
+    try:
+        assert (await client.handshake(hostname="e" * 255))[1] is True
+        await client.send(packed("nginx.access", engine_records(1), chunk="c" * 64))
+        assert await client.receive() == {"ack": "c" * 64}
+    finally:
+        await client.aclose()
+    client = await RawForward.connect(running.addresses.forward, client_context(pki))
+    try:
+        assert await client.handshake(hostname="e" * 256) == [
+            "PONG", False, "hostname over 255 bytes", "", ""]
+    finally:
+        await client.aclose()
+    assert await flushed_ids(running) == {NGINX_FILE: ["r0"]}
+
+
+async def test_a_key_only_in_the_journal_outlives_its_segment(tmp_path: Path,
+                                                               pki: Path) -> None:
+    """kill -9 after the journal fsync can lose the chunk id log's unsynced tail: recovery
+    takes the key from the journal and logs it again, so the resend after the journal
+    segment is gone is still recognised."""
+    config = make_config(tmp_path, pki, forward={"bind": "127.0.0.1", "port": 0})
+    message = packed("nginx.access", engine_records(2), chunk="kept==\n")
+    async with trio.open_nursery() as nursery:
+        first = await start_app(nursery, config)
+        assert await send_one(first.addresses.forward, client_context(pki), message) == \
+            {"ack": "kept==\n"}
+        nursery.cancel_scope.cancel()
+    shutil.rmtree(tmp_path / "buffer" / "chunk-ids")
+    for _ in range(2):  # the restart drains (the journal empties), then one more
+        async with trio.open_nursery() as nursery:
+            running = await start_app(nursery, config)
+            assert await send_one(running.addresses.forward, client_context(pki), message) \
+                == {"ack": "kept==\n"}
+            running.app.request_stop()
+            await running.app.stopped.wait()
+    assert ids_by_file(running.root) == {NGINX_FILE: ["r0", "r1"]}
+    assert not list((tmp_path / "buffer" / "journal").glob("*.wal")) or all(
+        p.stat().st_size == 0 for p in (tmp_path / "buffer" / "journal").glob("*.wal"))
 
 
 async def test_heartbeats_are_cheap_and_quiet(nursery: trio.Nursery, tmp_path: Path, pki: Path,

@@ -24,6 +24,7 @@ from hypothesis import settings
 from hypothesis import strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, invariant, precondition, rule
 
+from mwdlogd.runtime.dedupe import ChunkMemory
 from mwdlogd.runtime.pipeline import Group, Submission, _recover
 from mwdlogd.storage import files, hourly, journal, ledger
 from mwdlogd.storage.chunk_ids import ChunkIdLog
@@ -100,9 +101,10 @@ class DurableCore(RuleBasedStateMachine):
         while True:
             self.journal = Journal(self.dir / "journal", segment_bytes=600)
             self.ledger = Ledger(self.dir / "ledger")
-            self.chunk_ids = ChunkIdLog(self.dir / "chunk-ids.log", window_s=3600)
+            self.chunk_ids = ChunkIdLog(self.dir / "chunk-ids", window_s=3600)
             try:
-                replay, _, _ = _recover(self.journal, self.ledger, self.chunk_ids, self.root)
+                replay, _ = _recover(self.journal, self.ledger, self.chunk_ids,
+                                     ChunkMemory(3600), self.root)
             except Crash:
                 self._close()
                 self.crashes += 1

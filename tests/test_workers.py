@@ -34,6 +34,7 @@ from helpers import (
     http_get,
     ids_by_file,
     ndjson,
+    post,
     read_tree,
 )
 from load_client import BATCH, Load
@@ -242,6 +243,24 @@ def only(pids: dict[int, int], serving: int | None) -> None:
         os.kill(pid, signal.SIGSTOP)
         while Path(f"/proc/{pid}/stat").read_text().rpartition(")")[2].split()[0] != "T":
             os.sched_yield()
+
+
+async def test_an_http_resend_to_the_other_worker_is_not_stored_twice(tmp_path: Path,
+                                                                     pki: Path) -> None:
+    server, pids = start(workers_config(tmp_path, pki))
+    body = ndjson(engine_records(4, time=1732500000.5))
+    replies = []
+    try:
+        for serving in (0, 1):  # the first copy to worker 0, the resend to worker 1
+            only(pids, serving)
+            replies.append(await post(server.addresses["http"], client_context(pki),
+                                      "/nginx.access", body))
+        only(pids, None)
+    finally:
+        drain(server)
+    assert [r.json() for r in replies] == [{"records": 4}, {"records": 4, "duplicate": True}]
+    assert ids_by_file(tmp_path / "logs") == {
+        "acme/nginx/www.acme.test/2024/11/25/02.log.gz": ["r0", "r1", "r2", "r3"]}
 
 
 async def test_a_forward_resend_to_the_other_worker_is_not_stored_twice(tmp_path: Path,

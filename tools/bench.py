@@ -14,6 +14,11 @@ on this machine, for side-by-side figures.
 
     python tools/bench.py --connections 4 --batch 1000 --duration 20
     python tools/bench.py --protocol forward --mode CompressedPackedForward
+    python tools/bench.py --protocol forward --batch 10 --prefill-chunk-ids 1000000
+
+--prefill-chunk-ids N starts the server with N forward chunk ids already inside the
+dedupe window (written in the chunk id log format every version reads), to measure
+what a full resend store costs each ack.
 """
 
 from __future__ import annotations
@@ -27,10 +32,12 @@ import random
 import signal
 import ssl
 import statistics
+import struct
 import sys
 import tempfile
 import time
 import tomllib
+import zlib
 from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import Any
@@ -49,6 +56,9 @@ from server_process import ServerProcess  # noqa: E402
 TOKEN = "bench-token-0123456789"
 SHARED_KEY = "bench-shared-key"
 BODIES_PER_CONNECTION = 8
+# The bodies are sent again and again: a sequence number in the URL (ignored by the
+# server) makes each request one mwdlogd's HTTP dedupe stores, as real traffic is.
+UNIQUE = "n=0000000000"
 
 
 def engine_record(rng: random.Random, ident: str, now: float) -> dict[str, Any]:
@@ -71,8 +81,9 @@ def request_bytes(host: str, records: list[dict[str, Any]], gzipped: bool) -> by
     if gzipped:
         body = gzip.compress(body, 1)
         extra = "Content-Encoding: gzip\r\n"
-    head = (f"POST /nginx.access HTTP/1.1\r\nHost: {host}\r\nAuthorization: Bearer {TOKEN}\r\n"
-            f"Content-Type: application/x-ndjson\r\n{extra}Content-Length: {len(body)}\r\n\r\n")
+    head = (f"POST /nginx.access?{UNIQUE} HTTP/1.1\r\nHost: {host}\r\n"
+            f"Authorization: Bearer {TOKEN}\r\nContent-Type: application/x-ndjson\r\n"
+            f"{extra}Content-Length: {len(body)}\r\n\r\n")
     return head.encode() + body
 
 
@@ -124,7 +135,8 @@ async def drive(host: str, port: int, context: ssl.SSLContext, bodies: list[byte
         while trio.current_time() < deadline:
             await pace.wait()
             started = time.perf_counter()
-            await stream.send_all(bodies[n % len(bodies)])
+            await stream.send_all(bodies[n % len(bodies)].replace(
+                UNIQUE.encode(), f"n={n:010d}".encode(), 1))
             start, _ = await read_http_message(more, buffer)
             status = int(start.split(b" ", 2)[1])
             n += 1
@@ -277,6 +289,20 @@ def count_stored(root: Path) -> tuple[int, int, int]:
     return records, raw, written
 
 
+def prefill_chunk_ids(buffer: Path, count: int) -> None:
+    """`count` chunk ids acked just now by other clients, as `{buffer}/chunk-ids.log`
+    (framed entries: time in ms, then `identity NUL chunk id`): the store a busy fleet
+    leaves within the window. Newer servers move it into their own format at start."""
+    buffer.mkdir(parents=True, exist_ok=True)
+    ms = int(time.time() * 1000)
+    with open(buffer / "chunk-ids.log", "wb") as file:
+        for n in range(count):
+            key = f"198.51.100.{n % 250}:{40000 + n % 20000}/engine-{n % 500}\0" \
+                  f"{n:022d}==\n".encode()
+            crc = zlib.crc32(key, zlib.crc32(ms.to_bytes(8, "big")))
+            file.write(struct.pack(">4sIIQ", b"MWC1", len(key), crc, ms) + key)
+
+
 def bench_config(work: Path, pki: Path, args: argparse.Namespace) -> Path:
     """The server's config: `--config`'s (its [server], [buffer], [storage] and limits are
     what is measured) or the defaults, with the bench's own addresses, PKI, credentials and
@@ -371,6 +397,8 @@ def main() -> int:
                         "engine-01.crt/.key (default: a fresh one)")
     parser.add_argument("--reference-null", action="store_true",
                         help="also measure a null server first, side by side")
+    parser.add_argument("--prefill-chunk-ids", type=int, default=0, metavar="N",
+                        help="start mwdlogd with N forward chunk ids inside the dedupe window")
     parser.add_argument("--serve-null", action="store_true", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.serve_null:
@@ -398,6 +426,8 @@ def main() -> int:
             host, _, port = args.target.rpartition(":")
         else:
             config_path = bench_config(work, pki, args)
+            if args.prefill_chunk_ids:
+                prefill_chunk_ids(work / "buffer", args.prefill_chunk_ids)
             server_config = tomllib.loads(config_path.read_text())
             server = ServerProcess(config_path)
             host, _, port = server.addresses[args.protocol].rpartition(":")
@@ -415,7 +445,9 @@ def main() -> int:
             "connections": args.connections, "batch": args.batch, "rate": args.rate,
             "gzip": args.gzip, "fsync": not args.no_fsync, "duration_s": round(elapsed, 2),
             "acked_records": stats.records,
-            "records_per_s": round(stats.records / elapsed), "errors": stats.errors,
+            "records_per_s": round(stats.records / elapsed),
+            "acks_per_s": round(len(stats.latencies) / elapsed), "errors": stats.errors,
+            "prefilled_chunk_ids": args.prefill_chunk_ids,
             "ack_p50_ms": round(percentile(stats.latencies, 0.5) * 1000, 2),
             "ack_p99_ms": round(percentile(stats.latencies, 0.99) * 1000, 2),
             "ack_p999_ms": round(percentile(stats.latencies, 0.999) * 1000, 2),

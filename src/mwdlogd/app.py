@@ -93,10 +93,10 @@ class App:
                         worker=slot.index if slot else 0, fsync=config.buffer.fsync)
         self.journal = Journal(buffer / "journal", fsync=config.buffer.fsync)
         self.tracker = BatchTracker()
-        chunk_ids = ChunkIdLog(buffer / CHUNK_IDS, window_s=config.forward.dedupe_window,
-                               fsync=config.buffer.fsync)
+        window = max(config.forward.dedupe_window, config.http.dedupe_window)
+        chunk_ids = ChunkIdLog(buffer / CHUNK_IDS, window_s=window, fsync=config.buffer.fsync)
         self.pipeline = Pipeline(journal=self.journal, ledger=ledger, chunk_ids=chunk_ids,
-                                 memory=ChunkMemory(config.forward.dedupe_window),
+                                 memory=ChunkMemory(window),
                                  tracker=self.tracker,
                                  total_limit=lambda: self.config.buffer.total_limit,
                                  limiter=trio.CapacityLimiter(1),

@@ -67,6 +67,12 @@ class HttpConfig:
         "close a keep-alive connection idle this long"))
     request_timeout: Duration = attrs.field(default=Duration(30.0), metadata=_doc(
         "a request (TLS handshake, head and body) must arrive within this time"))
+    dedupe_window: Duration = attrs.field(default=Duration(3600.0), metadata=_doc(
+        "a byte-identical request resent by the same client (token + certificate) this long "
+        "after it was stored is answered 200 and not stored again; 0 = off"))
+    full_wait: Duration = attrs.field(default=Duration(20.0), metadata=_doc(
+        "while the buffer is full, hold a request (not reading it) up to this long for room "
+        "before answering 503; keep it below the forwarders' response timeout"))
 
 
 @attrs.frozen
@@ -91,7 +97,8 @@ class ForwardConfig:
     idle_timeout: Duration = attrs.field(default=Duration(300.0), metadata=_doc(
         "close a forward connection idle this long"))
     dedupe_window: Duration = attrs.field(default=Duration(3600.0), metadata=_doc(
-        "acked chunk ids remembered this long: a resend within it is acked, not stored"))
+        "acked chunk ids remembered this long: a resend within it is acked, not stored; "
+        "0 = off"))
 
 
 @attrs.frozen

@@ -20,7 +20,7 @@ from mwdlogd.proto.auth import Credential, TokenTable
 # Keys read once at start-up (sockets, directories, process layout, metric labels).
 RESTART_ONLY = frozenset({
     "server.hostname", "server.workers",
-    "http.bind", "http.port",
+    "http.bind", "http.port", "http.dedupe_window",
     "forward.bind", "forward.port", "forward.transport", "forward.dedupe_window",
     "health.bind", "health.port", "monitor.bind", "monitor.port",
     "metrics.bind", "metrics.port",

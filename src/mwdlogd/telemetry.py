@@ -95,6 +95,9 @@ class Telemetry:
         self.duplicate_chunks = Counter("mwdlogd_forward_duplicate_chunks",
                                         "Forward resends acked without storing again",
                                         registry=r)
+        self.duplicate_requests = Counter("mwdlogd_http_duplicate_requests",
+                                          "HTTP resends answered 200 without storing again",
+                                          registry=r)
         self.handshake_failures = Counter("mwdlogd_forward_handshake_failures",
                                           "Failed shared_key handshakes", ["reason"], registry=r)
         self.requests = Counter("mwdlogd_http_requests", "HTTPS ingest requests by status",
@@ -157,8 +160,14 @@ class Telemetry:
         self.output.emit_records += records
         self.records_by_type.labels(log_type).inc(records)
 
-    def http_accepted(self, tag: str, records: int, latency_s: float) -> None:
-        self._input("http", tag, records)
+    def http_accepted(self, tag: str, records: int, latency_s: float,
+                      duplicate: bool = False) -> None:
+        if duplicate:
+            self.duplicate_requests.inc()
+            log.event(logging.INFO, "http_resend_acked", tag=tag, records=records,
+                      detail="same body from the same client already durable; not stored again")
+        else:
+            self._input("http", tag, records)
         self.requests.labels("200").inc()
         self.ack_latency.labels("http").observe(latency_s)
 

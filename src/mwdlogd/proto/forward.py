@@ -26,6 +26,10 @@ NEED_DATA: Final = object()
 # entries field declares, so an oversized declaration is refused before any body arrives.
 HEAD_BYTES = 512
 _LENGTH_PREFIX = {0xD9: 1, 0xDA: 2, 0xDB: 4, 0xC4: 1, 0xC5: 2, 0xC6: 4}
+# What a client may make the server remember for the dedupe window: Fluentd's chunk ids
+# are 24 characters (16 bytes, base64) and PING names are host or user names.
+MAX_CHUNK_ID_BYTES = 64
+MAX_PING_NAME_BYTES = 255
 
 
 class ForwardProtocolError(MwdlogdError):
@@ -195,6 +199,10 @@ class ForwardConnection:
             key, nonce, salt_b = _bytes(self._shared_key), self._nonce, _bytes(salt)
             hostname_s, username_s = str(hostname), str(username)
             expected = sha512_hex(salt_b, _bytes(hostname), nonce, key)
+            for what, name in (("hostname", hostname_s), ("username", username_s)):
+                if len(_bytes(name)) > MAX_PING_NAME_BYTES:
+                    return self._pong_failure(f"{what} over {MAX_PING_NAME_BYTES} bytes",
+                                              name[:64], "")
             if hostname_s == self._self_hostname:
                 return self._pong_failure(
                     "same hostname between input and output: invalid configuration",
@@ -285,6 +293,9 @@ class ForwardConnection:
         chunk = option.get("chunk")
         if chunk is not None and not isinstance(chunk, str):
             raise ForwardProtocolError("wrong_shape", f"chunk is {_describe(chunk)}")
+        if chunk is not None and len(_bytes(chunk)) > MAX_CHUNK_ID_BYTES:
+            raise ForwardProtocolError("chunk_id_too_long", f"chunk id of {len(_bytes(chunk))} "
+                                       f"bytes; at most {MAX_CHUNK_ID_BYTES} (Fluentd's are 24)")
         return chunk
 
 

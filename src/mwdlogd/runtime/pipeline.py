@@ -20,9 +20,9 @@ from mwdlogd import log
 from mwdlogd.errors import MwdlogdError
 from mwdlogd.pipeline.normalize import Routed
 from mwdlogd.runtime.channels import Wake, receive_until
-from mwdlogd.runtime.dedupe import ChunkMemory
+from mwdlogd.runtime.dedupe import ChunkMemory, Dedupe
 from mwdlogd.runtime.tracker import BatchTracker
-from mwdlogd.storage.chunk_ids import ChunkIdLog, PeerChunkIds
+from mwdlogd.storage.chunk_ids import ChunkIdLog, PeerChunkIds, legacy_key
 from mwdlogd.storage.journal import Journal
 from mwdlogd.storage.ledger import NONE, Ledger
 
@@ -67,7 +67,7 @@ class Submission:
     tag: str
     groups: list[Group]
     batch_id: int = -1
-    dedupe_key: str | None = None  # forward: client identity + chunk id
+    dedupe_key: bytes | None = None  # a resend key (storage.chunk_ids.dedupe_key)
     error: Refused | None = None
     done: trio.Event = attrs.field(factory=trio.Event)
 
@@ -89,13 +89,15 @@ class Submission:
     def from_payload(cls, batch_id: int, payload: bytes) -> "Submission":
         tag, groups, dedupe_key = msgpack.unpackb(payload, unicode_errors="surrogateescape")
         kept = [Group(path, hour, data, count) for path, hour, count, data in groups]
+        if isinstance(dedupe_key, str):  # journaled by a version that kept ids as text
+            dedupe_key = legacy_key(dedupe_key)
         return cls(tag, kept, batch_id, dedupe_key)
 
 
 @attrs.frozen
 class Committed:
     records: int
-    duplicate: bool  # a forward resend of a chunk already durable: acked, not stored
+    duplicate: bool  # a resend of a batch already durable: acked, not stored
 
 
 @attrs.define
@@ -150,51 +152,63 @@ class Pipeline:
     def buffered_bytes(self) -> int:
         return self._tracker.buffered_bytes
 
-    async def commit(self, tag: str, routed: Iterable[Routed], *, dedupe_key: str | None = None,
-                     wait_for_room: bool = False) -> Committed:
+    async def commit(self, tag: str, routed: Iterable[Routed], *, dedupe: Dedupe | None = None,
+                     room_wait_s: float = 0.0) -> Committed:
         """Durable once this returns (the ack point). Raises Refused without keeping
-        anything. `wait_for_room` waits while the buffer is full instead of refusing;
-        a `dedupe_key` already durable makes this a duplicate that is not stored."""
-        if dedupe_key is None:
-            return await self._commit(group_routed(tag, routed), wait_for_room)
-        if self._peers is not None and not self._memory.is_durable(dedupe_key):
-            for at, key in await trio.to_thread.run_sync(self._peers.read_new):
-                self._memory.remember(key, at)
-        while not self._memory.is_durable(dedupe_key):
-            first_copy = self._memory.in_flight(dedupe_key)
+        anything. While the buffer is full this waits up to `room_wait_s` (math.inf:
+        as long as it takes) for room before refusing; a `dedupe` key already durable
+        makes this a duplicate that is not stored."""
+        room_deadline = trio.current_time() + room_wait_s
+        if dedupe is None:
+            return await self._commit(group_routed(tag, routed), room_deadline)
+        if self._peers is not None and not self._memory.is_durable(dedupe):
+            for at, keys in await trio.to_thread.run_sync(self._peers.read_new):
+                self._memory.remember(keys, at)
+        while not self._memory.is_durable(dedupe):
+            first_copy = self._memory.in_flight(dedupe.key)
             if first_copy is None:
                 break
             await first_copy.wait()
         else:
             return Committed(0, True)
-        self._memory.begin(dedupe_key)
+        self._memory.begin(dedupe.key)
         durable = False
         try:
             submission = group_routed(tag, routed)
-            submission.dedupe_key = dedupe_key
-            committed = await self._commit(submission, wait_for_room)
+            submission.dedupe_key = dedupe.key
+            committed = await self._commit(submission, room_deadline)
             durable = True
             return committed
         finally:
-            self._memory.finish(dedupe_key, durable)
+            self._memory.finish(dedupe.key, durable)
 
-    async def _commit(self, submission: Submission, wait_for_room: bool) -> Committed:
-        if submission.size > self._total_limit():
-            raise Overloaded(f"batch of {submission.size} bytes can never fit "
-                             f"buffer.total_limit={self._total_limit()}")
-        while self._tracker.buffered_bytes + submission.size > self._total_limit():
-            if self._stopping:
-                raise ShuttingDown("server is shutting down")
-            if not wait_for_room:
-                raise Overloaded(f"buffer holds {self._tracker.buffered_bytes} bytes; "
-                                 f"buffer.total_limit={self._total_limit()}")
+    async def wait_for_room(self, size: int, deadline: float) -> bool:
+        """Whether `size` more bytes (at most the whole buffer) fit, waiting for room
+        until `deadline` (trio time). False when they do not by then, or when shutdown
+        begins."""
+        while self._tracker.buffered_bytes + min(size, self._total_limit()) \
+                > self._total_limit():
+            if self._stopping or trio.current_time() >= deadline:
+                return False
             if self._room.is_set():  # waiters share one event, renewed once it has fired
                 self._room = trio.Event()
             self.waiting_for_room += 1
             try:
-                await self._room.wait()
+                with trio.move_on_at(deadline):
+                    await self._room.wait()
             finally:
                 self.waiting_for_room -= 1
+        return True
+
+    async def _commit(self, submission: Submission, room_deadline: float) -> Committed:
+        if submission.size > self._total_limit():
+            raise Overloaded(f"batch of {submission.size} bytes can never fit "
+                             f"buffer.total_limit={self._total_limit()}")
+        if not await self.wait_for_room(submission.size, room_deadline):
+            if self._stopping:
+                raise ShuttingDown("server is shutting down")
+            raise Overloaded(f"buffer holds {self._tracker.buffered_bytes} bytes; "
+                             f"buffer.total_limit={self._total_limit()}")
         try:
             await self._send.send(submission)
         except (trio.ClosedResourceError, trio.BrokenResourceError):
@@ -226,11 +240,9 @@ class Pipeline:
 
     async def recover(self, root: str) -> None:
         """Cut files back to before unfinished appends; queue what the journal still owes."""
-        replay, keys, report = await trio.to_thread.run_sync(
-            _recover, self._journal, self._ledger, self._chunk_ids, root,
+        replay, report = await trio.to_thread.run_sync(
+            _recover, self._journal, self._ledger, self._chunk_ids, self._memory, root,
             limiter=self._limiter)
-        for at, key in keys:
-            self._memory.remember(key, at)
         for submission in replay:
             self._tracker.open(submission.batch_id, len(submission.groups), submission.size)
         self._tracker.next_id = self._journal.next_id
@@ -296,7 +308,7 @@ class Pipeline:
 
 
 def _append_and_release(journal: Journal, chunk_ids: ChunkIdLog, payloads: list[bytes],
-                        keys: list[str], watermark: int, final: bool = False) -> list[int]:
+                        keys: list[bytes], watermark: int, final: bool = False) -> list[int]:
     ids = journal.append(payloads) if payloads else []
     chunk_ids.append(keys, time.time())
     if journal.releasable(watermark, final=final):
@@ -305,11 +317,15 @@ def _append_and_release(journal: Journal, chunk_ids: ChunkIdLog, payloads: list[
     return ids
 
 
-def _recover(journal: Journal, ledger: Ledger, chunk_ids: ChunkIdLog, root: str
-             ) -> tuple[list[Submission], list[tuple[float, str]], dict[str, Any]]:
+def _recover(journal: Journal, ledger: Ledger, chunk_ids: ChunkIdLog, memory: ChunkMemory,
+             root: str) -> tuple[list[Submission], dict[str, Any]]:
     """The journal's batches minus what their files already hold (per the ledger, which
-    also cuts back unfinished appends as each file is looked at)."""
-    keys = chunk_ids.open()
+    also cuts back unfinished appends as each file is looked at); the resend keys still
+    in the window go to `memory` (nothing else uses it before recovery ends). A key found
+    only in the journal (the process died before its chunk id log entry reached the
+    disk) is logged again, so it outlives the journal segment."""
+    now = time.time()
+    keys = chunk_ids.open(now, memory.remember)
     committed: dict[str, int] = {}
 
     def holds(path: str) -> int:
@@ -318,16 +334,18 @@ def _recover(journal: Journal, ledger: Ledger, chunk_ids: ChunkIdLog, root: str
                 committed[path] = held.committed if held is not None else NONE
         return committed[path]
 
-    replay, records = [], 0
+    replay, records, journal_keys = [], 0, []
     for batch_id, payload in journal.open():
         submission = Submission.from_payload(batch_id, payload)
         if submission.dedupe_key is not None:
-            keys.append((time.time(), submission.dedupe_key))
+            journal_keys.append(submission.dedupe_key)
         submission.groups = [g for g in submission.groups if batch_id > holds(g.path)]
         if submission.groups:
             replay.append(submission)
             records += submission.count
+    memory.remember(journal_keys, now)
+    chunk_ids.append(journal_keys, now)
     swept = ledger.sweep(LEDGER_KEEP_S)
-    return replay, keys, {"files_checked": len(committed), "ledger_states_swept": swept,
-                          "batches_replayed": len(replay), "records_replayed": records,
-                          "chunk_ids_remembered": len(keys)}
+    return replay, {"files_checked": len(committed), "ledger_states_swept": swept,
+                    "batches_replayed": len(replay), "records_replayed": records,
+                    "chunk_ids_remembered": keys + len(journal_keys)}

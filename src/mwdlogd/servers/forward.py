@@ -8,6 +8,7 @@ log nothing above debug.
 """
 
 import logging
+import math
 import socket
 import ssl
 import time
@@ -19,12 +20,14 @@ from mwdlogd import log
 from mwdlogd.live import Live
 from mwdlogd.pipeline.normalize import Context, normalize_batch
 from mwdlogd.proto.forward import NEED_DATA, Entries, ForwardConnection, ForwardProtocolError, Pong
+from mwdlogd.runtime.dedupe import Dedupe
 from mwdlogd.runtime.pipeline import Pipeline, Refused
 from mwdlogd.servers.acceptor import Acceptor
 from mwdlogd.servers.balance import Balance
 from mwdlogd.servers.http_io import RECEIVE_BYTES
 from mwdlogd.servers.listen import stream_listeners
 from mwdlogd.servers.tls import handshake, peer_name
+from mwdlogd.storage.chunk_ids import forward_key
 from mwdlogd.telemetry import Telemetry
 
 # A TLS handshake (and, with a shared key, the PING) must arrive within this time.
@@ -118,11 +121,13 @@ class ForwardServer:
         received_at = time.time()
         ctx = Context(event.tag, received_at, received_at, self._live.config.server.hostname)
         routed = normalize_batch(((record, at, None) for at, record in event.entries), ctx)
-        key = f"{identity}\0{event.chunk}" if event.chunk is not None else None
+        window = self._live.config.forward.dedupe_window
+        dedupe = (Dedupe(forward_key(identity, event.chunk), window)
+                  if event.chunk is not None and window else None)
         started = trio.current_time()
         try:
-            committed = await self._pipeline.commit(event.tag, routed, dedupe_key=key,
-                                                    wait_for_room=True)
+            committed = await self._pipeline.commit(event.tag, routed, dedupe=dedupe,
+                                                    room_wait_s=math.inf)
         except Refused as exc:
             self._telemetry.forward_rejected(peer, exc.reason, str(exc))
             raise _Close from exc

@@ -14,14 +14,17 @@ import h11
 import trio
 
 from mwdlogd import log
+from mwdlogd.config import HttpConfig
 from mwdlogd.errors import IngestError
 from mwdlogd.live import Live
 from mwdlogd.pipeline.normalize import Context, normalize_batch
-from mwdlogd.proto.ingest import RequestReader
+from mwdlogd.proto.ingest import Accepted, RequestReader
+from mwdlogd.runtime.dedupe import Dedupe
 from mwdlogd.runtime.pipeline import Pipeline, Refused
 from mwdlogd.servers.acceptor import Acceptor
 from mwdlogd.servers.balance import Balance
 from mwdlogd.servers.http_io import (
+    Response,
     json_response,
     new_connection,
     read_event,
@@ -29,7 +32,8 @@ from mwdlogd.servers.http_io import (
     send_response,
 )
 from mwdlogd.servers.listen import stream_listeners
-from mwdlogd.servers.tls import handshake, peer_name
+from mwdlogd.servers.tls import cert_subject, handshake, peer_name
+from mwdlogd.storage.chunk_ids import dedupe_key
 from mwdlogd.telemetry import Telemetry
 
 # After refusing a body we did not read, keep reading (and discarding) briefly so the
@@ -86,18 +90,13 @@ class HttpsIngestServer:
 
     async def _serve_connection(self, stream: trio.SSLStream[trio.SocketStream], peer: str) -> None:
         conn = new_connection()
+        client = cert_subject(stream)
         while not self.draining:
             request = await self._next_request(conn, stream)
             if request is None:
                 return
-            timeout = self._live.config.http.request_timeout
-            with trio.move_on_after(timeout) as timer:
-                await self._serve_request(conn, stream, request, peer)
-            if timer.cancelled_caught:
-                await self._refuse(conn, stream, peer, IngestError(
-                    408, "request_timeout",
-                    f"request not received within http.request_timeout={timeout}s"))
-            if not reusable(conn):
+            answered = await self._serve_request(conn, stream, request, peer, client)
+            if not answered or not reusable(conn):
                 return
             conn.start_next_cycle()
 
@@ -117,53 +116,102 @@ class HttpsIngestServer:
         return event
 
     async def _serve_request(self, conn: h11.Connection, stream: trio.SSLStream[trio.SocketStream],
-                             request: h11.Request, peer: str) -> None:
+                             request: h11.Request, peer: str, client: str) -> bool:
+        """Read, judge, commit and answer one request; False when the answer could not be
+        sent (the connection is done). `http.request_timeout` bounds reading the body and
+        sending the answer, never the wait for the journal: a request that has arrived
+        whole is answered by its commit's outcome."""
         received_at = time.time()
         settings = self._live.settings
+        http = settings.config.http
+        room_deadline = trio.current_time() + http.full_wait
         try:
             reader = RequestReader(request, tokens=settings.tokens,
-                                   body_limit=settings.config.http.body_size_limit)
-            if self._pipeline.overloaded:
-                raise IngestError(503, "buffer_full", f"buffer holds "
-                                  f"{self._pipeline.buffered_bytes} bytes, over "
-                                  f"buffer.total_limit; retry later")
-            while isinstance(event := await read_event(conn, stream), h11.Data):
-                reader.receive_data(event.data)
+                                   body_limit=http.body_size_limit)
+            await self._hold_while_full(http, _declared_length(request), room_deadline)
+            await self._read_body(http, conn, stream, reader)
             accepted = reader.finish()
         except IngestError as exc:
-            await self._refuse(conn, stream, peer, exc)
-            return
+            return await self._refuse(conn, stream, peer, exc)
         except h11.RemoteProtocolError as exc:
-            await self._refuse(conn, stream, peer, IngestError(
+            return await self._refuse(conn, stream, peer, IngestError(
                 exc.error_status_hint, "bad_http", str(exc)))
-            return
         ctx = Context(accepted.tag, received_at, accepted.default_time or received_at,
                       settings.config.server.hostname)
         routed = normalize_batch(accepted.with_text(), ctx)
         commit_started = trio.current_time()
         try:
-            await self._pipeline.commit(accepted.tag, routed)
+            committed = await self._pipeline.commit(
+                accepted.tag, routed, dedupe=_dedupe(http, accepted, client),
+                room_wait_s=max(0.0, room_deadline - commit_started))
         except Refused as exc:
-            await self._refuse(conn, stream, peer, IngestError(503, exc.reason, str(exc)))
-            return
+            return await self._refuse(conn, stream, peer, IngestError(503, exc.reason, str(exc)))
         self._telemetry.http_accepted(accepted.tag, len(routed),
-                                      trio.current_time() - commit_started)
-        await send_response(conn, stream, json_response(200, {"records": len(routed)}),
-                            close=self.draining)
+                                      trio.current_time() - commit_started, committed.duplicate)
+        answer = {"records": len(routed), **({"duplicate": True} if committed.duplicate else {})}
+        return await self._send(conn, stream, json_response(200, answer), close=self.draining)
+
+    async def _hold_while_full(self, http: HttpConfig, size: int, deadline: float) -> None:
+        """While the buffer has no room for about `size` bytes, leave the body unread (the
+        client waits, as TCP backpressure makes forward clients wait) until there is
+        room or `deadline`."""
+        if not await self._pipeline.wait_for_room(size, deadline):
+            raise IngestError(503, "buffer_full", f"buffer holds "
+                              f"{self._pipeline.buffered_bytes} bytes, no room for "
+                              f"{size} more within buffer.total_limit for "
+                              f"http.full_wait={http.full_wait}s; retry later")
+
+    async def _read_body(self, http: HttpConfig, conn: h11.Connection,
+                         stream: trio.SSLStream[trio.SocketStream],
+                         reader: RequestReader) -> None:
+        with trio.move_on_after(http.request_timeout):
+            while isinstance(event := await read_event(conn, stream), h11.Data):
+                reader.receive_data(event.data)
+            return
+        raise IngestError(408, "request_timeout", f"request not received within "
+                          f"http.request_timeout={http.request_timeout}s")
+
+    async def _send(self, conn: h11.Connection, stream: trio.SSLStream[trio.SocketStream],
+                    response: Response, *, close: bool) -> bool:
+        """Send an answer within http.request_timeout; False when the client did not take it."""
+        with trio.move_on_after(self._live.config.http.request_timeout):
+            await send_response(conn, stream, response, close=close)
+            return True
+        return False
 
     async def _refuse(self, conn: h11.Connection, stream: trio.SSLStream[trio.SocketStream],
-                      peer: str, error: IngestError) -> None:
+                      peer: str, error: IngestError) -> bool:
         """Answer with the error as JSON; close when the body was not read in full."""
         self._telemetry.http_rejected(peer, error.status, error.error, error.detail)
         if conn.our_state not in (h11.IDLE, h11.SEND_RESPONSE):
-            return
+            return False
         headers = ((b"retry-after", RETRY_AFTER_S),) if error.status == 503 else ()
         body_unread = conn.their_state is not h11.DONE
-        await send_response(conn, stream, json_response(
+        sent = await self._send(conn, stream, json_response(
             error.status, {"error": error.error, "detail": error.detail}, headers),
             close=body_unread or self.draining)
-        if body_unread:
+        if body_unread and sent:
             await _linger(stream)
+        return sent
+
+
+def _dedupe(http: HttpConfig, accepted: Accepted, client: str) -> Dedupe | None:
+    """Who sent which bytes: a resend of them within http.dedupe_window is not stored
+    again. None when the window is 0 (off)."""
+    if not http.dedupe_window:
+        return None
+    key = dedupe_key(b"http", accepted.credential.name.encode(), client.encode(),
+                     accepted.digest)
+    return Dedupe(key, http.dedupe_window)
+
+
+def _declared_length(request: h11.Request) -> int:
+    """The body size the client declared (1 when chunked): the room a request waits for
+    before its body is read."""
+    for name, value in request.headers:
+        if name == b"content-length":
+            return int(value)
+    return 1
 
 
 async def _linger(stream: trio.abc.Stream) -> None:

@@ -53,6 +53,17 @@ def peer_name(stream: object) -> str:
     return name
 
 
+def cert_subject(stream: object) -> str:
+    """The client certificate's whole subject (`commonName=a,organizationName=b`), "" without
+    one: with the bearer token's name, who a resent HTTP body comes from."""
+    try:
+        cert = stream.getpeercert()  # type: ignore[attr-defined]
+    except (AttributeError, trio.NeedHandshakeError):
+        return ""
+    return ",".join(f"{key}={value}" for rdn in (cert or {}).get("subject", ())
+                    for key, value in rdn)
+
+
 async def handshake(stream: trio.abc.Stream, *, protocol: str, peer: str, timeout_s: float,
                     telemetry: Telemetry) -> bool:
     """Complete the TLS handshake (plain streams pass). False when it failed: logged and

@@ -32,6 +32,12 @@ def scan(magic: bytes, data: bytes) -> tuple[list[tuple[int, bytes]], int]:
     return records, offset
 
 
+def iterate(magic: bytes, data: bytes) -> Iterator[tuple[int, bytes]]:
+    """The whole records from the start, one at a time (no list of them all)."""
+    for record_id, payload, _ in _records(magic, data):
+        yield record_id, payload
+
+
 def _records(magic: bytes, data: bytes) -> Iterator[tuple[int, bytes, int]]:
     offset = 0
     view = memoryview(data)
