@@ -282,9 +282,6 @@ async def test_spread_over_three_and_one_killed_mid_load(
 
     stored = {instance.name: Counter(i for ids in ids_by_file(instance.root).values()
                                      for i in ids) for instance in instances}
-    print(f"acked {len(senders.acked)} records; failed attempts {dict(senders.failures)}; "
-          f"resent {len(senders.resent)}; per instance "
-          f"{ {name: sum(c.values()) for name, c in stored.items()} }")
     assert sum(senders.failures.values()) > 0  # the kill really hit the senders
     for name, counts in stored.items():
         # Traffic spreads: every instance got both protocols.
@@ -295,4 +292,7 @@ async def test_spread_over_three_and_one_killed_mid_load(
         f"missing {sorted(senders.acked - set(everywhere))[:10]}, "
         f"never acked {sorted(set(everywhere) - senders.acked)[:10]}")
     doubled = {i for i, n in everywhere.items() if n > 1}
+    print(f"acked {len(senders.acked)} records; failed attempts {dict(senders.failures)}; "
+          f"resent {len(senders.resent)}; stored on two instances {len(doubled)}; per "
+          f"instance { {name: sum(c.values()) for name, c in stored.items()} }")
     assert doubled <= senders.resent, sorted(doubled - senders.resent)[:10]

@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # Installs the test dependencies (Debian: curl, gzip, nodejs/npm, prometheus for promtool
-# and a real Prometheus; then a venv and the npm test peer) and runs lint, types and the
+# and a real Prometheus, podman + podman-compose + runc + mmdebstrap for the container
+# tests, haproxy; then a venv and the npm test peer) and runs lint, types and the
 # whole test suite. `.ci/run` calls exactly this. Extra arguments go to pytest.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -11,6 +12,10 @@ command -v zcat >/dev/null || need+=(gzip)
 command -v node >/dev/null || need+=(nodejs)
 command -v npm >/dev/null || need+=(npm)
 command -v promtool >/dev/null || need+=(prometheus)
+# Container tests (tests/test_container.py) and scale-out test (tests/test_haproxy.py).
+for tool in podman podman-compose runc mmdebstrap haproxy; do
+  command -v "$tool" >/dev/null || need+=("$tool")
+done
 if [ ${#need[@]} -gt 0 ]; then
   echo "installing ${need[*]} (Debian packages)"
   apt-get -o DPkg::Lock::Timeout=900 update -qq && apt-get -o DPkg::Lock::Timeout=900 install -y -qq "${need[@]}"
