@@ -64,12 +64,15 @@ class Stack:
         init_certs(self.certs, hosts=["localhost", "127.0.0.1"], clients=["engine-01"], days=30)
         for path in [self.certs, *self.certs.iterdir()]:
             os.chown(path, IMAGE_UID, IMAGE_UID)
-        # The shipped container config with a test token and no timed flush: records reach
-        # their files only through SIGUSR1, shutdown or recovery, which is what is tested.
+        # The shipped container config with a test token and no timed flush (nor an hour
+        # closing): records reach their files only through SIGUSR1, shutdown or recovery,
+        # which is what is tested.
         config = (REPO / "deploy/container/config.toml").read_text()
-        config = config.replace('token = "dev-token-CHANGE-ME"', f'token = "{TOKEN}"')
-        config = config.replace('flush_interval = "10s"', 'flush_interval = "1h"')
-        assert TOKEN in config and '"1h"' in config
+        for old, new in {'token = "dev-token-CHANGE-ME"': f'token = "{TOKEN}"',
+                         'flush_interval = "10s"': 'flush_interval = "1h"',
+                         'timekey_wait = "10s"': 'timekey_wait = "1h"'}.items():
+            assert old in config, old
+            config = config.replace(old, new)
         self.config = tmp / "config.toml"
         self.config.write_text(config)
         self.env = {
