@@ -11,6 +11,7 @@ kept in `SENT`: after every procedure the logs volume must hold each of them exa
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import re
@@ -32,7 +33,8 @@ from helpers import free_port, ids_by_file, ndjson
 
 REPO = Path(__file__).resolve().parent.parent
 CONTAINERS_CONF = REPO / "deploy" / "container" / "containers.conf"
-IMAGE = "localhost/mwdlogd:test"
+# One tag per checkout: test runs of different worktrees on one machine keep their own image.
+IMAGE = f"localhost/mwdlogd:test-{hashlib.sha1(str(REPO).encode()).hexdigest()[:8]}"
 IMAGE_UID = 10001  # the image's mwdlogd user (Containerfile)
 TOKEN = "container-test-token-0123456789"
 DEADLINE_S = 60.0
@@ -303,3 +305,20 @@ def test_down_and_up_keep_the_volumes(stack: Stack) -> None:
     stack.flush()
     assert_all_sent_stored_once(stack)
     assert len(SENT) == len(set(SENT))
+
+
+def test_bad_settings_are_named_in_the_log(stack: Stack, tmp_path: Path) -> None:
+    """A start that cannot work says why in `podman logs` and exits 2, naming the key."""
+    def run(*options: str) -> str:
+        result = stack.run("podman", "run", "--rm", "--pull=never", *options, IMAGE,
+                           check=False, timeout=120)
+        assert result.returncode == 2, result
+        return result.stderr
+
+    assert "mwdlogd: http.port: expected an integer, got 'x'" in run(
+        "-v", f"{stack.certs}:/etc/mwdlogd/certs:ro", "-e", "MWDLOGD_HTTP_PORT=x")
+    empty = tmp_path / "no-certs"
+    empty.mkdir()
+    assert "mwdlogd: tls.cert: no TLS files in /etc/mwdlogd/certs, and development " \
+        "certificates cannot be made there: Read-only file system" in run(
+            "-v", f"{empty}:/etc/mwdlogd/certs:ro")

@@ -142,7 +142,12 @@ def _ensure_dev_certs(config: Config) -> None:
                 and Path(tls.cert).name == "server.crt")
     if len(missing) == len([tls.cert, tls.key] + ([tls.ca] if tls.client_auth else [])) \
             and standard:
-        init_certs(directory, hosts=list(DEFAULT_HOSTS), clients=[DEV_CLIENT], days=DEFAULT_DAYS)
+        try:
+            init_certs(directory, hosts=list(DEFAULT_HOSTS), clients=[DEV_CLIENT],
+                       days=DEFAULT_DAYS)
+        except OSError as exc:  # e.g. an empty certificate directory mounted read-only
+            raise ConfigError("tls.cert", f"no TLS files in {directory}, and development "
+                              f"certificates cannot be made there: {exc.strerror}") from None
         log.event(logging.WARNING, "dev_certs_created", dir=directory, client=DEV_CLIENT,
                   detail="self-signed development CA; use your own PKI in production")
     check_tls_files(config)
