@@ -16,6 +16,7 @@ import json
 import os
 import re
 import shutil
+import signal
 import subprocess
 import sys
 import time
@@ -25,11 +26,15 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+import trio
 
 from mwdlogd.certs import init_certs
 
+from conftest import config_raw
 from forward_client import needs_node, node_send
-from helpers import free_port, ids_by_file, ndjson
+from helpers import TOKEN as HOST_TOKEN
+from helpers import client_context, engine_records, free_port, ids_by_file, ndjson, post
+from server_process import ServerProcess, write_config
 
 REPO = Path(__file__).resolve().parent.parent
 CONTAINERS_CONF = REPO / "deploy" / "container" / "containers.conf"
@@ -106,13 +111,15 @@ class Stack:
         result = self.run("podman", "logs", self.name)
         return (result.stdout + result.stderr).splitlines()
 
-    def wait_log(self, pattern: str, *, start: int = 0, count: int = 1) -> list[str]:
-        """The first `count` log lines from index `start` matching `pattern`."""
+    def wait_log(self, pattern: str, *, start: int = 0, count: int = 1,
+                 after: str = "") -> list[str]:
+        """The first `count` log lines from index `start` (and stamped later than `after`,
+        an ISO time) matching `pattern`."""
         regex = re.compile(pattern)
         deadline = time.monotonic() + DEADLINE_S
         while True:
             lines = self.logs()
-            found = [line for line in lines[start:] if regex.search(line)]
+            found = [line for line in lines[start:] if regex.search(line) and line > after]
             if len(found) >= count:
                 return found[:count]
             if time.monotonic() > deadline:
@@ -282,6 +289,26 @@ def test_kill_then_up_recovers_without_loss_or_doubles(stack: Stack) -> None:
     assert_all_sent_stored_once(stack)
 
 
+def test_a_crashed_server_is_restarted_by_podman(stack: Stack) -> None:
+    """restart: unless-stopped: `mwdlogd run` (tini's child) dies by SIGKILL, podman starts
+    the container again, and nothing acked is lost or doubled."""
+    stack.up()
+    stack.curl([f"crash-{n}" for n in range(20)])
+    killed_at = time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime())
+    restarts = int(stack.run("podman", "inspect", "--format", "{{.RestartCount}}",
+                             stack.name).stdout)
+    tini = stack.run("podman", "inspect", "--format", "{{.State.Pid}}", stack.name).stdout
+    children = Path(f"/proc/{tini.strip()}/task/{tini.strip()}/children").read_text().split()
+    assert len(children) == 1, children  # tini runs exactly `mwdlogd run`
+    os.kill(int(children[0]), signal.SIGKILL)
+    stack.wait_log(r" listening ", after=killed_at)
+    stack.wait_healthy()
+    assert int(stack.run("podman", "inspect", "--format", "{{.RestartCount}}",
+                         stack.name).stdout) == restarts + 1
+    stack.flush()
+    assert_all_sent_stored_once(stack)
+
+
 def test_restart(stack: Stack) -> None:
     stack.up()
     stack.curl([f"restart-{n}" for n in range(20)])
@@ -322,3 +349,27 @@ def test_bad_settings_are_named_in_the_log(stack: Stack, tmp_path: Path) -> None
     assert "mwdlogd: tls.cert: no TLS files in /etc/mwdlogd/certs, and development " \
         "certificates cannot be made there: Read-only file system" in run(
             "-v", f"{empty}:/etc/mwdlogd/certs:ro")
+
+
+async def test_usr1_flushes_although_the_server_inherited_it_blocked(
+        tmp_path: Path, pki: Path) -> None:
+    """podman's restart policy starts containers with SIGUSR1 blocked (seen with podman 4.3:
+    SigBlk 0x200 in /proc/PID/status); `mwdlogd run` must still flush on it. No podman here:
+    the server is started with the signal blocked, as the restarted container starts it."""
+    raw = config_raw(tmp_path, pki, buffer={"flush_interval": "1h", "timekey_wait": "1h"})
+    config = write_config(tmp_path / "config.toml", raw)
+    blocked_exec = ("import os, signal, sys; "
+                    "signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGUSR1}); "
+                    "os.execv(sys.executable, [sys.executable, *sys.argv[1:]])")
+    server = await trio.to_thread.run_sync(lambda: ServerProcess(None, argv=[
+        sys.executable, "-c", blocked_exec, "-m", "mwdlogd", "run", "--config", str(config)]))
+    try:
+        records = engine_records(5)
+        reply = await post(server.addresses["http"], client_context(pki), "/nginx.access",
+                           ndjson(records), token=HOST_TOKEN)
+        assert reply.status == 200
+        server.signal(signal.SIGUSR1)
+        await trio.to_thread.run_sync(server.wait_for, "flush_done")
+        assert list(ids_by_file(tmp_path / "logs").values()) == [[r["id"] for r in records]]
+    finally:
+        server.stop()
