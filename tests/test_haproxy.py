@@ -11,7 +11,9 @@ attempt that got no answer. The wire cannot tell those apart: an instance that f
 a batch and died before its ack was sent still writes that batch at its restart, and the
 instance that gets the resend has never seen the request (HTTPS has no id at all; a
 forward chunk id is remembered only by the instance that acked it). Batches that were
-acked at their first attempt are stored exactly once, in one instance's tree.
+acked at their first attempt are stored exactly once, in one instance's tree. While the
+instances are up, forward resends are deduplicated too: HAProxy's `balance source` sends
+an Engine's new connections to the same instance, the one that knows the chunk id.
 """
 
 from __future__ import annotations
@@ -25,6 +27,7 @@ import subprocess
 from collections import Counter
 from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
+from typing import Any
 
 import attrs
 import pytest
@@ -40,6 +43,9 @@ TEMPLATE = REPO / "deploy" / "haproxy" / "haproxy.cfg"
 BATCH = 20
 ATTEMPT_TIMEOUT_S = 15.0
 DEADLINE_S = 60.0
+# Forward senders' addresses, as if Engines on six machines: `balance source` maps them
+# (deterministically, by HAProxy's consistent hash of the address) onto all three instances.
+FORWARD_SOURCES = [f"127.0.0.{n}" for n in range(11, 17)]
 # What a sender sees when an instance dies under it (or HAProxy gives up on one).
 BROKEN = (OSError, EOFError, trio.BrokenResourceError, trio.TooSlowError)
 
@@ -145,6 +151,20 @@ class HAProxy:
         self.process.wait(30)
 
 
+async def connect_forward(port: int, context: ssl.SSLContext, source: str) -> RawForward:
+    """A TLS forward connection through HAProxy from the loopback address `source`, so that
+    senders look like Engines on different machines to `balance source`."""
+    tcp = await trio.open_tcp_stream("127.0.0.1", port, local_address=source)
+    stream = trio.SSLStream(tcp, context, server_hostname="127.0.0.1", https_compatible=True)
+    await stream.do_handshake()
+    return RawForward(stream)
+
+
+def engine_batch(name: str, batch: int) -> list[dict[str, Any]]:
+    return [{"id": f"{name}-{batch}-{n}", "customer_name": "acme", "fqdn": "www.acme.test",
+             "log_type": "nginx", "status": 200} for n in range(BATCH)]
+
+
 @attrs.define
 class Senders:
     """HTTPS and forward senders through HAProxy that retry each batch until acked."""
@@ -154,6 +174,7 @@ class Senders:
     acked: set[str] = attrs.field(factory=set)
     resent: set[str] = attrs.field(factory=set)  # ids of batches sent again after no answer
     failures: Counter[str] = attrs.field(factory=Counter)
+    failed_senders: set[str] = attrs.field(factory=set)
     batches: int = 0
     stopping: bool = False
     _progress: trio.Event = attrs.field(factory=trio.Event)
@@ -174,6 +195,7 @@ class Senders:
     def _failed(self, ids: list[str], exc: BaseException) -> None:
         self.failures[type(exc).__name__] += 1
         self.resent.update(ids)
+        self.failed_senders.add(ids[0].split("-")[0])
 
     async def https(self, name: str) -> None:
         """A new connection per request, as Fluentd's out_http sends by default."""
@@ -181,9 +203,9 @@ class Senders:
         for batch in range(10**9):
             if self.stopping:
                 return
-            ids = [f"{name}-{batch}-{n}" for n in range(BATCH)]
-            body = ndjson([{"id": i, "customer_name": "acme", "fqdn": "www.acme.test",
-                            "log_type": "nginx", "status": 200} for i in ids])
+            records = engine_batch(name, batch)
+            ids = [r["id"] for r in records]
+            body = ndjson(records)
             while True:
                 try:
                     with trio.fail_after(ATTEMPT_TIMEOUT_S):
@@ -196,25 +218,25 @@ class Senders:
                 assert reply.status == 503, reply  # shutting down: nothing kept, retry
             self._acked(ids)
 
-    async def forward(self, name: str) -> None:
-        """One long-lived connection, PackedForward with chunk ids; a broken connection is
-        opened again and the chunk resent with the same id, as out_forward does."""
-        address = f"127.0.0.1:{self.proxy.forward}"
+    async def forward(self, name: str, source: str) -> None:
+        """One long-lived connection from `source`, PackedForward with chunk ids; a broken
+        connection is opened again and the chunk resent with the same id, as out_forward
+        does."""
         connection: RawForward | None = None
         try:
             for batch in range(10**9):
                 if self.stopping:
                     return
-                ids = [f"{name}-{batch}-{n}" for n in range(BATCH)]
+                records = engine_batch(name, batch)
+                ids = [r["id"] for r in records]
                 chunk = f"{name}-chunk-{batch}"
-                message = packed("nginx.access", [
-                    {"id": i, "customer_name": "acme", "fqdn": "www.acme.test",
-                     "log_type": "nginx", "status": 200} for i in ids], chunk=chunk)
+                message = packed("nginx.access", records, chunk=chunk)
                 while True:
                     try:
                         with trio.fail_after(ATTEMPT_TIMEOUT_S):
                             if connection is None:
-                                connection = await RawForward.connect(address, self.context)
+                                connection = await connect_forward(
+                                    self.proxy.forward, self.context, source)
                             await connection.send(message)
                             answer = await connection.receive()
                     except BROKEN as exc:
@@ -268,7 +290,8 @@ async def test_spread_over_three_and_one_killed_mid_load(
     async with trio.open_nursery() as nursery:
         for n in range(3):
             nursery.start_soon(senders.https, f"h{n}")
-            nursery.start_soon(senders.forward, f"f{n}")
+        for n, source in enumerate(FORWARD_SOURCES):
+            nursery.start_soon(senders.forward, f"f{n}", source)
         await senders.wait_batches(60)
         await instances[1].kill()  # SIGKILL mid-load: journal kept, nothing drained
         await senders.wait_batches(60)  # the others take the load: senders fail over
@@ -292,7 +315,40 @@ async def test_spread_over_three_and_one_killed_mid_load(
         f"missing {sorted(senders.acked - set(everywhere))[:10]}, "
         f"never acked {sorted(set(everywhere) - senders.acked)[:10]}")
     doubled = {i for i, n in everywhere.items() if n > 1}
+    assert doubled <= senders.resent, sorted(doubled - senders.resent)[:10]
+    # `balance source`: a forward sender that never lost its connection stayed on one
+    # instance; one that did moved to another (and new connections go back once it is up).
+    for n in range(len(FORWARD_SOURCES)):
+        holders = [name for name, counts in stored.items()
+                   if any(i.startswith(f"f{n}-") for i in counts)]
+        assert len(holders) == (1 if f"f{n}" not in senders.failed_senders else 2), holders
     print(f"acked {len(senders.acked)} records; failed attempts {dict(senders.failures)}; "
           f"resent {len(senders.resent)}; stored on two instances {len(doubled)}; per "
           f"instance { {name: sum(c.values()) for name, c in stored.items()} }")
-    assert doubled <= senders.resent, sorted(doubled - senders.resent)[:10]
+
+
+async def test_a_chunk_resent_on_a_new_connection_is_stored_once(
+        proxy: HAProxy, instances: list[Instance], pki: Path) -> None:
+    """out_forward resends a chunk whose ack was late or lost, by default on a new
+    connection. With `balance source` the same Engine address reaches the same instance,
+    which remembers the chunk id and acks the resend without storing it again (with
+    `balance leastconn` or `roundrobin` the resends land on other instances: stored 3 times)."""
+    context = client_context(pki)
+    expected: list[str] = []
+    for n, source in enumerate(FORWARD_SOURCES):
+        records = engine_batch(f"r{n}", 0)
+        chunk = f"resend-{n}"
+        message = packed("nginx.access", records, chunk=chunk)
+        for _ in range(3):
+            connection = await connect_forward(proxy.forward, context, source)
+            try:
+                await connection.send(message)
+                assert await connection.receive() == {"ack": chunk}
+            finally:
+                await connection.aclose()
+        expected += [r["id"] for r in records]
+    for instance in instances:
+        await instance.drain()
+    stored = Counter(i for instance in instances
+                     for ids in ids_by_file(instance.root).values() for i in ids)
+    assert stored == Counter(expected)
