@@ -174,14 +174,14 @@ class Stack:
                      check=False)
         self.run("podman", "network", "rm", "--force", f"{self.project}_default", check=False)
 
-    def curl(self, ids: list[str]) -> None:
+    def curl(self, ids: list[str], *, token: str = TOKEN) -> None:
         """POST ids as Engine records over HTTPS with a client certificate and a token."""
         records = [{"id": i, "customer_name": "acme", "fqdn": "www.acme.test",
                     "log_type": "nginx", "status": 200} for i in ids]
         result = subprocess.run(
             ["curl", "-sS", "--fail-with-body", "--cacert", str(self.certs / "ca.crt"),
              "--cert", str(self.certs / "engine-01.crt"), "--key",
-             str(self.certs / "engine-01.key"), "-H", f"Authorization: Bearer {TOKEN}",
+             str(self.certs / "engine-01.key"), "-H", f"Authorization: Bearer {token}",
              "-H", "Content-Type: application/x-ndjson", "--data-binary", "@-",
              f"https://localhost:{self.ports['https']}/nginx.access"],
             input=ndjson(records).decode(), capture_output=True, text=True, timeout=60)
@@ -261,6 +261,33 @@ def test_records_over_https_and_forward_land_in_the_volume_on_usr1(stack: Stack)
                    "zcat /var/lib/mwdlogd/logs/acme/nginx/www.acme.test/*/*/*/*.log.gz")
     assert sorted(json.loads(line)["id"] for line in gz.stdout.splitlines()) == sorted(SENT), \
         (gz.stdout[-2000:], gz.stderr)
+
+
+def test_mwdlogd_flush_inside_the_container(stack: Stack) -> None:
+    """`mwdlogd flush` (monitor port, every worker) waits for the flush and counts it."""
+    stack.up()
+    stack.curl([f"flush-{n}" for n in range(10)])
+    done = json.loads(stack.run("podman", "exec", stack.name, "mwdlogd", "flush").stdout)
+    assert done["records"] == 10 and done["workers"] == 2 and done["failed_files"] == 0, done
+    assert_all_sent_stored_once(stack)
+
+
+def test_sighup_reloads_the_mounted_config(stack: Stack) -> None:
+    """The manual's reload: edit the mounted config.toml in place, `kill -HUP 1`: a new
+    token works without a restart."""
+    stack.up()
+    start = len(stack.logs())
+    text = stack.config.read_text()
+    new_token = '{ name = "engine-02", token = "engine-02-token-0123456789", customers = [] }'
+    stack.config.write_text(text.replace("customers = [] }", f"customers = [] }}, {new_token}"))
+    try:
+        stack.run("podman", "exec", stack.name, "kill", "-HUP", "1")
+        stack.wait_log(r"reloaded changed=auth\.tokens", start=start, count=2)
+        stack.curl(["reload-0"], token="engine-02-token-0123456789")
+    finally:
+        stack.config.write_text(text)  # the same inode: the bind mount sees the edit
+    stack.flush()
+    assert_all_sent_stored_once(stack)
 
 
 def test_stop_drains_every_acked_record(stack: Stack) -> None:
