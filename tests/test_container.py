@@ -15,6 +15,7 @@ import hashlib
 import json
 import os
 import re
+import resource
 import shutil
 import signal
 import subprocess
@@ -45,6 +46,19 @@ TOKEN = "container-test-token-0123456789"
 DEADLINE_S = 60.0
 
 SENT: list[str] = []
+
+
+def containers_conf(directory: Path) -> Path:
+    """deploy/container/containers.conf, or a copy with the open-files limit lowered to this
+    machine's hard limit when that is lower (podman refuses limits above it)."""
+    text = CONTAINERS_CONF.read_text()
+    shipped = int(re.search(r'"nofile=(\d+):', text).group(1))  # type: ignore[union-attr]
+    hard = resource.getrlimit(resource.RLIMIT_NOFILE)[1]
+    if hard == resource.RLIM_INFINITY or hard >= shipped:
+        return CONTAINERS_CONF
+    adjusted = directory / "containers.conf"
+    adjusted.write_text(text.replace(f"nofile={shipped}:{shipped}", f"nofile={hard}:{hard}"))
+    return adjusted
 
 
 def podman_unusable() -> str | None:
@@ -83,7 +97,7 @@ class Stack:
         self.config = tmp / "config.toml"
         self.config.write_text(config)
         self.env = {
-            **os.environ, "CONTAINERS_CONF": str(CONTAINERS_CONF),
+            **os.environ, "CONTAINERS_CONF": str(containers_conf(tmp)),
             "LOGSERVER_IMAGE": IMAGE, "LOGSERVER_CONTAINER_NAME": self.name,
             "LOGSERVER_CERTS_DIR": str(self.certs), "LOGSERVER_CONFIG": str(self.config),
             "LOGSERVER_WORKERS": "2", "LOGSERVER_CPUS": "1",
