@@ -252,6 +252,7 @@ def test_up_is_healthy_and_logs_show_startup(stack: Stack) -> None:
     stack.up()
     shown = stack.compose("logs")  # the server logs to stderr; podman keeps the stream
     logs = shown.stdout + shown.stderr
+    assert re.search(r" starting version=\S+ config=/etc/mwdlogd/config\.toml ", logs), logs
     assert re.search(r"recovered files_checked=0 .*records_replayed=0", logs), logs
     assert re.search(r" listening http=0\.0\.0\.0:8888 forward=0\.0\.0\.0:24224 "
                      r"health=0\.0\.0\.0:8889 ", logs), logs
