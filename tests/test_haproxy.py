@@ -1,19 +1,20 @@
 """Scale out: three `mwdlogd run` processes, each with its own config and storage, behind a
 real HAProxy running deploy/haproxy/haproxy.cfg (addresses and ports rewritten for this
-machine), for HTTPS and forward. Senders post through HAProxy and retry a batch until it
-is acked (HTTPS: the same body on a new connection, as out_http does; forward: the same
-chunk id, as out_forward does). One instance is killed with SIGKILL mid-load and started
-again later on its own storage.
+machine), for HTTPS and forward. Senders, each from its own loopback address like Engines
+on different machines, post through HAProxy and retry a batch until it is acked (HTTPS:
+the same body on a new connection, as out_http does; forward: the same chunk id, as
+out_forward does). One instance is killed with SIGKILL mid-load and started again later
+on its own storage.
 
 What holds, and is asserted: every acked record is stored, no instance stores a record
 twice, and a record is stored by two instances only if its batch was resent after an
 attempt that got no answer. The wire cannot tell those apart: an instance that fsynced
-a batch and died before its ack was sent still writes that batch at its restart, and the
-instance that gets the resend has never seen the request (HTTPS has no id at all; a
-forward chunk id is remembered only by the instance that acked it). Batches that were
-acked at their first attempt are stored exactly once, in one instance's tree. While the
-instances are up, forward resends are deduplicated too: HAProxy's `balance source` sends
-an Engine's new connections to the same instance, the one that knows the chunk id.
+a batch and died before its answer was sent still writes that batch at its restart, and
+the instance that gets the resend has never seen it (a request's digest and a forward
+chunk id are remembered only by the instance that stored them). Batches acked at their
+first attempt are stored exactly once, in one instance's tree. While the instances are
+up, resends are recognised too: HAProxy's `balance source` sends an Engine's new
+connections to the same instance, the one that remembers the request or chunk.
 """
 
 from __future__ import annotations
@@ -35,7 +36,7 @@ import trio
 
 from conftest import config_raw
 from forward_client import RawForward, packed
-from helpers import client_context, free_port, ids_by_file, ndjson, post
+from helpers import Connection, Reply, client_context, free_port, ids_by_file, ndjson
 from server_process import ServerProcess, write_config
 
 REPO = Path(__file__).resolve().parent.parent
@@ -43,8 +44,9 @@ TEMPLATE = REPO / "deploy" / "haproxy" / "haproxy.cfg"
 BATCH = 20
 ATTEMPT_TIMEOUT_S = 15.0
 DEADLINE_S = 60.0
-# Forward senders' addresses, as if Engines on six machines: `balance source` maps them
+# Senders' addresses, as if Engines on twelve machines: `balance source` maps them
 # (deterministically, by HAProxy's consistent hash of the address) onto all three instances.
+HTTPS_SOURCES = [f"127.0.0.{n}" for n in range(21, 27)]
 FORWARD_SOURCES = [f"127.0.0.{n}" for n in range(11, 17)]
 # What a sender sees when an instance dies under it (or HAProxy gives up on one).
 BROKEN = (OSError, EOFError, trio.BrokenResourceError, trio.TooSlowError)
@@ -151,13 +153,27 @@ class HAProxy:
         self.process.wait(30)
 
 
-async def connect_forward(port: int, context: ssl.SSLContext, source: str) -> RawForward:
-    """A TLS forward connection through HAProxy from the loopback address `source`, so that
-    senders look like Engines on different machines to `balance source`."""
+async def open_tls(port: int, context: ssl.SSLContext,
+                   source: str) -> trio.SSLStream[trio.SocketStream]:
+    """A TLS connection through HAProxy from the loopback address `source`, so that senders
+    look like Engines on different machines to `balance source`."""
     tcp = await trio.open_tcp_stream("127.0.0.1", port, local_address=source)
     stream = trio.SSLStream(tcp, context, server_hostname="127.0.0.1", https_compatible=True)
     await stream.do_handshake()
-    return RawForward(stream)
+    return stream
+
+
+async def post_from(port: int, context: ssl.SSLContext, source: str, body: bytes) -> Reply:
+    """One request on a new connection, as out_http sends it."""
+    connection = Connection(await open_tls(port, context, source))
+    try:
+        return await connection.post("/nginx.access", body)
+    finally:
+        await connection.aclose()
+
+
+async def connect_forward(port: int, context: ssl.SSLContext, source: str) -> RawForward:
+    return RawForward(await open_tls(port, context, source))
 
 
 def engine_batch(name: str, batch: int) -> list[dict[str, Any]]:
@@ -174,7 +190,6 @@ class Senders:
     acked: set[str] = attrs.field(factory=set)
     resent: set[str] = attrs.field(factory=set)  # ids of batches sent again after no answer
     failures: Counter[str] = attrs.field(factory=Counter)
-    failed_senders: set[str] = attrs.field(factory=set)
     batches: int = 0
     stopping: bool = False
     _progress: trio.Event = attrs.field(factory=trio.Event)
@@ -195,11 +210,9 @@ class Senders:
     def _failed(self, ids: list[str], exc: BaseException) -> None:
         self.failures[type(exc).__name__] += 1
         self.resent.update(ids)
-        self.failed_senders.add(ids[0].split("-")[0])
 
-    async def https(self, name: str) -> None:
-        """A new connection per request, as Fluentd's out_http sends by default."""
-        address = f"127.0.0.1:{self.proxy.https}"
+    async def https(self, name: str, source: str) -> None:
+        """A new connection per request from `source`, as Fluentd's out_http sends."""
         for batch in range(10**9):
             if self.stopping:
                 return
@@ -209,7 +222,7 @@ class Senders:
             while True:
                 try:
                     with trio.fail_after(ATTEMPT_TIMEOUT_S):
-                        reply = await post(address, self.context, "/nginx.access", body)
+                        reply = await post_from(self.proxy.https, self.context, source, body)
                 except BROKEN as exc:
                     self._failed(ids, exc)
                     continue
@@ -288,8 +301,8 @@ async def test_spread_over_three_and_one_killed_mid_load(
         proxy: HAProxy, instances: list[Instance], pki: Path) -> None:
     senders = Senders(client_context(pki), proxy)
     async with trio.open_nursery() as nursery:
-        for n in range(3):
-            nursery.start_soon(senders.https, f"h{n}")
+        for n, source in enumerate(HTTPS_SOURCES):
+            nursery.start_soon(senders.https, f"h{n}", source)
         for n, source in enumerate(FORWARD_SOURCES):
             nursery.start_soon(senders.forward, f"f{n}", source)
         await senders.wait_batches(60)
@@ -316,27 +329,36 @@ async def test_spread_over_three_and_one_killed_mid_load(
         f"never acked {sorted(set(everywhere) - senders.acked)[:10]}")
     doubled = {i for i, n in everywhere.items() if n > 1}
     assert doubled <= senders.resent, sorted(doubled - senders.resent)[:10]
-    # `balance source`: a forward sender that never lost its connection stayed on one
-    # instance; one that did moved to another (and new connections go back once it is up).
-    for n in range(len(FORWARD_SOURCES)):
-        holders = [name for name, counts in stored.items()
-                   if any(i.startswith(f"f{n}-") for i in counts)]
-        assert len(holders) <= (1 if f"f{n}" not in senders.failed_senders else 2), holders
+    # `balance source` with consistent hashing: only the killed instance's senders moved
+    # (redispatched anywhere until HAProxy marked it down, then to one other instance, and
+    # back once it was up again); every other sender's records are on one instance.
+    for sender in [f"h{n}" for n in range(len(HTTPS_SOURCES))] + \
+            [f"f{n}" for n in range(len(FORWARD_SOURCES))]:
+        holders = {name for name, counts in stored.items()
+                   if any(i.startswith(f"{sender}-") for i in counts)}
+        assert len(holders) == 1 or "node1" in holders, (sender, holders)
     print(f"acked {len(senders.acked)} records; failed attempts {dict(senders.failures)}; "
           f"resent {len(senders.resent)}; stored on two instances {len(doubled)}; per "
           f"instance { {name: sum(c.values()) for name, c in stored.items()} }")
 
 
-async def test_a_chunk_resent_on_a_new_connection_is_stored_once(
+async def test_a_resend_on_a_new_connection_is_stored_once(
         proxy: HAProxy, instances: list[Instance], pki: Path) -> None:
-    """out_forward resends a chunk whose ack was late or lost, by default on a new
-    connection. With `balance source` the same Engine address reaches the same instance,
-    which remembers the chunk id and acks the resend without storing it again (with
-    `balance leastconn` or `roundrobin` the resends land on other instances: stored 3 times)."""
+    """Engines resend a chunk whose answer was late or lost on a new connection (out_http
+    always, out_forward by default). With `balance source` it reaches the same instance,
+    which recognises it (the request's digest; the chunk id) and answers without storing it
+    again. With `balance roundrobin` or `leastconn` the resends land on other instances,
+    which cannot know them: this test then finds records stored three times."""
     context = client_context(pki)
     expected: list[str] = []
+    for n, source in enumerate(HTTPS_SOURCES):
+        records = engine_batch(f"rh{n}", 0)
+        replies = [await post_from(proxy.https, context, source, ndjson(records))
+                   for _ in range(3)]
+        assert [r.status for r in replies] == [200] * 3, replies
+        expected += [r["id"] for r in records]
     for n, source in enumerate(FORWARD_SOURCES):
-        records = engine_batch(f"r{n}", 0)
+        records = engine_batch(f"rf{n}", 0)
         chunk = f"resend-{n}"
         message = packed("nginx.access", records, chunk=chunk)
         for _ in range(3):
