@@ -11,7 +11,7 @@ from pathlib import Path
 
 import trio
 
-from mwdlogd import __version__, certs_cli, log, replay, startup
+from mwdlogd import __version__, certs_cli, doctor, log, replay, startup
 from mwdlogd.app import App, tune_garbage_collector
 from mwdlogd.certs import DEFAULT_DAYS, DEFAULT_HOSTS, init_certs
 from mwdlogd.config import (
@@ -69,6 +69,7 @@ def _parser() -> argparse.ArgumentParser:
                       "directories are created), - for stdout (default)")
     init.add_argument("--force", action="store_true", help="overwrite an existing file")
     certs_cli.register(commands, common)
+    doctor.register(commands, common)
     health = commands.add_parser(
         "health", parents=[common], help="ask a running server's /health; exit 0 if healthy",
         description="GETs /health on the [health] address (or --server) and prints the "
@@ -257,7 +258,7 @@ def _restore(args: argparse.Namespace) -> int:
 
 
 COMMANDS = {"run": _run, "check-config": _check_config, "init-config": _init_config,
-            "certs": certs_cli.run, "tail": _tail, "health": _health,
+            "certs": certs_cli.run, "doctor": doctor.run, "tail": _tail, "health": _health,
             "flush": _flush, "archive": _archive, "backup": _backup,
             "restore": _restore}
 
