@@ -1,0 +1,104 @@
+"""`mwdlogd replay` as an operator runs it: everything from --config, failures explained in
+words (not exception class names), and --verify waiting for the server's flush."""
+
+from __future__ import annotations
+
+import json
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import trio
+
+from mwdlogd.config import load_config
+from mwdlogd.replay import await_verdict
+
+from conftest import Running, config_raw, start_app
+from forward_client import KEY
+from helpers import free_port
+from server_process import write_config
+
+
+async def mwdlogd_replay(*args: str) -> tuple[int, dict[str, Any] | None, str]:
+    """(exit status, the JSON summary if any, stderr without progress lines)."""
+    result = await trio.run_process([sys.executable, "-m", "mwdlogd", "replay", *args],
+                                    capture_stdout=True, capture_stderr=True, check=False)
+    stdout = result.stdout.decode().strip()
+    stderr = "\n".join(line for line in result.stderr.decode().splitlines()
+                       if not line.startswith("["))
+    return result.returncode, json.loads(stdout) if stdout else None, stderr
+
+
+async def start_from_file(nursery: trio.Nursery, tmp_path: Path, pki: Path,
+                          **sections: dict[str, Any]) -> tuple[Running, Path]:
+    """A server started from a config file with real ports, as replay --config reads it."""
+    raw = config_raw(tmp_path, pki, http={"bind": "127.0.0.1", "port": free_port()},
+                     forward={"bind": "127.0.0.1", "port": free_port(),
+                              **sections.pop("forward", {})}, **sections)
+    path = write_config(tmp_path / "config.toml", raw)
+    return await start_app(nursery, load_config(path, required=True, environ={})), path
+
+
+async def test_config_gives_target_certificates_and_token_and_verify_waits_for_the_flush(
+        nursery: trio.Nursery, tmp_path: Path, pki: Path) -> None:
+    running, config = await start_from_file(nursery, tmp_path, pki,
+                                            buffer={"flush_interval": "2s"})
+    code, summary, stderr = await mwdlogd_replay(
+        "--config", str(config), "--count", "1500", "--batch", "500", "--run", "op",
+        "--verify", str(running.root), "--settle", "30")
+    assert code == 0, stderr
+    assert summary is not None
+    assert (summary["sent"], summary["acked"], summary["errors"]) == (1500, 1500, {})
+    verdict = summary["verify"]
+    assert (verdict["stored"], verdict["missing"], verdict["duplicated"]) == (1500, 0, 0)
+    assert 0 < verdict["waited_s"] < 30  # it waited for the flush, and no longer
+    assert "acked records stored; waiting for the flush" in stderr
+    forward_code, forward, _ = await mwdlogd_replay(
+        "--config", str(config), "--protocol", "forward", "--count", "300", "--run", "fw")
+    assert forward_code == 0 and forward is not None and forward["acked"] == 300
+
+
+def test_verify_gives_up_after_settle_and_names_what_is_missing(tmp_path: Path) -> None:
+    started = time.monotonic()
+    verdict, waited = await_verdict(tmp_path, "r", {"r-1", "r-2"}, settle=1.5, poll=0.5)
+    assert verdict.missing == ["r-1", "r-2"] and not verdict.ok
+    assert waited >= 1.5 and time.monotonic() - started < 10
+
+
+async def test_failures_are_explained(nursery: trio.Nursery, tmp_path: Path, pki: Path,
+                                      rogue_pki: Path) -> None:
+    running, config = await start_from_file(nursery, tmp_path, pki, forward={"shared_key": KEY})
+    http, forward = running.addresses.http, running.addresses.forward
+    cases = [
+        (["--token", "nope"], "401 unknown token: bearer token is not known"),
+        (["--protocol", "forward", "--shared-key", "wrong"],
+         f"shared key mismatch (the server at {forward} answered: shared_key mismatch)"),
+        (["--cacert", str(rogue_pki / "ca.crt")],
+         f"the server certificate at {http} is not trusted by --cacert"),
+        (["--cert", str(rogue_pki / "engine-01.crt"), "--key",
+          str(rogue_pki / "engine-01.key")],
+         f"{http} closed the connection before answering (right after the TLS handshake "
+         "this is a refused client certificate"),
+    ]
+    for args, message in cases:
+        code, summary, stderr = await mwdlogd_replay("--config", str(config), "--count", "20",
+                                                     *args)
+        assert code == 1, (args, stderr)
+        assert summary is not None and summary["acked"] == 0
+        assert any(message in error for error in summary["errors"]), (message, summary)
+        assert f"mwdlogd replay: stopping: nothing was acknowledged; {message}" in stderr
+    closed = free_port()
+    code, summary, stderr = await mwdlogd_replay("--config", str(config), "--count", "20",
+                                                 "--target", f"127.0.0.1:{closed}")
+    assert code == 1 and summary is not None
+    assert f"connection refused by 127.0.0.1:{closed}" in stderr
+    missing = tmp_path / "nope" / "engine.crt"
+    code, summary, stderr = await mwdlogd_replay("--config", str(config), "--count", "20",
+                                                 "--cert", str(missing))
+    assert (code, summary) == (2, None)
+    assert stderr == f"mwdlogd replay: certificate file not found: {missing} (--cert)"
+    code, _, stderr = await mwdlogd_replay("--config", str(tmp_path / "absent.toml"),
+                                           "--count", "20")
+    assert code == 2 and "config file not found" in stderr
+    assert not list(running.root.rglob("*.log.gz"))  # nothing was stored by any of them
