@@ -243,8 +243,8 @@ def test_parsers_read_proc_metrics_and_log_lines() -> None:
         "peer=10.0.0.5:41001 error=TLSV1_ALERT_UNKNOWN_CA",
         json.dumps({"not": "a log line"})]
     assert [f.line() for f in log_findings(log, "L")] == [
-        "warn  log L: write_failed 1 times: [Errno 13] Permission denied: 'x' (latest "
+        "warn  log L: write_failed 1 time: [Errno 13] Permission denied: 'x' (latest "
         "2026-01-01T00:00:00.000Z, a/b.log.gz) — give the server's user write access "
         "(chown/chmod)",
         "warn  log L: tls_handshake_failed 2 times from 10.0.0.5: TLSV1_ALERT_UNKNOWN_CA — "
-        "that Engine lacks tls.ca or has a client certificate not signed by it"]
+        "that Engine does not trust the server's certificate: give it tls.ca"]

@@ -473,6 +473,24 @@ def log_events(lines: Iterable[str], names: set[str]) -> Iterator[tuple[str, str
             yield match[1], match[2], fields
 
 
+TLS_FIXES = [
+    ("UNKNOWN_CA", "that Engine does not trust the server's certificate: give it tls.ca"),
+    ("CERTIFICATE_VERIFY_FAILED", "that Engine's client certificate is not signed by tls.ca "
+     "or has expired: re-issue it (`mwdlogd certs renew --client NAME`)"),
+    ("PEER_DID_NOT_RETURN_A_CERTIFICATE", "that Engine sends no client certificate: configure "
+     "its certificate and key (tls.client_auth requires one)"),
+    ("CERTIFICATE_EXPIRED", "a certificate has expired: `mwdlogd certs check`")]
+
+
+def _tls_fix(error: str) -> str:
+    return next((fix for code, fix in TLS_FIXES if code in error),
+                "compare the Engine's TLS settings with tls.ca and tls.min_version")
+
+
+def _times(count: int) -> str:
+    return f"{count} time{'' if count == 1 else 's'}"
+
+
 def log_findings(lines: Iterable[str], source: str) -> list[Finding]:
     causes: Counter[str] = Counter()
     peers: Counter[str] = Counter()
@@ -489,16 +507,15 @@ def log_findings(lines: Iterable[str], source: str) -> list[Finding]:
             host, _, name = fields.get("peer", "?").partition("/")
             peer = host.rpartition(":")[0] + (f" ({name})" if name else "")
             peers[f"{peer}: {fields.get('error', '?')}"] += 1
-    findings = [Finding(WARN, f"log {source}", f"write_failed {count} times: {error} "
+    findings = [Finding(WARN, f"log {source}", f"write_failed {_times(count)}: {error} "
                         f"(latest {latest[error][0]}, {latest[error][1]})", _errno_fix(error))
                 for error, count in causes.most_common(3)]
     if moved:
         findings.append(Finding(FAIL, f"log {source}", f"chunk_moved_to_failed: {moved} records "
                                 "in {buffer.path}/failed", "fix the write error, then "
                                 "re-ingest them (README: Durability)"))
-    findings += [Finding(WARN, f"log {source}", f"tls_handshake_failed {count} times from "
-                         f"{peer}", "that Engine lacks tls.ca or has a client certificate not "
-                         "signed by it") for peer, count in peers.most_common(3)]
+    findings += [Finding(WARN, f"log {source}", f"tls_handshake_failed {_times(count)} from "
+                         f"{peer}", _tls_fix(peer)) for peer, count in peers.most_common(3)]
     return findings or [Finding(OK, f"log {source}", "no write_failed, chunk_moved_to_failed "
                                 "or tls_handshake_failed")]
 
@@ -532,6 +549,13 @@ def diagnose(config: Config, args: argparse.Namespace) -> list[Finding]:
     findings += check_writable("buffer.path", Path(config.buffer.path),
                                config.buffer.total_limit, "buffer.total_limit")
     findings.append(check_journal(config))
+    if args.log is not None:  # read before our own handshakes can add to it
+        try:
+            with args.log.open(encoding="utf-8", errors="replace") as lines:
+                findings += log_findings(lines, str(args.log))
+        except OSError as exc:
+            findings.append(Finding(WARN, f"log {args.log}", f"cannot read: {exc}",
+                                    "give the path of the server's log file"))
     server, running = check_health(config, args.timeout)
     findings.append(server)
     if running:
@@ -541,13 +565,6 @@ def diagnose(config: Config, args: argparse.Namespace) -> list[Finding]:
         if Path(tls.ca).is_file():
             findings += check_handshakes(
                 config, _client_pair(layout, args.client_cert, args.client_key), args.timeout)
-    if args.log is not None:
-        try:
-            with args.log.open(encoding="utf-8", errors="replace") as lines:
-                findings += log_findings(lines, str(args.log))
-        except OSError as exc:
-            findings.append(Finding(WARN, f"log {args.log}", f"cannot read: {exc}",
-                                    "give the path of the server's log file"))
     return findings
 
 
