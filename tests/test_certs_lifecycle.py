@@ -160,3 +160,17 @@ def test_init_honours_the_config_paths(tmp_path: Path) -> None:
     assert (tmp_path / "conf" / "pki" / "trust.key").is_file()
     check = mwdlogd("check-config", "--config", str(config))
     assert check.returncode == 0, check.stderr
+
+
+def test_check_needs_no_ca_without_client_auth(tmp_path: Path) -> None:
+    certs = fresh(tmp_path)
+    (certs / "ca.crt").unlink()
+    (certs / "engine-01.crt").unlink()
+    config = tmp_path / "c.toml"
+    config.write_text("[tls]\nclient_auth = false\n")
+    result = mwdlogd("--config", str(config), "certs", "check")
+    assert result.returncode == 0, result.stdout
+    assert result.stdout.splitlines() == [
+        f"ok      tls.cert {certs / 'server.crt'}: 399 days left"]
+    config.write_text("[tls]\nclient_auth = true\n")
+    assert mwdlogd("--config", str(config), "certs", "check").returncode == 1

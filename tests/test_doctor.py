@@ -7,6 +7,7 @@ from __future__ import annotations
 import json
 import os
 import secrets
+import shutil
 import signal
 import socket
 import subprocess
@@ -22,7 +23,14 @@ from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 
 from mwdlogd.certs import init_certs
-from mwdlogd.doctor import listening_inodes, log_findings, metric_findings, parse_metrics
+from mwdlogd.doctor import (
+    listening_inodes,
+    log_findings,
+    metric_findings,
+    parse_metrics,
+    parse_status,
+    writable_by,
+)
 
 from conftest import config_raw
 from helpers import TOKEN, client_context, engine_records, free_port, ids_by_file, ndjson, reissue
@@ -248,3 +256,45 @@ def test_parsers_read_proc_metrics_and_log_lines() -> None:
         "(chown/chmod)",
         "warn  log L: tls_handshake_failed 2 times from 10.0.0.5: TLSV1_ALERT_UNKNOWN_CA — "
         "that Engine does not trust the server's certificate: give it tls.ca"]
+
+
+NO_DAC = ["setpriv", "--bounding-set=-dac_override,-dac_read_search",
+          "--inh-caps=-dac_override,-dac_read_search"]
+
+
+@NEEDS_ROOT
+@pytest.mark.skipif(shutil.which("setpriv") is None, reason="needs setpriv")
+def test_a_storage_root_the_server_cannot_write_is_named_with_its_mode(
+        tmp_path: Path, certs: Path) -> None:
+    """doctor runs as root and could write there itself; the server, without
+    CAP_DAC_OVERRIDE, cannot: the finding is about the server's identity."""
+    config = write_config(tmp_path / "c.toml", fixed_ports(tmp_path, certs))
+    server = ServerProcess(None, argv=[*NO_DAC, sys.executable, "-m", "mwdlogd", "run",
+                                       "--config", str(config)])
+    root = tmp_path / "logs"
+    try:
+        assert doctor(config).returncode == 0
+        root.chmod(0o555)
+        result = doctor(config)
+    finally:
+        root.chmod(0o755)
+        server.stop()
+    assert result.returncode == 2
+    storage, health = lines(result, "FAIL")
+    assert storage == (f"FAIL  storage.root {root}: the running server (pid "
+                       f"{server.process.pid}, uid 0) cannot write in {root}: mode 0555, owner "
+                       f"uid 0 gid 0 — chmod u+wx {root}")
+    assert health.startswith("FAIL  server: unhealthy, /health answers 503")
+
+
+def test_server_identity_and_permission_bits() -> None:
+    status = ("Name:\tmwdlogd\nUid:\t1000\t1000\t1000\t1000\nGid:\t1000\t1000\t1000\t1000\n"
+              "Groups:\t4 27 1000\nCapEff:\t0000000000000000\n")
+    who = parse_status(42, status)
+    assert (who.pid, who.uid, who.gids, who.dac_override) == (42, 1000, {4, 27, 1000}, False)
+    assert writable_by(0o755, 1000, 0, who) and not writable_by(0o555, 1000, 0, who)
+    assert writable_by(0o775, 0, 27, who) and not writable_by(0o755, 0, 27, who)
+    assert writable_by(0o777, 0, 0, who) and not writable_by(0o775, 0, 0, who)
+    root = parse_status(1, status.replace("1000", "0").replace("0000000000000000",
+                                                                "000001ffffffffff"))
+    assert root.dac_override and writable_by(0o000, 5, 5, root)

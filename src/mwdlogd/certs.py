@@ -104,6 +104,7 @@ class Layout:
     cert: Path
     key: Path
     clients: Path  # directory of NAME.crt / NAME.key
+    ca_required: bool = True  # tls.client_auth: without it the server needs no CA file
 
     @classmethod
     def in_dir(cls, directory: Path) -> "Layout":
@@ -111,10 +112,11 @@ class Layout:
                    directory / "server.key", directory)
 
     @classmethod
-    def from_paths(cls, *, cert: str, key: str, ca: str) -> "Layout":
+    def from_paths(cls, *, cert: str, key: str, ca: str, ca_required: bool = True
+                   ) -> "Layout":
         """The config's tls.cert/key/ca; the CA key sits next to the CA (ca.crt -> ca.key)."""
         return cls(Path(ca), Path(ca).with_suffix(".key"), Path(cert), Path(key),
-                   Path(cert).parent)
+                   Path(cert).parent, ca_required)
 
     def client(self, name: str) -> tuple[Path, Path]:
         return self.clients / f"{name}.crt", self.clients / f"{name}.key"

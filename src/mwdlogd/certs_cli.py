@@ -90,7 +90,7 @@ def _layout(args: argparse.Namespace) -> Layout:
         return Layout.in_dir(args.dir)
     path, required = config_path(getattr(args, "config", None))
     tls = load_config(path, required=required).tls
-    return Layout.from_paths(cert=tls.cert, key=tls.key, ca=tls.ca)
+    return Layout.from_paths(cert=tls.cert, key=tls.key, ca=tls.ca, ca_required=tls.client_auth)
 
 
 def _hosts(text: str) -> list[str]:
@@ -154,7 +154,9 @@ def _show(args: argparse.Namespace, layout: Layout) -> int:
 
 
 def _check(args: argparse.Namespace, layout: Layout) -> int:
-    wanted = [("tls.cert", layout.cert), ("tls.ca", layout.ca)]
+    wanted = [("tls.cert", layout.cert)]
+    if layout.ca_required or layout.ca.exists():
+        wanted.append(("tls.ca", layout.ca))
     wanted += [("client", crt) for crt in layout.client_certs()]
     worst = 0
     for role, path in wanted:

@@ -33,6 +33,7 @@ from cryptography.hazmat.primitives import serialization
 
 from mwdlogd.certs import Layout
 from mwdlogd.config import Config, ListenConfig, config_path, load_config
+from mwdlogd.telemetry import SLOW_FLUSH_S
 from mwdlogd.worker import worker_buffer, worker_config
 
 OK, WARN, FAIL = "ok", "warn", "FAIL"
@@ -46,6 +47,7 @@ PROBE_BYTES = 64 * 1024
 QUIET_S = 1.0  # a refused client certificate's alert follows the handshake within ms
 RETRIES = 'fluentd_output_status_retry_count{plugin_id="hourly_files",type="file"}'
 ERRORS = 'fluentd_output_status_num_errors{plugin_id="hourly_files",type="file"}'
+SLOW_FLUSHES = 'fluentd_output_status_slow_flush_count{plugin_id="hourly_files",type="file"}'
 FAILED_RECORDS = "mwdlogd_failed_records_total"
 REJECTED = re.compile(r'^mwdlogd_rejected_requests_total\{protocol="(\w+)",reason="(\w+)"\}$')
 LOG_LINE = re.compile(r"^(\S+) +[A-Z]+ +(\w+) ?(.*)$")
@@ -171,40 +173,57 @@ def _signed_by(cert: x509.Certificate, ca: x509.Certificate) -> bool:
 
 def check_certificates(config: Config) -> list[Finding]:
     tls = config.tls
-    layout = Layout.from_paths(cert=tls.cert, key=tls.key, ca=tls.ca)
+    layout = Layout.from_paths(cert=tls.cert, key=tls.key, ca=tls.ca,
+                               ca_required=tls.client_auth)
+    wanted = [("cert", layout.cert), ("key", layout.key)]
+    if layout.ca_required or layout.ca.exists():
+        wanted.append(("ca", layout.ca))
     missing = [Finding(FAIL, f"tls {key}", f"{path} not found",
                        "create it (`mwdlogd certs init` for a development PKI) or point "
-                       f"tls.{key} at your file")
-               for key, path in (("cert", layout.cert), ("key", layout.key), ("ca", layout.ca))
-               if not path.is_file()]
+                       f"tls.{key} at your file") for key, path in wanted if not path.is_file()]
     if missing:
         return missing
     try:
-        cert, ca = _load_cert(layout.cert), _load_cert(layout.ca)
+        cert = _load_cert(layout.cert)
         key = serialization.load_pem_private_key(layout.key.read_bytes(), password=None)
+        ca = _load_cert(layout.ca) if len(wanted) == 3 else None
     except (ValueError, TypeError) as exc:
         return [Finding(FAIL, "tls files", f"cannot read as PEM: {exc}",
                         "check that tls.cert, tls.key and tls.ca are PEM files")]
-    findings = [Finding(OK, "tls files", f"{layout.cert}, {layout.key}, {layout.ca} present")]
+    findings = [Finding(OK, "tls files", ", ".join(str(path) for _, path in wanted) +
+                        " present")]
     if key.public_key() != cert.public_key():
         findings.append(Finding(FAIL, "tls key matches cert", f"{layout.key} is not the key of "
                                 f"{layout.cert}", "install the key the certificate was issued "
                                 "for, or re-issue both: `mwdlogd certs renew`"))
     else:
         findings.append(Finding(OK, "tls key matches cert", "yes"))
-    if _signed_by(cert, ca):
-        findings.append(Finding(OK, "tls chain", f"server certificate is signed by {layout.ca}"))
-    else:
-        findings.append(Finding(WARN, "tls chain", f"server certificate is not signed by "
-                                f"tls.ca ({ca.subject.rfc4514_string()})",
-                                "Engines must trust the server certificate's issuer "
-                                f"({cert.issuer.rfc4514_string()}); fine only if you use a "
-                                "separate PKI for the server"))
+    if ca is not None:
+        findings.append(_chain(layout, cert, ca))
     findings.append(_expiry("tls.cert expiry", cert, "`mwdlogd certs renew`, then restart"))
-    findings.append(_expiry("tls.ca expiry", ca, "issue a new CA and distribute it to every "
-                            "Engine with new client certificates"))
+    return findings + ([] if ca is None else _ca_findings(layout, ca))
+
+
+def _chain(layout: Layout, cert: x509.Certificate, ca: x509.Certificate) -> Finding:
+    if _signed_by(cert, ca):
+        return Finding(OK, "tls chain", f"server certificate is signed by {layout.ca}")
+    return Finding(WARN, "tls chain", "server certificate is not signed by tls.ca "
+                   f"({ca.subject.rfc4514_string()})", "Engines must trust the server "
+                   f"certificate's issuer ({cert.issuer.rfc4514_string()}); fine only if you "
+                   "use a separate PKI for the server")
+
+
+def _ca_findings(layout: Layout, ca: x509.Certificate) -> list[Finding]:
+    """The CA's expiry, and each client certificate's issuer and expiry."""
+    findings = [_expiry("tls.ca expiry", ca, "issue a new CA and distribute it to every "
+                        "Engine with new client certificates")]
     for path in layout.client_certs():
-        client = _load_cert(path)
+        try:
+            client = _load_cert(path)
+        except ValueError as exc:
+            findings.append(Finding(WARN, f"client {path.name}", f"not a PEM certificate: "
+                                    f"{exc}", "remove it from the certificate directory"))
+            continue
         if not _signed_by(client, ca):
             findings.append(Finding(FAIL, f"client {path.name}", "not signed by tls.ca: the "
                                     "server refuses it", "re-issue it: `mwdlogd certs renew "
@@ -357,6 +376,11 @@ def metric_findings(samples: dict[str, float], address: str) -> list[Finding]:
                                 "failed writes since start", "a write to the hourly files "
                                 "failed: see the storage checks and write_failed causes "
                                 "(--log FILE)"))
+    if slow := samples.get(SLOW_FLUSHES, 0.0):
+        findings.append(Finding(WARN, check, f"{slow:.0f} flushes slower than "
+                                f"{SLOW_FLUSH_S:g} s since start: the disk is slow",
+                                "check the storage disk's I/O (iostat) and what else writes "
+                                "to it"))
     rejected = Counter[str]()
     for name, value in samples.items():
         if (match := REJECTED.match(name)) and value:
@@ -398,6 +422,47 @@ def check_metrics(config: Config, timeout: float) -> list[Finding]:
 
 # --- storage and buffer ------------------------------------------------------------------
 
+CAP_DAC_OVERRIDE = 1
+
+
+@attrs.frozen
+class Identity:
+    """Who a process writes files as: effective uid, groups, and whether it bypasses
+    permission bits (CAP_DAC_OVERRIDE, root normally)."""
+
+    pid: int
+    uid: int
+    gids: frozenset[int]
+    dac_override: bool
+
+
+def parse_status(pid: int, text: str) -> Identity:
+    """An Identity from the text of /proc/PID/status."""
+    fields = dict(line.split(":", 1) for line in text.splitlines() if ":" in line)
+    gids = {int(fields["Gid"].split()[1]), *map(int, fields.get("Groups", "").split())}
+    return Identity(pid, int(fields["Uid"].split()[1]), frozenset(gids),
+                    bool(int(fields["CapEff"], 16) >> CAP_DAC_OVERRIDE & 1))
+
+
+def writable_by(mode: int, owner: int, group: int, who: Identity) -> bool:
+    """Whether `who` may create files in a directory with this mode and ownership."""
+    if who.dac_override:
+        return True
+    shift = 6 if owner == who.uid else 3 if group in who.gids else 0
+    return (mode >> shift) & 0o3 == 0o3  # write and search
+
+
+def server_identity(owners: dict[int, tuple[int, str] | None], config: Config
+                    ) -> Identity | None:
+    """The running server's identity, from the process that holds its ingest port."""
+    owner = owners.get(config.http.port) if config.http.port else None
+    if owner is None or "mwdlogd" not in owner[1]:
+        return None
+    try:
+        return parse_status(owner[0], Path(f"/proc/{owner[0]}/status").read_text())
+    except (OSError, KeyError, ValueError):
+        return None
+
 def _existing_ancestor(path: Path) -> Path:
     while not path.exists() and path != path.parent:
         path = path.parent
@@ -408,13 +473,22 @@ def _errno_fix(error: str) -> str:
     return next((fix for text, fix in ERRNO_FIXES if text in error), "see the error")
 
 
-def check_writable(key: str, path: Path, low_water: int, low_what: str) -> list[Finding]:
-    """Write, fsync and delete a probe file in `path`; free space against `low_water`."""
+def check_writable(key: str, path: Path, low_water: int, low_what: str,
+                   server: Identity | None = None) -> list[Finding]:
+    """Write, fsync and delete a probe file in `path`; free space against `low_water`;
+    with the running `server`'s identity, whether its permission bits let it write too."""
     target = path if path.exists() else _existing_ancestor(path)
     check = f"{key} {path}"
     if not target.is_dir():
         return [Finding(FAIL, check, f"{target} is not a directory",
                         f"point {key} at a directory")]
+    info = target.stat()
+    if server is not None and not writable_by(info.st_mode, info.st_uid, info.st_gid, server):
+        fix = (f"chmod u+wx {target}" if info.st_uid == server.uid else
+               f"chown -R {server.uid} {target}, or give its group write access")
+        return [Finding(FAIL, check, f"the running server (pid {server.pid}, uid {server.uid}) "
+                        f"cannot write in {target}: mode {info.st_mode & 0o7777:04o}, owner "
+                        f"uid {info.st_uid} gid {info.st_gid}", fix)]
     try:
         with tempfile.NamedTemporaryFile(dir=target, prefix=".doctor-") as probe:
             probe.write(b"\0" * PROBE_BYTES)
@@ -542,12 +616,14 @@ def register(commands: "argparse._SubParsersAction[argparse.ArgumentParser]",
 
 
 def diagnose(config: Config, args: argparse.Namespace) -> list[Finding]:
-    findings = check_ports(config, port_owners())
+    owners = port_owners()
+    findings = check_ports(config, owners)
     findings += check_certificates(config)
+    server_id = server_identity(owners, config)
     findings += check_writable("storage.root", Path(config.storage.root),
-                               config.buffer.chunk_limit, "buffer.chunk_limit")
+                               config.buffer.chunk_limit, "buffer.chunk_limit", server_id)
     findings += check_writable("buffer.path", Path(config.buffer.path),
-                               config.buffer.total_limit, "buffer.total_limit")
+                               config.buffer.total_limit, "buffer.total_limit", server_id)
     findings.append(check_journal(config))
     if args.log is not None:  # read before our own handshakes can add to it
         try:
