@@ -46,7 +46,7 @@ async def test_config_gives_target_certificates_and_token_and_verify_waits_for_t
                                             buffer={"flush_interval": "2s"})
     code, summary, stderr = await mwdlogd_replay(
         "--config", str(config), "--count", "1500", "--batch", "500", "--run", "op",
-        "--verify", str(running.root), "--settle", "30")
+        "--verify", "--settle", "30")  # ROOT: the config's storage.root
     assert code == 0, stderr
     assert summary is not None
     assert (summary["sent"], summary["acked"], summary["errors"]) == (1500, 1500, {})

@@ -41,6 +41,7 @@ PROGRESS_EVERY_S = 1.0
 DEFAULT_SETTLE_S = 30.0
 VERIFY_POLL_S = 1.0
 HELO_TIMEOUT_S = 5.0
+STORAGE_ROOT = Path("<storage.root>")  # `--verify` without ROOT: the config's
 RETRY_503_S = 1.0
 MAX_ATTEMPTS = 5
 
@@ -483,10 +484,10 @@ def _parser() -> argparse.ArgumentParser:
     load.add_argument("--duration", type=float, help="seconds to send for")
     load.add_argument("--run", default=f"run{int(time.time())}",
                       help="prefix of the replay_id given to every record")
-    load.add_argument("--verify", type=Path, metavar="ROOT",
-                      help="afterwards, read the hourly files under ROOT until every acked "
-                           "record is there (or --settle passes) and report missing and "
-                           "duplicated records")
+    load.add_argument("--verify", type=Path, metavar="ROOT", nargs="?", const=STORAGE_ROOT,
+                      help="afterwards, read the hourly files under ROOT (default: the "
+                           "config's storage.root) until every acked record is there (or "
+                           "--settle passes) and report missing and duplicated records")
     load.add_argument("--settle", type=float, default=DEFAULT_SETTLE_S, metavar="SECONDS",
                       help="longest wait for acked records to land (the server writes them "
                            f"every buffer.flush_interval, or at `mwdlogd flush`); default "
@@ -520,7 +521,8 @@ def apply_config(args: argparse.Namespace) -> None:
     wants_tls = not args.plain and (args.cacert is None or args.cert is None)
     needs_token = args.protocol == "http" and args.token is None
     needs_key = args.protocol == "forward" and args.shared_key is None
-    if args.target is not None and not (wants_tls or needs_token or needs_key):
+    needs_root = args.verify == STORAGE_ROOT
+    if args.target is not None and not (wants_tls or needs_token or needs_key or needs_root):
         return
     path, required = config_path(args.config)
     try:
@@ -544,6 +546,8 @@ def apply_config(args: argparse.Namespace) -> None:
         args.token = next((t.token for t in config.auth.tokens), "")
     if args.shared_key is None:
         args.shared_key = config.forward.shared_key
+    if needs_root:
+        args.verify = Path(config.storage.root)
 
 
 def await_verdict(root: Path, run: str, acked: set[str], *, settle: float,
