@@ -50,6 +50,7 @@ ERRORS = 'fluentd_output_status_num_errors{plugin_id="hourly_files",type="file"}
 SLOW_FLUSHES = 'fluentd_output_status_slow_flush_count{plugin_id="hourly_files",type="file"}'
 FAILED_RECORDS = "mwdlogd_failed_records_total"
 REJECTED = re.compile(r'^mwdlogd_rejected_requests_total\{protocol="(\w+)",reason="(\w+)"\}$')
+CREDENTIAL_REFUSALS = {"http unauthorized", "http forbidden_customer", "forward handshake"}
 LOG_LINE = re.compile(r"^(\S+) +[A-Z]+ +(\w+) ?(.*)$")
 LOGFMT_FIELD = re.compile(r'(\w+)=("(?:[^"\\]|\\.)*"|\S+)')
 ERRNO_FIXES = [("No space left", "free space on that filesystem or grow it"),
@@ -309,7 +310,12 @@ def check_handshakes(config: Config, client: tuple[str, str] | None,
     context.check_hostname = False  # the chain is verified; names depend on the Engine's DNS
     who = "no client certificate"
     if client is not None:
-        context.load_cert_chain(*client)
+        try:
+            context.load_cert_chain(*client)
+        except (OSError, ssl.SSLError) as exc:
+            return [Finding(FAIL, "tls handshake", f"cannot load client certificate "
+                            f"{client[0]} with key {client[1]}: {exc}",
+                            "give --client-cert and --client-key of one pair")]
         who = f"client certificate {client[0]}"
     targets = [("http", ListenConfig(config.http.bind, config.http.port))]
     if config.forward.transport == "tls":
@@ -390,9 +396,9 @@ def metric_findings(samples: dict[str, float], address: str) -> list[Finding]:
                                 "since start: the journal reached buffer.total_limit",
                                 "writes to the hourly files fail or lag behind ingest: see "
                                 "the storage checks and write_failed causes (--log FILE)"))
-    if rejected.get("http unauthorized") or rejected.get("forward handshake"):
+    if refused := {k: v for k, v in rejected.items() if k in CREDENTIAL_REFUSALS}:
         findings.append(Finding(WARN, check, "requests refused for their credentials: " +
-                                ", ".join(f"{k} {v}" for k, v in sorted(rejected.items())),
+                                ", ".join(f"{k} {v}" for k, v in sorted(refused.items())),
                                 "an Engine sends a token (or shared key) the config does not "
                                 "hold: compare it with auth.tokens / forward.shared_key"))
     for protocol in ("http", "forward"):
