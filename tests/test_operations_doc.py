@@ -1,22 +1,18 @@
-"""docs/operations.md stays true: its commands exist, its alert rules load in Prometheus'
-promtool and name only metrics a running server exports."""
+"""docs/operations.md stays true: its commands exist, and the alert rules it points to
+(deploy/prometheus/alerts.yml) name only metrics a running server exports."""
 
 from __future__ import annotations
 
 import re
-import shutil
 import subprocess
 import sys
 from pathlib import Path
-
-import pytest
 
 from conftest import Running
 from helpers import client_context, engine_records, http_get, ndjson, post
 
 DOCS = Path(__file__).resolve().parents[1] / "docs"
-RULES = DOCS / "mwdlogd-alerts.yml"
-PROMQL_FUNCTIONS = {"increase", "rate", "sum", "by", "up"}
+RULES = DOCS.parent / "deploy" / "prometheus" / "alerts.yml"
 
 
 def documented_commands() -> set[tuple[str, ...]]:
@@ -39,14 +35,6 @@ def test_every_documented_command_exists() -> None:
         assert result.returncode == 0, (command, result.stderr)
 
 
-@pytest.mark.skipif(shutil.which("promtool") is None, reason="promtool (Debian prometheus)")
-def test_alert_rules_load_in_promtool() -> None:
-    result = subprocess.run(["promtool", "check", "rules", str(RULES)], capture_output=True,
-                            text=True, timeout=60)
-    assert result.returncode == 0, result.stdout + result.stderr
-    assert "SUCCESS: 7 rules found" in result.stdout
-
-
 async def test_alert_rules_name_only_exported_metrics(server: Running, pki: Path) -> None:
     reply = await post(server.addresses.http, client_context(pki), "/nginx.access",
                        ndjson(engine_records(3)))
@@ -56,6 +44,7 @@ async def test_alert_rules_name_only_exported_metrics(server: Running, pki: Path
     assert status == 200
     exported = set(re.findall(r"^# TYPE (\S+) ", body.decode(), re.M))
     exported |= {f"{name}_total" for name in exported}
-    named = {name for expr in re.findall(r"expr: (.*)", RULES.read_text())
-             for name in re.findall(r"\b([a-z_]+)(?=[{\[(])", expr)} - PROMQL_FUNCTIONS
-    assert named and named <= exported, named - exported
+    exprs = re.findall(r"expr: >-\n((?:\s{10}.*\n)+)|expr: (.*)", RULES.read_text())
+    named = {name for block, line in exprs for name in
+             re.findall(r"\b((?:fluentd|mwdlogd)_[a-z_]+)", block + line)}
+    assert len(named) >= 6 and named <= exported, named - exported

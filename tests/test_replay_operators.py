@@ -53,6 +53,7 @@ async def test_config_gives_target_certificates_and_token_and_verify_waits_for_t
     verdict = summary["verify"]
     assert (verdict["stored"], verdict["missing"], verdict["duplicated"]) == (1500, 0, 0)
     assert 0 < verdict["waited_s"] < 30  # it waited for the flush, and no longer
+    assert list(running.root.rglob("*.log.gz"))  # the tree it verified: storage.root
     assert "acked records stored; waiting for the flush" in stderr
     forward_code, forward, _ = await mwdlogd_replay(
         "--config", str(config), "--protocol", "forward", "--count", "300", "--run", "fw")

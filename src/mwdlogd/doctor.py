@@ -32,9 +32,9 @@ from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives import serialization
 
 from mwdlogd.certs import Layout
-from mwdlogd.config import Config, ListenConfig, config_path, load_config
+from mwdlogd.config import Config, ListenConfig, config_path, listen_ports, load_config
 from mwdlogd.telemetry import SLOW_FLUSH_S
-from mwdlogd.worker import worker_buffer, worker_config
+from mwdlogd.worker import worker_buffer
 
 OK, WARN, FAIL = "ok", "warn", "FAIL"
 EXIT = {OK: 0, WARN: 1, FAIL: 2}
@@ -114,36 +114,23 @@ def port_owners() -> dict[int, tuple[int, str] | None]:
     return {port: owners.get(inode) for port, inode in inodes.items()}
 
 
-def listeners(config: Config) -> list[tuple[str, ListenConfig]]:
-    """Every address the server binds, as `(config key, listener)`; worker N's metrics and
-    monitor ports are port + N."""
-    found = [("http", ListenConfig(config.http.bind, config.http.port)),
-             ("forward", ListenConfig(config.forward.bind, config.forward.port)),
-             ("health", config.health)]
-    for index in range(config.server.workers):
-        worker = worker_config(config, index)
-        found += [(f"metrics{f' (worker {index})' if index else ''}", worker.metrics),
-                  (f"monitor{f' (worker {index})' if index else ''}", worker.monitor)]
-    return found
-
-
 def check_ports(config: Config, owners: dict[int, tuple[int, str] | None]) -> list[Finding]:
     findings = []
-    for key, listen in listeners(config):
-        check = f"port {key} {listen.bind}:{listen.port}"
-        if listen.port == 0:
+    for key, bind, port in listen_ports(config):
+        check = f"port {key.removesuffix('.port')} {bind}:{port}"
+        if port == 0:
             findings.append(Finding(OK, check, "port 0: a free port is picked at start"))
-        elif listen.port not in owners:
+        elif port not in owners:
             findings.append(Finding(OK, check, "free"))
-        elif (owner := owners[listen.port]) is None:
+        elif (owner := owners[port]) is None:
             findings.append(Finding(WARN, check, "in use by a process this user cannot see",
                                     "run doctor as root to name it"))
         elif "mwdlogd" in owner[1]:
             findings.append(Finding(OK, check, f"served by mwdlogd (pid {owner[0]})"))
         else:
             findings.append(Finding(FAIL, check, f"in use by pid {owner[0]} ({owner[1]})",
-                                    f"stop that process or set {key.split()[0]}.port to a "
-                                    "free port; `mwdlogd run` cannot bind it"))
+                                    f"stop that process or set {key.split('+')[0]} to a free "
+                                    "port; `mwdlogd run` cannot bind it"))
     return findings
 
 
@@ -413,17 +400,14 @@ def metric_findings(samples: dict[str, float], address: str) -> list[Finding]:
 
 
 def check_metrics(config: Config, timeout: float) -> list[Finding]:
-    findings = []
-    for index in range(config.server.workers):
-        host, port = local_address(worker_config(config, index).metrics)
-        try:
-            _, text = _get(host, port, "/metrics", timeout)
-        except OSError as exc:
-            findings.append(Finding(WARN, f"metrics {host}:{port}", f"unreachable: {exc}",
-                                    "check metrics.bind/port"))
-            continue
-        findings += metric_findings(parse_metrics(text), f"{host}:{port}")
-    return findings
+    """The counters of the running server (with workers: the sum the supervisor serves)."""
+    host, port = local_address(config.metrics)
+    try:
+        _, text = _get(host, port, "/metrics", timeout)
+    except OSError as exc:
+        return [Finding(WARN, f"metrics {host}:{port}", f"unreachable: {exc}",
+                        "check metrics.bind/port")]
+    return metric_findings(parse_metrics(text), f"{host}:{port}")
 
 
 # --- storage and buffer ------------------------------------------------------------------
