@@ -16,7 +16,7 @@ from mwdlogd.replay import await_verdict
 
 from conftest import Running, config_raw, start_app
 from forward_client import KEY
-from helpers import free_port
+from helpers import free_port, read_tree
 from server_process import write_config
 
 
@@ -58,6 +58,22 @@ async def test_config_gives_target_certificates_and_token_and_verify_waits_for_t
     forward_code, forward, _ = await mwdlogd_replay(
         "--config", str(config), "--protocol", "forward", "--count", "300", "--run", "fw")
     assert forward_code == 0 and forward is not None and forward["acked"] == 300
+
+
+async def test_verify_asks_the_server_to_flush(nursery: trio.Nursery, tmp_path: Path,
+                                              pki: Path) -> None:
+    """flush_interval 1h: only the flush replay asks for can land the records in time."""
+    running, config = await start_from_file(
+        nursery, tmp_path, pki, buffer={"flush_interval": "1h"},
+        monitor={"bind": "127.0.0.1", "port": free_port()})
+    code, summary, stderr = await mwdlogd_replay(
+        "--config", str(config), "--count", "700", "--run", "fl", "--verify", "--flush",
+        "--settle", "20")
+    assert code == 0, stderr
+    assert summary is not None and summary["verify"]["stored"] == 700
+    assert summary["verify"]["missing"] == 0 and summary["verify"]["waited_s"] < 20
+    assert "flushed 127.0.0.1:" in stderr and ": 700 records to " in stderr
+    assert sum(len(r) for r in read_tree(running.root).values()) == 700
 
 
 def test_verify_gives_up_after_settle_and_names_what_is_missing(tmp_path: Path) -> None:

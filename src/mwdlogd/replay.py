@@ -33,8 +33,10 @@ import msgpack
 import trio
 
 from mwdlogd.certs import Layout
-from mwdlogd.config import config_path, load_config
+from mwdlogd.config import ListenConfig, config_path, load_config
 from mwdlogd.errors import MwdlogdError
+from mwdlogd.flush_client import flush_one
+from mwdlogd.worker import worker_config
 
 Record = dict[str, Any]
 PROGRESS_EVERY_S = 1.0
@@ -488,6 +490,10 @@ def _parser() -> argparse.ArgumentParser:
                       help="afterwards, read the hourly files under ROOT (default: the "
                            "config's storage.root) until every acked record is there (or "
                            "--settle passes) and report missing and duplicated records")
+    load.add_argument("--flush", action="store_true",
+                      help="before --verify, ask the server to write what it acknowledged "
+                           "(as `mwdlogd flush`: POST /api/flush on every worker's monitor "
+                           "port from the config), instead of waiting for its flush_interval")
     load.add_argument("--settle", type=float, default=DEFAULT_SETTLE_S, metavar="SECONDS",
                       help="longest wait for acked records to land (the server writes them "
                            f"every buffer.flush_interval, or at `mwdlogd flush`); default "
@@ -522,7 +528,9 @@ def apply_config(args: argparse.Namespace) -> None:
     needs_token = args.protocol == "http" and args.token is None
     needs_key = args.protocol == "forward" and args.shared_key is None
     needs_root = args.verify == STORAGE_ROOT
-    if args.target is not None and not (wants_tls or needs_token or needs_key or needs_root):
+    args.monitors = []
+    if args.target is not None and not (wants_tls or needs_token or needs_key or needs_root
+                                         or args.flush):
         return
     path, required = config_path(args.config)
     try:
@@ -548,6 +556,26 @@ def apply_config(args: argparse.Namespace) -> None:
         args.shared_key = config.forward.shared_key
     if needs_root:
         args.verify = Path(config.storage.root)
+    args.monitors = [_local(worker_config(config, index).monitor)
+                     for index in range(config.server.workers)]
+
+
+def _local(listen: ListenConfig) -> str:
+    """Where this machine reaches a listener (wildcard binds via loopback)."""
+    return f"{'127.0.0.1' if listen.bind in ('0.0.0.0', '::') else listen.bind}:{listen.port}"
+
+
+def ask_flush(monitors: list[str], token: str, timeout_s: float) -> None:
+    """Ask every worker to write what it acknowledged now; a failure is reported and the
+    verification goes on waiting for the regular flush instead."""
+    for server in monitors:
+        try:
+            answer = flush_one(server, token, timeout_s)
+        except OSError as exc:
+            print(f"mwdlogd replay: flush at {server} failed: {exc}", file=sys.stderr)
+            continue
+        print(f"flushed {server}: {answer.get('records', 0):,} records to "
+              f"{answer.get('files', 0):,} files", file=sys.stderr)
 
 
 def await_verdict(root: Path, run: str, acked: set[str], *, settle: float,
@@ -599,6 +627,8 @@ def main(argv: list[str] | None = None) -> int:
     code = 0 if not stats.errors and len(stats.acked) == stats.sent else 1
     for error, count in stats.errors.most_common():
         print(f"mwdlogd replay: {count} failed attempts: {error}", file=sys.stderr)
+    if args.verify and args.flush:
+        ask_flush(args.monitors, args.token or "", args.settle or DEFAULT_SETTLE_S)
     if args.verify:
         verdict, waited = await_verdict(args.verify, args.run, stats.acked, settle=args.settle)
         summary["verify"] = {"stored": verdict.stored, "missing": len(verdict.missing),
