@@ -111,7 +111,7 @@ def test_an_expired_certificate_and_a_wrong_key_are_problems(tmp_path: Path,
     assert result.returncode == 2
     (expired,) = [line for line in lines(result, "FAIL") if "expiry" in line]
     assert expired.startswith("FAIL  tls.cert expiry: expired on ")
-    assert expired.endswith("— `mwdlogd certs renew`, then restart")
+    assert expired.endswith("— `mwdlogd certs renew`, then reload the server (SIGHUP)")
     other = ec.generate_private_key(ec.SECP256R1())
     (certs / "server.key").write_bytes(other.private_bytes(
         serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
@@ -148,7 +148,7 @@ def test_a_ca_the_running_server_does_not_match_fails_the_handshake(
     for protocol in ("http", "forward"):
         assert (f"FAIL  tls handshake {protocol} {server.addresses[protocol]}: the running "
                 "server's certificate is not trusted by tls.ca") in replaced.stdout
-    assert "restart the server if its certificate was re-issued" in replaced.stdout
+    assert "reload (SIGHUP) the server if its certificate was re-issued" in replaced.stdout
 
 
 @pytest.fixture

@@ -60,9 +60,9 @@ def register(commands: "argparse._SubParsersAction[argparse.ArgumentParser]",
     renew = actions.add_parser(
         "renew", help="re-issue the server certificate from the existing CA",
         description="Re-issues the server certificate and key from the existing CA, keeping "
-        "the current certificate's names (SANs) unless --hosts is given; restart the server "
-        "to load it. With --client NAME (and no --hosts) only those client certificates "
-        "are re-issued.")
+        "the current certificate's names (SANs) unless --hosts is given; reload the server "
+        "(SIGHUP) to use it for new connections. With --client NAME (and no --hosts) only "
+        "those client certificates are re-issued.")
     renew.add_argument("--dir", type=Path, help=dir_help)
     renew.add_argument("--hosts", help="new server names/IPs, comma-separated")
     renew.add_argument("--client", action="append", default=[], metavar="NAME",
@@ -133,7 +133,7 @@ def _renew(args: argparse.Namespace, layout: Layout) -> int:
         names = renew_server(layout, days=args.days, hosts=hosts)
         how = "from --hosts" if hosts else "kept from the previous certificate"
         print(f"renewed {layout.cert} for {','.join(names)} ({how}); {describe(layout.cert)}")
-        print("restart the server (or its container) to load the new certificate")
+        print("reload the server to use it: kill -HUP <pid> (or restart it)")
     for client in args.client:
         crt = renew_client(layout, client, days=args.days)
         print(f"renewed {crt}; {describe(crt)}")
@@ -174,7 +174,7 @@ def _expiry(path: Path, threshold: int, role: str) -> tuple[str, str]:
         return "MISSING", "file not found — create it with `mwdlogd certs init`"
     except ValueError as exc:
         return "FAIL", f"not a PEM certificate ({exc})"
-    fix = {"tls.cert": "run `mwdlogd certs renew` and restart the server",
+    fix = {"tls.cert": "run `mwdlogd certs renew` and reload the server (SIGHUP)",
            "tls.ca": "issue a new CA (`certs init --force`) and give every Engine the new "
                      "ca.crt and a new client certificate",
            "client": f"run `mwdlogd certs renew --client {path.stem}` and install it on that "

@@ -188,7 +188,8 @@ def check_certificates(config: Config) -> list[Finding]:
         findings.append(Finding(OK, "tls key matches cert", "yes"))
     if ca is not None:
         findings.append(_chain(layout, cert, ca))
-    findings.append(_expiry("tls.cert expiry", cert, "`mwdlogd certs renew`, then restart"))
+    findings.append(_expiry("tls.cert expiry", cert,
+                            "`mwdlogd certs renew`, then reload the server (SIGHUP)"))
     return findings + ([] if ca is None else _ca_findings(layout, ca))
 
 
@@ -316,12 +317,12 @@ def check_handshakes(config: Config, client: tuple[str, str] | None,
         except ssl.SSLCertVerificationError as exc:
             findings.append(Finding(FAIL, check, "the running server's certificate is not "
                                     f"trusted by tls.ca ({exc.verify_message})",
-                                    "Engines holding this ca.crt fail the same way: restart "
-                                    "the server if its certificate was re-issued, or give the "
-                                    "Engines the CA that signed it"))
+                                    "Engines holding this ca.crt fail the same way: reload "
+                                    "(SIGHUP) the server if its certificate was re-issued, or "
+                                    "give the Engines the CA that signed it"))
         except ClientRefused as exc:
             fix = ("it is not signed by the CA the running server trusts: re-issue it from "
-                   "tls.ca (`mwdlogd certs renew --client NAME`), or restart the server if "
+                   "tls.ca (`mwdlogd certs renew --client NAME`), or reload the server if "
                    "tls.ca changed") if client else (
                    "tls.client_auth requires one: give --client-cert/--client-key")
             findings.append(Finding(FAIL, check, f"the server refused {who} ({exc})", fix))
