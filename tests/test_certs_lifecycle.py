@@ -61,7 +61,7 @@ def test_check_reads_the_configured_paths_and_names_a_missing_file(tmp_path: Pat
     assert (f"MISSING tls.cert {tmp_path / 'etc' / 'certs' / 'server.crt'}: file not found — "
             "create it with `mwdlogd certs init`") in missing.stdout
     assert mwdlogd("--config", str(config), "certs", "init", "--client", "e1").returncode == 0
-    found = mwdlogd("--config", str(config), "certs", "check")
+    found = mwdlogd("certs", "check", "--config", str(config))  # after the action too
     assert found.returncode == 0 and found.stdout.count("824 days left") == 3
 
 

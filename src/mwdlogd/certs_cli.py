@@ -46,7 +46,8 @@ def register(commands: "argparse._SubParsersAction[argparse.ArgumentParser]",
     actions = certs.add_subparsers(dest="certs_command", required=True, metavar="ACTION")
     dir_help = "work on this directory instead of the config's tls paths"
     make = actions.add_parser(
-        "init", help="create CA, server certificate and Engine client certificates",
+        "init", parents=[common],
+        help="create CA, server certificate and Engine client certificates",
         description="Creates what is missing: the CA (tls.ca + its .key), the server pair "
         "(tls.cert/tls.key, SANs from --hosts) and NAME.crt/.key per --client. Existing files "
         "are kept (an existing CA issues the new client certificates); --force replaces "
@@ -58,7 +59,7 @@ def register(commands: "argparse._SubParsersAction[argparse.ArgumentParser]",
                       help="issue a client certificate NAME.crt (repeatable)")
     make.add_argument("--force", action="store_true", help="replace existing files")
     renew = actions.add_parser(
-        "renew", help="re-issue the server certificate from the existing CA",
+        "renew", parents=[common], help="re-issue the server certificate from the existing CA",
         description="Re-issues the server certificate and key from the existing CA, keeping "
         "the current certificate's names (SANs) unless --hosts is given; reload the server "
         "(SIGHUP) to use it for new connections. With --client NAME (and no --hosts) only "
@@ -70,13 +71,14 @@ def register(commands: "argparse._SubParsersAction[argparse.ArgumentParser]",
     for action in (make, renew):
         action.add_argument("--days", type=positive_int, default=DEFAULT_DAYS,
                             help=f"validity in days (default {DEFAULT_DAYS})")
-    show = actions.add_parser("show", help="print subject, issuer, SANs and days to expiry; "
-                              "exit 1 if any certificate has expired")
+    show = actions.add_parser("show", parents=[common],
+                              help="print subject, issuer, SANs and days to expiry; exit 1 if "
+                              "any certificate has expired")
     show.add_argument("--dir", type=Path, help="directory of .crt files (default: the "
                       "config's tls.cert directory)")
     check = actions.add_parser(
-        "check", help="days to expiry of every configured certificate; exit 1 under "
-        "--days-left (for the monthly cron check)",
+        "check", parents=[common], help="days to expiry of every configured certificate; "
+        "exit 1 under --days-left (for the monthly cron check)",
         description="Prints days to expiry of tls.cert, tls.ca and every client certificate "
         "beside tls.cert. Exit 0 when all have at least --days-left days, 1 otherwise "
         "(or when one is missing or unreadable).")
