@@ -298,3 +298,16 @@ def test_server_identity_and_permission_bits() -> None:
     root = parse_status(1, status.replace("1000", "0").replace("0000000000000000",
                                                                 "000001ffffffffff"))
     assert root.dac_override and writable_by(0o000, 5, 5, root)
+
+
+def test_the_log_can_come_from_stdin(tmp_path: Path, certs: Path) -> None:
+    config = write_config(tmp_path / "c.toml", fixed_ports(tmp_path, certs))
+    journal = ("2026-01-01T00:00:00.000Z ERROR   write_failed path=a.log.gz "
+               'error="[Errno 30] Read-only file system" records=1 retry_in_s=1.0\n')
+    result = subprocess.run([sys.executable, "-m", "mwdlogd", "doctor", "--config", str(config),
+                             "--log", "-"], input=journal, capture_output=True, text=True,
+                            timeout=120)
+    assert result.returncode == 1, result.stdout
+    assert ("warn  log stdin: write_failed 1 time: [Errno 30] Read-only file system (latest "
+            "2026-01-01T00:00:00.000Z, a.log.gz) — remount the filesystem read-write"
+            ) in result.stdout

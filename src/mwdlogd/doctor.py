@@ -596,8 +596,9 @@ def register(commands: "argparse._SubParsersAction[argparse.ArgumentParser]",
         "1 warnings, 2 problems. Covers the runbook's four symptoms: does not start, TLS "
         "handshake errors, logs not stored, buffer keeps growing (docs/operations.md).")
     doctor.add_argument("--log", type=Path, metavar="FILE",
-                        help="the server's log file: report write_failed causes, chunks "
-                        "moved to failed/ and TLS handshake failures found in it")
+                        help="the server's log file (- for stdin, e.g. from journalctl): "
+                        "report write_failed causes, chunks moved to failed/ and TLS "
+                        "handshake failures found in it")
     doctor.add_argument("--client-cert", metavar="PEM", help="client certificate for the "
                         "handshake check (default: the first NAME.crt with NAME.key beside "
                         "tls.cert)")
@@ -616,7 +617,9 @@ def diagnose(config: Config, args: argparse.Namespace) -> list[Finding]:
     findings += check_writable("buffer.path", Path(config.buffer.path),
                                config.buffer.total_limit, "buffer.total_limit", server_id)
     findings.append(check_journal(config))
-    if args.log is not None:  # read before our own handshakes can add to it
+    if str(args.log) == "-":  # journalctl -u mwdlogd | mwdlogd doctor --log -
+        findings += log_findings(sys.stdin, "stdin")
+    elif args.log is not None:  # read before our own handshakes can add to it
         try:
             with args.log.open(encoding="utf-8", errors="replace") as lines:
                 findings += log_findings(lines, str(args.log))
