@@ -245,8 +245,8 @@ def test_parsers_read_proc_metrics_and_log_lines() -> None:
     log = [
         '2026-01-01T00:00:00.000Z ERROR   write_failed path=a/b.log.gz error="[Errno 13] '
         'Permission denied: \'x\'" records=3 retry_in_s=1.0',
-        "2026-01-01T00:00:01.000Z WARNING tls_handshake_failed protocol=http "
-        "peer=10.0.0.5:41000 error=TLSV1_ALERT_UNKNOWN_CA",
+        "Jan 01 00:00:01 logs1 mwdlogd[812]: 2026-01-01T00:00:01.000Z WARNING "
+        "tls_handshake_failed protocol=http peer=10.0.0.5:41000 error=TLSV1_ALERT_UNKNOWN_CA",
         "2026-01-01T00:00:02.000Z WARNING tls_handshake_failed protocol=http "
         "peer=10.0.0.5:41001 error=TLSV1_ALERT_UNKNOWN_CA",
         json.dumps({"not": "a log line"})]

@@ -51,7 +51,8 @@ SLOW_FLUSHES = 'fluentd_output_status_slow_flush_count{plugin_id="hourly_files",
 FAILED_RECORDS = "mwdlogd_failed_records_total"
 REJECTED = re.compile(r'^mwdlogd_rejected_requests_total\{protocol="(\w+)",reason="(\w+)"\}$')
 CREDENTIAL_REFUSALS = {"http unauthorized", "http forbidden_customer", "forward handshake"}
-LOG_LINE = re.compile(r"^(\S+) +[A-Z]+ +(\w+) ?(.*)$")
+# `time LEVEL event key=value ...`, anywhere in the line (journalctl prefixes its own)
+LOG_LINE = re.compile(r"(\S+) +(?:DEBUG|INFO|WARNING|ERROR|CRITICAL) +(\w+) ?(.*)$")
 LOGFMT_FIELD = re.compile(r'(\w+)=("(?:[^"\\]|\\.)*"|\S+)')
 ERRNO_FIXES = [("No space left", "free space on that filesystem or grow it"),
                ("Disk quota", "raise the quota or free space"),
@@ -531,7 +532,7 @@ def _size(count: float) -> str:
 def log_events(lines: Iterable[str], names: set[str]) -> Iterator[tuple[str, str, dict[str, str]]]:
     """(timestamp, event, fields) of each mwdlogd log line whose event is in `names`."""
     for line in lines:
-        match = LOG_LINE.match(line)
+        match = LOG_LINE.search(line)
         if match and match[2] in names:
             fields = {key: value.strip('"').replace('\\"', '"')
                       for key, value in LOGFMT_FIELD.findall(match[3])}
