@@ -8,9 +8,11 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
 from cryptography import x509
 
 from mwdlogd.certs import init_certs, server_names
+from mwdlogd.cli import main
 
 from helpers import reissue
 
@@ -135,12 +137,13 @@ def test_days_must_be_positive(tmp_path: Path) -> None:
     assert not (tmp_path / "c").exists()
 
 
-def test_a_client_name_cannot_leave_the_directory(tmp_path: Path) -> None:
+def test_a_client_name_cannot_leave_the_directory(tmp_path: Path,
+                                                 capsys: pytest.CaptureFixture[str]) -> None:
     certs = fresh(tmp_path)
     for bad in ("../evil", "sub/engine", "/tmp/evil", "..", ".hidden", "ca", "server"):
-        result = mwdlogd("certs", "init", "--dir", str(certs), "--client", bad)
-        assert result.returncode == 1, bad
-        assert f"--client {bad!r}:" in result.stderr
+        for action in ("init", "renew"):
+            assert main(["certs", action, "--dir", str(certs), "--client", bad]) == 1, bad
+            assert f"--client {bad!r}:" in capsys.readouterr().err
     assert sorted(p.name for p in tmp_path.rglob("*") if p.is_file()) == sorted(
         ["ca.crt", "ca.key", "server.crt", "server.key", "engine-01.crt", "engine-01.key"])
 
