@@ -22,8 +22,9 @@ def documented_commands() -> set[tuple[str, ...]]:
     found = set()
     for line in (DOCS / "operations.md").read_text().splitlines():
         if match := re.match(r"\$ mwdlogd ((?:--config \S+ )?)(.*)", line):
-            words = [w for w in match[2].split() if re.fullmatch(r"[a-z][a-z-]*", w)]
-            found.add(tuple(words[:2] if words[0] == "certs" else words[:1]))
+            words = re.match(r"([a-z][a-z-]*)(?: ([a-z][a-z-]*)\b)?", match[2])
+            assert words, line
+            found.add((words[1], words[2]) if words[1] == "certs" else (words[1],))
     return found
 
 
