@@ -3,8 +3,10 @@ words (not exception class names), and --verify waiting for the server's flush."
 
 from __future__ import annotations
 
+import gzip
 import json
 import sys
+import threading
 import time
 from pathlib import Path
 from typing import Any
@@ -74,6 +76,22 @@ async def test_verify_asks_the_server_to_flush(nursery: trio.Nursery, tmp_path: 
     assert summary["verify"]["missing"] == 0 and summary["verify"]["waited_s"] < 20
     assert "flushed 127.0.0.1:" in stderr and ": 700 records to " in stderr
     assert sum(len(r) for r in read_tree(running.root).values()) == 700
+
+
+def test_verify_reads_again_when_it_meets_a_member_being_appended(tmp_path: Path) -> None:
+    """The server appends gzip members while verify polls: a torn member is read again."""
+    first = gzip.compress(b'{"replay_id": "r-1"}\n')
+    second = gzip.compress(b'{"replay_id": "r-2", "pad": "' + b"x" * 2000 + b'"}\n')
+    hourly = tmp_path / "acme" / "nginx" / "www" / "2026" / "01" / "01" / "00.log.gz"
+    hourly.parent.mkdir(parents=True)
+    hourly.write_bytes(first + second[:len(second) // 2])
+    finish = threading.Timer(0.3, lambda: hourly.write_bytes(first + second))
+    finish.start()
+    try:
+        verdict, _ = await_verdict(tmp_path, "r", {"r-1", "r-2"}, settle=20, poll=0.1)
+    finally:
+        finish.join()
+    assert verdict.ok and verdict.stored == 2
 
 
 def test_verify_gives_up_after_settle_and_names_what_is_missing(tmp_path: Path) -> None:

@@ -23,6 +23,7 @@ import ssl
 import statistics
 import sys
 import time
+import zlib
 from collections import Counter
 from collections.abc import Awaitable, Callable, Iterable, Iterator
 from pathlib import Path
@@ -584,14 +585,21 @@ def await_verdict(root: Path, run: str, acked: set[str], *, settle: float,
     writes records at its flush, seconds after the ack. Returns the verdict and the wait."""
     started = time.monotonic()
     while True:
-        verdict = verify(root, run, acked)
-        waited = time.monotonic() - started
-        if not verdict.missing or waited >= settle:
-            return verdict, waited
-        print(f"verify: {len(acked) - len(verdict.missing):,} of {len(acked):,} acked records "
-              f"stored; waiting for the flush ({waited:.0f} of {settle:g} s)",
-              file=sys.stderr, flush=True)
-        time.sleep(min(poll, max(settle - waited, 0.0)))
+        try:
+            verdict = verify(root, run, acked)
+        except (EOFError, ValueError, OSError, zlib.error) as exc:
+            if time.monotonic() - started >= settle:
+                raise
+            # a gzip member being appended right now reads as truncated: read again
+            print(f"verify: a file is being written ({exc}); reading again", file=sys.stderr)
+        else:
+            waited = time.monotonic() - started
+            if not verdict.missing or waited >= settle:
+                return verdict, waited
+            print(f"verify: {len(acked) - len(verdict.missing):,} of {len(acked):,} acked "
+                  f"records stored; waiting for the flush ({waited:.0f} of {settle:g} s)",
+                  file=sys.stderr, flush=True)
+        time.sleep(min(poll, max(settle - (time.monotonic() - started), 0.0)))
 
 
 def main(argv: list[str] | None = None) -> int:
