@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import logging
 import os
 import ssl
 import subprocess
 import sys
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -137,6 +139,17 @@ def test_days_must_be_positive(tmp_path: Path) -> None:
     assert not (tmp_path / "c").exists()
 
 
+@pytest.fixture
+def own_logging() -> Iterator[None]:
+    """cli.main() points mwdlogd's logger at this test's stderr; later tests get it back."""
+    logger = logging.getLogger("mwdlogd")
+    saved = logger.handlers[:], logger.propagate, logger.level
+    yield
+    logger.handlers[:], logger.propagate = saved[0], saved[1]
+    logger.setLevel(saved[2])
+
+
+@pytest.mark.usefixtures("own_logging")
 def test_a_client_name_cannot_leave_the_directory(tmp_path: Path,
                                                  capsys: pytest.CaptureFixture[str]) -> None:
     certs = fresh(tmp_path)
