@@ -180,6 +180,7 @@ def test_a_full_disk_names_the_cause_in_storage_metrics_and_log(
     raw = fixed_ports(tmp_path, certs, storage={"root": str(full_disk)},
                       buffer={"flush_interval": "100ms", "retry_max_interval": "200ms",
                               "total_limit": "100KiB"})
+    raw["http"]["full_wait"] = "100ms"  # answer 503 at once when the journal is full
     config = write_config(tmp_path / "c.toml", raw)
     with (full_disk / "filler").open("wb", buffering=0) as filler, \
             pytest.raises(OSError, match="No space left"):
