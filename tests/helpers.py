@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import datetime
 import gzip
 import json
 import socket
@@ -12,6 +13,10 @@ from typing import Any
 
 import attrs
 import trio
+from cryptography import x509
+from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives.asymmetric import ec
+from cryptography.x509.oid import NameOID
 
 TOKEN = "test-token-0123456789"
 CAPTURES = Path(__file__).resolve().parent / "captures"  # recorded Fluentd 1.18 wire bytes
@@ -205,3 +210,28 @@ def _free(port: int) -> bool:
         except OSError:
             return False
     return True
+
+
+def reissue(pki: Path, stem: str, *, days: float, hosts: list[str] | None = None) -> None:
+    """Replace `pki/stem.crt` + `.key` by a certificate from pki/ca.* valid for `days`
+    (negative: expired that long ago)."""
+    ca = x509.load_pem_x509_certificate((pki / "ca.crt").read_bytes())
+    ca_key = serialization.load_pem_private_key((pki / "ca.key").read_bytes(), password=None)
+    assert isinstance(ca_key, ec.EllipticCurvePrivateKey)
+    key = ec.generate_private_key(ec.SECP256R1())
+    now = datetime.datetime.now(datetime.UTC)
+    end = now + datetime.timedelta(days=days)
+    builder = (x509.CertificateBuilder()
+               .subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, stem)]))
+               .issuer_name(ca.subject).public_key(key.public_key())
+               .serial_number(x509.random_serial_number())
+               .not_valid_before(min(now, end) - datetime.timedelta(days=1))
+               .not_valid_after(end))
+    if hosts:
+        builder = builder.add_extension(
+            x509.SubjectAlternativeName([x509.DNSName(h) for h in hosts]), False)
+    cert = builder.sign(ca_key, hashes.SHA256())
+    (pki / f"{stem}.crt").write_bytes(cert.public_bytes(serialization.Encoding.PEM))
+    (pki / f"{stem}.key").write_bytes(key.private_bytes(
+        serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
+        serialization.NoEncryption()))

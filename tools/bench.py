@@ -137,7 +137,7 @@ async def drive(host: str, port: int, context: ssl.SSLContext, bodies: list[byte
             started = time.perf_counter()
             await stream.send_all(bodies[n % len(bodies)].replace(
                 UNIQUE.encode(), f"n={n:010d}".encode(), 1))
-            start, _ = await read_http_message(more, buffer)
+            start, _, _ = await read_http_message(more, buffer)
             status = int(start.split(b" ", 2)[1])
             n += 1
             stats.answered(started, batch, None if status == 200 else str(status))

@@ -11,9 +11,9 @@ from pathlib import Path
 
 import trio
 
-from mwdlogd import __version__, log, replay, startup
+from mwdlogd import __version__, certs_cli, doctor, log, replay, startup
 from mwdlogd.app import App, tune_garbage_collector
-from mwdlogd.certs import DEFAULT_DAYS, DEFAULT_HOSTS, describe, init_certs
+from mwdlogd.certs import DEFAULT_DAYS, DEFAULT_HOSTS, init_certs
 from mwdlogd.config import (
     Config,
     ListenConfig,
@@ -66,24 +66,11 @@ def _parser() -> argparse.ArgumentParser:
                         help="validate the config (and that TLS files exist), print a summary")
     init = commands.add_parser("init-config", parents=[common],
                                help="write a commented config file with every default")
-    init.add_argument("--output", "-o", default="-", help="file to write, - for stdout (default)")
+    init.add_argument("--output", "-o", default="-", help="file to write (mode 0600, missing "
+                      "directories are created), - for stdout (default)")
     init.add_argument("--force", action="store_true", help="overwrite an existing file")
-    certs = commands.add_parser("certs", parents=[common], help="make or inspect certificates")
-    certs_commands = certs.add_subparsers(dest="certs_command", required=True, metavar="ACTION")
-    make = certs_commands.add_parser(
-        "init", help="create CA, server certificate and Engine client certificates",
-        description="Creates what is missing in DIR: ca.crt/.key, server.crt/.key (SANs from "
-        "--hosts) and NAME.crt/.key per --client. An existing CA is reused to issue new client "
-        "certificates; --force replaces everything.")
-    make.add_argument("--dir", default="certs", help="output directory (default: certs)")
-    make.add_argument("--hosts", default=",".join(DEFAULT_HOSTS),
-                      help="server names/IPs, comma-separated; the first is the CN "
-                      f"(default: {','.join(DEFAULT_HOSTS)})")
-    make.add_argument("--days", type=int, default=DEFAULT_DAYS,
-                      help=f"validity in days (default {DEFAULT_DAYS})")
-    make.add_argument("--client", action="append", default=[], metavar="NAME",
-                      help="issue a client certificate NAME.crt (repeatable)")
-    make.add_argument("--force", action="store_true", help="replace existing files")
+    certs_cli.register(commands, common)
+    doctor.register(commands, common)
     health = commands.add_parser(
         "health", parents=[common], help="ask a running server's /health; exit 0 if healthy",
         description="GETs /health on the [health] address (or --server) and prints the "
@@ -124,8 +111,6 @@ def _parser() -> argparse.ArgumentParser:
                        help="seconds to wait for each worker's flush (default 300)")
     archive.add_parser(commands, common)
     backup.add_parsers(commands, common)
-    show = certs_commands.add_parser("show", help="print subject, issuer and days to expiry")
-    show.add_argument("--dir", default="certs", help="directory of .crt files (default: certs)")
     return parser
 
 
@@ -134,15 +119,21 @@ def _load(args: argparse.Namespace) -> Config:
     return load_config(path, required=required)
 
 
-def _ensure_dev_certs(config: Config) -> None:
-    """Create dev certificates when none of the configured TLS files exist yet."""
-    missing = missing_tls_files(config)
+def _dev_certs_dir(config: Config) -> Path | None:
+    """Where `run` creates development certificates: only when none of the configured TLS
+    files exist yet and they have the standard names (ca.crt, server.crt, server.key)."""
     tls = config.tls
     directory = Path(tls.cert).parent
     standard = (Path(tls.key) == directory / "server.key" and Path(tls.ca) == directory / "ca.crt"
                 and Path(tls.cert).name == "server.crt")
-    if len(missing) == len([tls.cert, tls.key] + ([tls.ca] if tls.client_auth else [])) \
-            and standard:
+    wanted = [tls.cert, tls.key] + ([tls.ca] if tls.client_auth else [])
+    return directory if standard and len(missing_tls_files(config)) == len(wanted) else None
+
+
+def _ensure_dev_certs(config: Config) -> None:
+    """Create dev certificates when none of the configured TLS files exist yet."""
+    directory = _dev_certs_dir(config)
+    if directory is not None:
         try:
             init_certs(directory, hosts=list(DEFAULT_HOSTS), clients=[DEV_CLIENT],
                        days=DEFAULT_DAYS)
@@ -179,13 +170,21 @@ def _run(args: argparse.Namespace) -> int:
 
 def _check_config(args: argparse.Namespace) -> int:
     config = _load(args)
-    check_tls_files(config)
+    dev_certs = _dev_certs_dir(config)
+    if dev_certs is None:
+        check_tls_files(config)
     ports = " ".join(f"{key}={bind}:{port}" for key, bind, port in listen_ports(config))
     print(f"config OK: {ports} "
           f"storage.root={config.storage.root} compression={config.storage.compression} "
           f"workers={config.server.workers} tokens={len(config.auth.tokens)}")
     for warning in startup.setting_warnings(config):
         print(f"warning: {warning.key}: {warning.problem}")
+    if dev_certs is not None:
+        config_option = f"--config {args.config} " if getattr(args, "config", None) else ""
+        print(f"certificates: none yet in {dev_certs} (tls.cert, tls.key, tls.ca missing); "
+              "`mwdlogd run` creates a development CA and certificates there on its first "
+              f"start, or create them now: mwdlogd {config_option}certs init --hosts "
+              "YOUR.SERVER.NAME")
     return 0
 
 
@@ -198,28 +197,14 @@ def _init_config(args: argparse.Namespace) -> int:
     if target.exists() and not args.force:
         print(f"mwdlogd: {target} exists; use --force to overwrite", file=sys.stderr)
         return 1
-    target.write_text(text, encoding="utf-8")
-    print(f"wrote {target}")
-    return 0
-
-
-def _certs(args: argparse.Namespace) -> int:
-    directory = Path(args.dir)
-    if args.certs_command == "init":
-        hosts = [h.strip() for h in args.hosts.split(",") if h.strip()]
-        if not hosts:
-            print("mwdlogd: --hosts needs at least one name", file=sys.stderr)
-            return 1
-        for result in init_certs(directory, hosts=hosts, clients=args.client, days=args.days,
-                                 force=args.force):
-            print(f"{'created' if result.created else 'kept   '} {result.path}")
-        return 0
-    crts = sorted(directory.glob("*.crt"))
-    if not crts:
-        print(f"mwdlogd: no .crt files in {directory}", file=sys.stderr)
-        return 1
-    for crt in crts:
-        print(describe(crt))
+    if not target.parent.is_dir():
+        target.parent.mkdir(parents=True)
+        print(f"created directory {target.parent}")
+    fd = os.open(target, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)  # it holds a token
+    with os.fdopen(fd, "w", encoding="utf-8") as file:
+        os.fchmod(file.fileno(), 0o600)
+        file.write(text)
+    print(f"wrote {target} (mode 0600: it holds a token)")
     return 0
 
 
@@ -282,8 +267,9 @@ def _restore(args: argparse.Namespace) -> int:
 
 
 COMMANDS = {"run": _run, "check-config": _check_config, "init-config": _init_config,
-            "certs": _certs, "tail": _tail, "health": _health, "flush": _flush,
-            "archive": _archive, "backup": _backup, "restore": _restore}
+            "certs": certs_cli.run, "doctor": doctor.run, "tail": _tail, "health": _health,
+            "flush": _flush, "archive": _archive, "backup": _backup,
+            "restore": _restore}
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -5,15 +5,19 @@ Every key has a default that works for local development. Environment variables
 to plain strings). Errors always name the key: `tls.cert: file not found: certs/x.crt`.
 """
 
+import datetime
 import os
 import tomllib
-from collections.abc import Mapping
+import typing
+from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any, NewType
 
 import attrs
 import cattrs
+from cattrs.cols import homogenous_tuple_structure_factory
 from cattrs.errors import ClassValidationError, ForbiddenExtraKeysError
+from cattrs.gen import make_dict_structure_fn
 
 from mwdlogd.errors import ConfigError
 from mwdlogd.units import parse_duration, parse_size
@@ -174,7 +178,57 @@ def _converter() -> cattrs.Converter:
     converter.register_structure_hook(str, _strict_str)
     converter.register_structure_hook(int, _strict_int)
     converter.register_structure_hook(bool, _strict_bool)
+    converter.register_structure_hook_factory(attrs.has, lambda cl: _table_hook(cl, converter))
+    converter.register_structure_hook_factory(_is_tuple, lambda t: _array_hook(t, converter))
     return converter
+
+
+def _is_tuple(target: Any) -> bool:
+    return typing.get_origin(target) is tuple
+
+
+def _kind(value: object) -> str:
+    """What a TOML value is, as an operator would say it (never the value: it may be a
+    token)."""
+    kinds: list[tuple[type | tuple[type, ...], str]] = [
+        (bool, "a boolean"), (int, "an integer"), (float, "a number"), (str, "a string"),
+        (list, "an array"), (dict, "a table"),
+        ((datetime.date, datetime.time), "a date/time")]
+    return next((kind for types, kind in kinds if isinstance(value, types)), type(value).__name__)
+
+
+def _table_shape(cl: type) -> str:
+    """`{ name = ..., token = ... }`: the required keys, or the first two when none are."""
+    fields = attrs.fields(cl)
+    shown = [f"{f.name} = ..." for f in fields if f.default is attrs.NOTHING]
+    if not shown:
+        shown = [f"{f.name} = ..." for f in fields[:2]] + ["..."]
+    return "{ " + ", ".join(shown) + " }"
+
+
+def _table_hook(cl: type, converter: cattrs.Converter) -> Callable[[Any, type], Any]:
+    """An attrs class is structured only from a table; anything else is named as such."""
+    structure: Callable[[Any, type], Any] = make_dict_structure_fn(cl, converter)
+
+    def hook(value: Any, target: type) -> Any:
+        if not isinstance(value, Mapping):
+            raise ValueError(f"expected a table like {_table_shape(cl)}, got {_kind(value)}")
+        return structure(value, target)
+    return hook
+
+
+def _array_hook(tuple_type: Any, converter: cattrs.Converter) -> Callable[[Any, type], Any]:
+    """A tuple is structured only from an array: `\"acme\"` must not become ('a','c',...)."""
+    structure: Callable[[Any, type], Any] = homogenous_tuple_structure_factory(tuple_type,
+                                                                               converter)
+    item = typing.get_args(tuple_type)[0]
+    example = f"[{_table_shape(item)}]" if attrs.has(item) else '["..."]'
+
+    def hook(value: Any, target: type) -> Any:
+        if not isinstance(value, list | tuple):
+            raise ValueError(f"expected an array like {example}, got {_kind(value)}")
+        return structure(value, target)
+    return hook
 
 
 def _strict_str(value: object, _: type) -> str:
@@ -392,4 +446,5 @@ def missing_tls_files(config: Config) -> list[tuple[str, str]]:
 
 def check_tls_files(config: Config) -> None:
     for key, path in missing_tls_files(config):
-        raise ConfigError(key, f"file not found: {path}")
+        raise ConfigError(key, f"file not found: {path} (point {key} at your file, or create "
+                          "a development PKI with `mwdlogd certs init`)")

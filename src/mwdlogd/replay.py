@@ -18,10 +18,12 @@ import json
 import math
 import os
 import random
+import socket
 import ssl
 import statistics
 import sys
 import time
+import zlib
 from collections import Counter
 from collections.abc import Awaitable, Callable, Iterable, Iterator
 from pathlib import Path
@@ -31,8 +33,18 @@ import attrs
 import msgpack
 import trio
 
+from mwdlogd.certs import Layout
+from mwdlogd.config import ListenConfig, config_path, load_config
+from mwdlogd.errors import MwdlogdError
+from mwdlogd.flush_client import flush_one
+from mwdlogd.worker import worker_config
+
 Record = dict[str, Any]
 PROGRESS_EVERY_S = 1.0
+DEFAULT_SETTLE_S = 30.0
+VERIFY_POLL_S = 1.0
+HELO_TIMEOUT_S = 5.0
+STORAGE_ROOT = Path("<storage.root>")  # `--verify` without ROOT: the config's
 RETRY_503_S = 1.0
 MAX_ATTEMPTS = 5
 
@@ -162,10 +174,10 @@ def ping_message(helo: list[Any], *, hostname: str, shared_key: str, username: s
 
 
 async def read_http_message(more: Callable[[], Awaitable[bytes]], buffer: bytearray
-                            ) -> tuple[bytes, dict[bytes, bytes]]:
+                            ) -> tuple[bytes, dict[bytes, bytes], bytes]:
     """One HTTP message (head, then a Content-Length body) from `buffer`, refilled with
-    `more()`; returns its start line and headers (names lower-cased). Bytes past the
-    message stay in `buffer`."""
+    `more()`; returns its start line, headers (names lower-cased) and body. Bytes past
+    the message stay in `buffer`."""
     while b"\r\n\r\n" not in buffer:
         buffer += await more()
     head, _, rest = bytes(buffer).partition(b"\r\n\r\n")
@@ -176,8 +188,78 @@ async def read_http_message(more: Callable[[], Awaitable[bytes]], buffer: bytear
     buffer[:] = rest
     while len(buffer) < length:
         buffer += await more()
+    body = bytes(buffer[:length])
     del buffer[:length]
-    return start, headers
+    return start, headers, body
+
+
+class HandshakeRefused(ConnectionError):
+    """The forward server answered PONG false (its reason: `shared_key mismatch`, ...)."""
+
+
+HTTP_MEANING = {401: "unknown token", 403: "token not allowed for this customer",
+                413: "batch too large (lower --batch)", 503: "server busy (retried)"}
+FINAL_STATUSES = {400, 401, 403, 413, 415}  # resending the same request cannot help
+
+
+@attrs.frozen
+class Failure:
+    """Why a batch was not acknowledged, as the summary shows it."""
+
+    text: str
+    final: bool = False  # retrying cannot help (credentials, certificates, a refused body)
+
+
+def http_outcome(status: int, body: bytes) -> Failure:
+    """`401 unknown token: bearer token is not known`: the status, what it means for
+    the replay, and the server's own detail."""
+    try:
+        detail = str(json.loads(body).get("detail", ""))
+    except (ValueError, AttributeError):
+        detail = body.decode(errors="replace")[:200]
+    meaning = HTTP_MEANING.get(status, "refused")
+    return Failure(f"{status} {meaning}" + (f": {detail}" if detail else ""),
+                   final=status in FINAL_STATUSES)
+
+
+TLS_REFUSALS = ("UNKNOWN_CA", "CERTIFICATE_REQUIRED", "BAD_CERTIFICATE")
+
+
+def explain(exc: BaseException, target: Target) -> Failure:
+    """An operator's reading of a failed send: what went wrong and where, not the class."""
+    where = f"{target.host}:{target.port}"
+    cause: BaseException = exc
+    if isinstance(exc, trio.BrokenResourceError) and exc.__cause__:  # TLS errors inside
+        cause = exc.__cause__
+    elif isinstance(exc.__cause__, BaseExceptionGroup):  # trio: every address failed
+        cause = exc.__cause__.exceptions[-1]
+    if isinstance(cause, HandshakeRefused):
+        reason = str(cause)
+        if "mismatch" in reason:
+            return Failure(f"shared key mismatch (the server at {where} answered: {reason})",
+                           final=True)
+        return Failure(f"forward handshake with {where} failed: {reason}", final=True)
+    if isinstance(cause, ConnectionRefusedError):
+        return Failure(f"connection refused by {where} (is the server running? check "
+                       "--target)")
+    if isinstance(cause, socket.gaierror):
+        return Failure(f"cannot resolve {target.host}: {cause.strerror}", final=True)
+    if isinstance(cause, ssl.SSLCertVerificationError):
+        return Failure(f"the server certificate at {where} is not trusted by --cacert "
+                       f"({cause.verify_message})", final=True)
+    if isinstance(cause, ssl.SSLError):
+        reason = cause.reason or str(cause)
+        if any(word in reason.upper() for word in TLS_REFUSALS):
+            return Failure(f"the server at {where} refused the client certificate ({reason}): "
+                           "give --cert/--key signed by its tls.ca", final=True)
+        return Failure(f"TLS error with {where}: {reason}")
+    if isinstance(cause, EOFError | trio.BrokenResourceError | ConnectionResetError):
+        return Failure(f"{where} closed the connection before answering (right after the TLS "
+                       "handshake this is a refused client certificate: check that --cert is "
+                       "signed by the server's tls.ca)")
+    if isinstance(cause, TimeoutError):
+        return Failure(f"{where} timed out")
+    return Failure(f"{type(cause).__name__}: {cause}")
 
 
 class _Peer:
@@ -224,35 +306,43 @@ class _Peer:
             self.unpacker.feed(await self._more())
 
     async def _handshake(self, stream: trio.abc.Stream) -> None:
-        helo = await self._next_msgpack()
+        helo = None
+        with trio.move_on_after(HELO_TIMEOUT_S):
+            helo = await self._next_msgpack()
+        if helo is None:
+            raise HandshakeRefused(f"no HELO within {HELO_TIMEOUT_S:g} s: the server has no "
+                                   "shared_key; drop --shared-key")
         await stream.send_all(ping_message(helo, hostname=self.name,
                                            shared_key=self.target.shared_key))
         pong = await self._next_msgpack()
         if pong[1] is not True:
-            raise ConnectionError(f"handshake refused: {pong[2]}")
+            raise HandshakeRefused(str(pong[2]))
 
-    async def http_status(self) -> tuple[int, float]:
-        start, headers = await read_http_message(self._more, self.buffer)
-        return int(start.split(b" ", 2)[1]), float(headers.get(b"retry-after", b"0"))
+    async def http_reply(self) -> tuple[int, float, bytes]:
+        start, headers, body = await read_http_message(self._more, self.buffer)
+        return int(start.split(b" ", 2)[1]), float(headers.get(b"retry-after", b"0")), body
 
-    async def send(self, records: list[Record]) -> str:
-        """Send one batch; 'ok', or why it was not acknowledged."""
+    async def send(self, records: list[Record]) -> Failure | None:
+        """Send one batch; None when acknowledged, else why not."""
         stream = await self.connect()
         if self.target.protocol == "http":
             await stream.send_all(http_request(self.target, records))
-            status, retry_after = await self.http_status()
+            status, retry_after, body = await self.http_reply()
             if status == 503:
                 await trio.sleep(retry_after or RETRY_503_S)
-            return "ok" if status == 200 else f"http {status}"
+            return None if status == 200 else http_outcome(status, body)
         chunk = f"{self.name}-{next(self.sequence)}\n" if self.target.ack else None
         messages = ([forward_message(self.target, [r], chunk) for r in records]
                     if self.target.mode == "Message" else
                     [forward_message(self.target, records, chunk)])
         for message in messages:
             await stream.send_all(message)
-            if chunk is not None and (await self._next_msgpack()) != {"ack": chunk}:
-                return "bad ack"
-        return "ok"
+            if chunk is not None and (answer := await self._next_msgpack()) != {"ack": chunk}:
+                if isinstance(answer, list) and answer[:1] == ["HELO"]:
+                    raise HandshakeRefused("the server asks for a shared key (sent HELO): "
+                                           "give --shared-key or --config")
+                return Failure(f"unexpected answer instead of the ack: {answer!r:.100}")
+        return None
 
 
 async def run_replay(source: Iterator[list[Record]], target: Target, *, connections: int,
@@ -264,6 +354,7 @@ async def run_replay(source: Iterator[list[Record]], target: Target, *, connecti
     started = trio.current_time()
     deadline = started + duration if duration else math.inf
     send, batches_out = trio.open_memory_channel[list[Record]](0)
+    stop = trio.CancelScope()  # cancelled when the target refuses everything
 
     async def produce() -> None:
         next_at = started
@@ -287,25 +378,32 @@ async def run_replay(source: Iterator[list[Record]], target: Target, *, connecti
         for _ in range(MAX_ATTEMPTS):
             began = time.perf_counter()
             try:
-                outcome = await peer.send(batch)
+                failure = await peer.send(batch)
             except (OSError, EOFError, trio.BrokenResourceError, ConnectionError) as exc:
-                outcome = type(exc).__name__
+                failure = explain(exc, target)
                 await peer.close()
-            if outcome == "ok":
+            if failure is None:
                 stats.latencies.append(time.perf_counter() - began)
                 stats.acked.update(r["replay_id"] for r in batch)
                 break
-            stats.errors[outcome] += 1
+            stats.errors[failure.text] += 1
+            if failure.final:
+                break
+        if failure is not None and not stats.acked:  # nothing got through: the setup is wrong
+            print(f"mwdlogd replay: stopping: nothing was acknowledged; {failure.text}",
+                  file=sys.stderr)
+            stop.cancel()
         stats.sent += len(batch)
 
     async with trio.open_nursery() as nursery:
         if progress:
             nursery.start_soon(report_progress, stats, started)
-        async with trio.open_nursery() as workers:
-            workers.start_soon(produce)
-            async with batches_out:
-                for index in range(connections):
-                    workers.start_soon(consume, index, batches_out.clone())
+        with stop:
+            async with trio.open_nursery() as workers:
+                workers.start_soon(produce)
+                async with batches_out:
+                    for index in range(connections):
+                        workers.start_soon(consume, index, batches_out.clone())
         nursery.cancel_scope.cancel()
     return stats
 
@@ -359,16 +457,23 @@ def _parser() -> argparse.ArgumentParser:
     source.add_argument("--fqdns", type=int, default=5, help="sites per customer")
     source.add_argument("--appsec-share", type=float, default=0.3,
                         help="share of open-appsec detections among generated records")
-    target = parser.add_argument_group("target")
-    target.add_argument("--target", required=True, metavar="HOST:PORT")
+    target = parser.add_argument_group(
+        "target", "What is not given here comes from --config (as for every mwdlogd command: "
+        "default ./config.toml or $MWDLOGD_CONFIG): the http or forward listener's address, "
+        "tls.ca, the first NAME.crt/NAME.key beside tls.cert, the first of auth.tokens, "
+        "forward.shared_key and forward.transport.")
+    target.add_argument("--config", metavar="PATH", help="mwdlogd config to take defaults from")
+    target.add_argument("--target", metavar="HOST:PORT",
+                        help="server address (default: the config's http or forward listener)")
     target.add_argument("--protocol", choices=["http", "forward"], default="http")
     target.add_argument("--tag", default="nginx.access")
-    target.add_argument("--token", default=os.environ.get("MWDLOGD_TOKEN", ""),
-                        help="bearer token (http; default $MWDLOGD_TOKEN)")
+    target.add_argument("--token", default=os.environ.get("MWDLOGD_TOKEN"),
+                        help="bearer token (http; default $MWDLOGD_TOKEN, then the config's)")
     target.add_argument("--gzip", action="store_true", help="gzip HTTP bodies")
     target.add_argument("--mode", default="PackedForward", choices=[
         "Message", "Forward", "PackedForward", "CompressedPackedForward"])
-    target.add_argument("--shared-key", default="", help="forward shared_key handshake")
+    target.add_argument("--shared-key", help="forward shared_key handshake (default: the "
+                        "config's forward.shared_key)")
     target.add_argument("--no-ack", action="store_true", help="forward without acks")
     target.add_argument("--plain", action="store_true", help="no TLS (forward transport tcp)")
     target.add_argument("--cacert", type=Path, help="CA of the server certificate")
@@ -382,22 +487,119 @@ def _parser() -> argparse.ArgumentParser:
     load.add_argument("--duration", type=float, help="seconds to send for")
     load.add_argument("--run", default=f"run{int(time.time())}",
                       help="prefix of the replay_id given to every record")
-    load.add_argument("--verify", type=Path, metavar="ROOT",
-                      help="afterwards, read the hourly files under ROOT and report missing "
-                           "and duplicated records")
-    load.add_argument("--settle", type=float, default=0.0, metavar="SECONDS",
-                      help="before --verify, wait this long for the server's flush "
-                           "(its buffer.flush_interval), unless you run `mwdlogd flush` first")
+    load.add_argument("--verify", type=Path, metavar="ROOT", nargs="?", const=STORAGE_ROOT,
+                      help="afterwards, read the hourly files under ROOT (default: the "
+                           "config's storage.root) until every acked record is there (or "
+                           "--settle passes) and report missing and duplicated records")
+    load.add_argument("--flush", action="store_true",
+                      help="before --verify, ask the server to write what it acknowledged "
+                           "(as `mwdlogd flush`: POST /api/flush on every worker's monitor "
+                           "port from the config), instead of waiting for its flush_interval")
+    load.add_argument("--settle", type=float, default=DEFAULT_SETTLE_S, metavar="SECONDS",
+                      help="longest wait for acked records to land (the server writes them "
+                           f"every buffer.flush_interval, or at `mwdlogd flush`); default "
+                           f"{DEFAULT_SETTLE_S:g}")
     return parser
 
 
 def _context(args: argparse.Namespace) -> ssl.SSLContext | None:
+    """The client TLS context; a missing file is named (ssl would say only 'No such file')."""
     if args.plain:
         return None
+    for option, path in (("--cacert", args.cacert), ("--cert", args.cert), ("--key", args.key)):
+        if path is not None and not Path(path).is_file():
+            raise ReplaySetupError(f"certificate file not found: {path} ({option})")
     context = ssl.create_default_context(cafile=str(args.cacert) if args.cacert else None)
     if args.cert:
-        context.load_cert_chain(str(args.cert), str(args.key or args.cert))
+        try:
+            context.load_cert_chain(str(args.cert), str(args.key or args.cert))
+        except ssl.SSLError as exc:
+            raise ReplaySetupError(f"{args.cert} and {args.key} do not load as a certificate "
+                                   f"and its key: {exc.reason}") from None
     return context
+
+
+class ReplaySetupError(Exception):
+    """The command line or config cannot make a target; the message says which input."""
+
+
+def apply_config(args: argparse.Namespace) -> None:
+    """Fill what the command line left open from the mwdlogd config (like every command)."""
+    wants_tls = not args.plain and (args.cacert is None or args.cert is None)
+    needs_token = args.protocol == "http" and args.token is None
+    needs_key = args.protocol == "forward" and args.shared_key is None
+    needs_root = args.verify == STORAGE_ROOT
+    args.monitors = []
+    if args.target is not None and not (wants_tls or needs_token or needs_key or needs_root
+                                         or args.flush):
+        return
+    path, required = config_path(args.config)
+    try:
+        config = load_config(path, required=required)
+    except MwdlogdError as exc:
+        raise ReplaySetupError(str(exc)) from None
+    if args.target is None:
+        listen = config.http if args.protocol == "http" else config.forward
+        host = "127.0.0.1" if listen.bind in ("0.0.0.0", "::") else listen.bind
+        args.target = f"{host}:{listen.port}"
+        args.plain = args.plain or (args.protocol == "forward"
+                                    and config.forward.transport == "tcp")
+    if not args.plain:
+        tls = config.tls
+        args.cacert = args.cacert or Path(tls.ca)
+        pair = next((crt for crt in Layout.from_paths(cert=tls.cert, key=tls.key, ca=tls.ca)
+                     .client_certs() if crt.with_suffix(".key").is_file()), None)
+        if args.cert is None and pair is not None:
+            args.cert, args.key = pair, pair.with_suffix(".key")
+    if args.token is None:
+        args.token = next((t.token for t in config.auth.tokens), "")
+    if args.shared_key is None:
+        args.shared_key = config.forward.shared_key
+    if needs_root:
+        args.verify = Path(config.storage.root)
+    args.monitors = [_local(worker_config(config, index).monitor)
+                     for index in range(config.server.workers)]
+
+
+def _local(listen: ListenConfig) -> str:
+    """Where this machine reaches a listener (wildcard binds via loopback)."""
+    return f"{'127.0.0.1' if listen.bind in ('0.0.0.0', '::') else listen.bind}:{listen.port}"
+
+
+def ask_flush(monitors: list[str], token: str, timeout_s: float) -> None:
+    """Ask every worker to write what it acknowledged now; a failure is reported and the
+    verification goes on waiting for the regular flush instead."""
+    for server in monitors:
+        try:
+            answer = flush_one(server, token, timeout_s)
+        except OSError as exc:
+            print(f"mwdlogd replay: flush at {server} failed: {exc}", file=sys.stderr)
+            continue
+        print(f"flushed {server}: {answer.get('records', 0):,} records to "
+              f"{answer.get('files', 0):,} files", file=sys.stderr)
+
+
+def await_verdict(root: Path, run: str, acked: set[str], *, settle: float,
+                  poll: float = VERIFY_POLL_S) -> tuple[Verdict, float]:
+    """Verify until every acked record is stored or `settle` seconds pass: the server
+    writes records at its flush, seconds after the ack. Returns the verdict and the wait."""
+    started = time.monotonic()
+    while True:
+        try:
+            verdict = verify(root, run, acked)
+        except (EOFError, ValueError, OSError, zlib.error) as exc:
+            if time.monotonic() - started >= settle:
+                raise
+            # a gzip member being appended right now reads as truncated: read again
+            print(f"verify: a file is being written ({exc}); reading again", file=sys.stderr)
+        else:
+            waited = time.monotonic() - started
+            if not verdict.missing or waited >= settle:
+                return verdict, waited
+            print(f"verify: {len(acked) - len(verdict.missing):,} of {len(acked):,} acked "
+                  f"records stored; waiting for the flush ({waited:.0f} of {settle:g} s)",
+                  file=sys.stderr, flush=True)
+        time.sleep(min(poll, max(settle - (time.monotonic() - started), 0.0)))
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -406,9 +608,17 @@ def main(argv: list[str] | None = None) -> int:
         print("mwdlogd replay: give --count or --duration (or --from to replay an archive)",
               file=sys.stderr)
         return 2
-    host, _, port = args.target.rpartition(":")
-    target = Target(args.protocol, host, int(port), _context(args), args.tag, args.token,
-                    args.gzip, args.mode, args.shared_key, not args.no_ack)
+    try:
+        apply_config(args)
+        host, _, port = args.target.rpartition(":")
+        if not host or not port.isdigit():
+            raise ReplaySetupError(f"--target {args.target!r}: expected HOST:PORT")
+        target = Target(args.protocol, host, int(port), _context(args), args.tag,
+                        args.token or "", args.gzip, args.mode, args.shared_key or "",
+                        not args.no_ack)
+    except ReplaySetupError as exc:
+        print(f"mwdlogd replay: {exc}", file=sys.stderr)
+        return 2
     records = read_archive(args.archive) if args.archive else generate(
         args.seed, customers=args.customers, fqdns=args.fqdns, appsec_share=args.appsec_share)
     source = batches(records, size=1 if args.mode == "Message" and args.protocol == "forward"
@@ -423,10 +633,14 @@ def main(argv: list[str] | None = None) -> int:
         "errors": dict(stats.errors), "ack_p50_ms": round(stats.percentile_ms(0.5), 2),
         "ack_p99_ms": round(stats.percentile_ms(0.99), 2)}
     code = 0 if not stats.errors and len(stats.acked) == stats.sent else 1
+    for error, count in stats.errors.most_common():
+        print(f"mwdlogd replay: {count} failed attempts: {error}", file=sys.stderr)
+    if args.verify and args.flush:
+        ask_flush(args.monitors, args.token or "", args.settle or DEFAULT_SETTLE_S)
     if args.verify:
-        time.sleep(args.settle)
-        verdict = verify(args.verify, args.run, stats.acked)
+        verdict, waited = await_verdict(args.verify, args.run, stats.acked, settle=args.settle)
         summary["verify"] = {"stored": verdict.stored, "missing": len(verdict.missing),
+                             "waited_s": round(waited, 1),
                              "duplicated": len(verdict.duplicated),
                              "stored_without_ack": verdict.unacked_stored,
                              "first_missing": verdict.missing[:5],
