@@ -295,3 +295,31 @@ def test_restore_does_not_follow_a_symlink_on_disk_out_of_its_target(tmp_path: P
     assert "leads outside" in result.stderr and "(a symlink on disk?); refused" in result.stderr
     assert list(outside.iterdir()) == []
     assert not (tmp_path / "dst" / "config.toml").exists()
+
+
+def test_a_pending_append_in_a_copied_ledger_state_does_not_cut_the_restored_file(
+        tmp_path: Path) -> None:
+    """The state is copied while an append is pending (size S); the hourly file, copied
+    later, already holds that member and more. Restored, the file must keep them all."""
+    from mwdlogd.storage.ledger import Ledger
+
+    source = make_source(tmp_path / "src")
+    base = tmp_path / "src"
+    relpath = HOUR_FILE
+    with Ledger(base / "buffer" / "ledger").hold(str(base / "logs"), relpath) as held:
+        assert held is not None
+        held.begin((base / "logs" / relpath).stat().st_size)  # a flush dies here
+    (base / "logs" / relpath).write_bytes(members('{"a":1}', '{"a":2}', '{"a":3}'))
+    out = tmp_path / "b.tar.gz"
+    made = mwdlogd("--config", str(source["config"]), "backup", "--out", str(out), "--logs",
+                   "--buffer")
+    assert made.returncode == 0, made.stderr
+    target = tmp_path / "dst" / "config.toml"
+    restored = mwdlogd("--config", str(target), "restore", str(out))
+    assert restored.returncode == 0, restored.stderr
+    restored_file = tmp_path / "dst" / "logs" / relpath
+    with Ledger(tmp_path / "dst" / "buffer" / "ledger").hold(
+            str(tmp_path / "dst" / "logs"), relpath, create=False) as held:
+        assert held is not None and held.state.pending is None
+    assert gzip.decompress(restored_file.read_bytes()).splitlines() == [
+        b'{"a":1}', b'{"a":2}', b'{"a":3}']

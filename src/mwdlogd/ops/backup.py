@@ -14,8 +14,11 @@ so a member still being appended is left out rather than copied half; the journa
 ledger and chunk-id files carry their own checksummed framing, and the server's
 recovery drops a torn tail of those. The buffer is copied before the logs: whatever is
 in the copied journal but not yet in a file is then either replayed at restore or
-already in the later copy of the file (at worst written twice, never lost). For an
-exact pair of buffer and logs, stop the server first.
+already in the later copy of the file (at worst written twice, never lost). Ledger
+states are copied without an unfinished append's "pending" mark: the hourly file's copy
+already ends at a complete member, and cutting it back to the older size would drop
+members appended after the state was copied. For an exact pair of buffer and logs, stop
+the server first.
 """
 
 import argparse
@@ -50,6 +53,7 @@ from mwdlogd.config import (
 )
 from mwdlogd.errors import ConfigError, MwdlogdError
 from mwdlogd.ops.progress import Progress, human_bytes, plural
+from mwdlogd.storage import ledger
 
 FORMAT = "mwdlogd-backup 1"
 MANIFEST = "MANIFEST.json"
@@ -114,6 +118,7 @@ class Source:
     member: str
     path: Path
     gzip_members: bool  # an hourly file: copy whole members only
+    ledger_state: bool = False  # an append ledger state: copy it settled (without_pending)
 
 
 def _tree(prefix: str, root: Path, *, skip: frozenset[Path]) -> Iterator[Source]:
@@ -124,7 +129,9 @@ def _tree(prefix: str, root: Path, *, skip: frozenset[Path]) -> Iterator[Source]
             if path in skip or not path.is_file() or path.is_symlink():
                 continue
             rel = path.relative_to(root).as_posix()
-            yield Source(f"{prefix}/{rel}", path, name.endswith(".log.gz"))
+            yield Source(f"{prefix}/{rel}", path, name.endswith(".log.gz"),
+                         prefix == "buffer" and rel.startswith("ledger/")
+                         and name.endswith(ledger.SUFFIX))
 
 
 def plan_backup(config: Config, config_file: Path | None, *, logs: bool, buffer: bool,
@@ -212,9 +219,13 @@ def _add(tar: tarfile.TarFile, source: Source, summary: BackupSummary) -> dict[s
             if size < stat.st_size:
                 summary.cut_files += 1
                 summary.cut_bytes += stat.st_size - size
+        content: IO[bytes] = file
+        if source.ledger_state:
+            settled = ledger.without_pending(file.read())
+            content, size = io.BytesIO(settled), len(settled)
         info = tarfile.TarInfo(source.member)
         info.size, info.mtime, info.mode = size, int(stat.st_mtime), stat.st_mode & 0o777
-        reader = _Hashing(file)
+        reader = _Hashing(content)
         try:
             tar.addfile(info, reader)
         except OSError as exc:  # tarfile: "unexpected end of data"

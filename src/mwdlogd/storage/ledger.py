@@ -172,6 +172,10 @@ def _read_state(fd: int, state_path: str) -> FileState:
         data = os.pread(fd, 2 * SLOT, 0)
     except OSError as exc:
         raise StorageError(state_path, "read append ledger", exc.strerror or str(exc)) from exc
+    return _parse_state(data)
+
+
+def _parse_state(data: bytes) -> FileState:
     best = FileState()
     for offset in (0, SLOT):
         records, _ = framing.scan(MAGIC, data[offset:offset + SLOT])
@@ -180,6 +184,22 @@ def _read_state(fd: int, state_path: str) -> FileState:
             best = FileState(pending, {int(w): int(i) for w, i in committed.items()},
                              records[0][0])
     return best
+
+
+def without_pending(data: bytes) -> bytes:
+    """A state file's bytes with an unfinished append forgotten.
+
+    For copies (backups) whose hourly file was taken up to a complete member: cutting
+    that copy back to the size before the unfinished append would drop members appended
+    after the state was copied, whose batches the copied journal may no longer hold."""
+    state = _parse_state(data)
+    if state.pending is None:
+        return data
+    seq = state.seq + 1
+    record = framing.frame(MAGIC, seq, msgpack.packb([None, state.committed]))
+    slots = bytearray(data.ljust(2 * SLOT, b"\0"))
+    slots[(seq % 2) * SLOT:(seq % 2) * SLOT + SLOT] = record.ljust(SLOT, b"\0")
+    return bytes(slots)
 
 
 def _remove_if_settled(path: str) -> int:
