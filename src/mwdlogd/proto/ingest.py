@@ -31,8 +31,9 @@ class Accepted:
     records: Records
     credential: Credential
     default_time: float | None
-    lines: list[bytes] | None = None  # each record's JSON text, when the body had it
+    lines: list[bytes | None] | None = None  # each record's JSON text, when the body had it
     digest: bytes = b""  # of the target, Content-Type, Content-Encoding and body as sent
+    invalid_utf8: int = 0  # records kept with text that was not UTF-8 (proto.text)
 
     def with_text(self) -> Iterable[tuple[dict[str, Any], float | None, bytes | None]]:
         """(record, event time from the record, its JSON text or None) for normalisation."""
@@ -121,7 +122,8 @@ class RequestReader:
         parsed = self._parse(body)
         self._check_customers(parsed.records)
         return Accepted(self.tag, parsed.records, self.credential, self.default_time,
-                        parsed.lines, self._digest.digest()[:16])
+                        parsed.lines, self._digest.digest()[:16],
+                        invalid_utf8=parsed.invalid_utf8)
 
     def _check_customers(self, records: list[dict[str, Any]]) -> None:
         if not self.credential.customers:
