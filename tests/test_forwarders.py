@@ -13,6 +13,7 @@ import gzip
 import json
 import re
 import signal
+import threading
 import time
 import zlib
 from collections import Counter
@@ -344,6 +345,8 @@ def fluent_bit_config(work: Path, files: dict[str, bytes], block: str, *, yaml: 
         return f"""service:
   flush: 1
   grace: 1
+  scheduler.base: 1
+  scheduler.cap: 2
   log_level: info
   parsers_file: {work}/parsers.conf
 pipeline:
@@ -360,6 +363,8 @@ pipeline:
     return f"""[SERVICE]
     Flush 1
     Grace 1
+    scheduler.base 1
+    scheduler.cap 2
     Log_Level info
     Parsers_File {work}/parsers.conf
 {inputs}{block}"""
@@ -428,3 +433,111 @@ def test_fluent_bit_http_block(site: Site, cache: Path, tmp_path: Path, variant:
     for _, record in stored_now(site.root):
         assert record["timestamp"].startswith(
             time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(record["time"])))
+
+
+# ---- kill -9 of mwdlogd while a forwarder sends -------------------------------------
+
+KILL_RECORDS, KILL_STEPS = 8000, 80  # written 100 lines a step, a step every 0.1 s
+
+
+class Writer:
+    """Appends an Engine's lines to a tailed file a step at a time, as nginx would."""
+
+    def __init__(self, path: Path, data: bytes) -> None:
+        lines = data.splitlines(keepends=True)
+        step = len(lines) // KILL_STEPS
+        self._steps = [b"".join(lines[i:i + step]) for i in range(0, len(lines), step)]
+        self._path = path
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run)
+        path.write_bytes(b"")
+        self._thread.start()
+
+    def _run(self) -> None:
+        with self._path.open("ab") as file:
+            for chunk in self._steps:
+                file.write(chunk)
+                file.flush()
+                if self._stop.wait(0.1):  # the pace of the log, not a wait for state
+                    return
+
+    @property
+    def writing(self) -> bool:
+        return self._thread.is_alive()
+
+    def join(self) -> None:
+        self._thread.join()
+
+    def stop(self) -> None:
+        self._stop.set()
+        self._thread.join()
+
+
+def ids_stored(root: Path) -> int:
+    return len({record["id"] for _, record in stored_now(root)})
+
+
+def wait_more_stored(root: Path, than: int) -> int:
+    deadline = time.monotonic() + DELIVERY_TIMEOUT_S
+    while (count := ids_stored(root)) <= than:
+        assert time.monotonic() < deadline, f"no progress past {than} records"
+        time.sleep(0.1)  # polling files another process writes, with a deadline
+    return count
+
+
+KILL_CASES = {
+    "fluentd-forward": ("fluentd-forward", r"\[warn\].*(failed to flush|SSL_read|retry)"),
+    "fluentd-http": ("fluentd-http", r"\[warn\].*(failed to flush|retry)"),
+    "fluent-bit-forward": ("fluentbit-forward-ini", r"\[ *(warn|error)\]"),
+    "fluent-bit-http": ("fluentbit-http-ini", r"\[ *(warn|error)\]"),
+}
+
+
+@pytest.mark.parametrize("case", sorted(KILL_CASES))
+def test_kill_9_mid_stream(site: Site, cache: Path, tmp_path: Path, case: str) -> None:
+    """Twice while the forwarder sends, mwdlogd is `kill -9`ed (the forwarder sees it:
+    a retry line) and started again. Forward: every record once. HTTPS: every record
+    at least once (a kill between the fsync and the 200 makes the forwarder send a
+    stored request again; how many came twice is printed)."""
+    block_name, retry_line = KILL_CASES[case]
+    block = site.fill(doc_block(block_name), tmp_path)
+    scenario = case.replace("-", "")
+    data, expected = json_lines(scenario, KILL_RECORDS)
+    if case.startswith("fluentd"):
+        block = edit(block, "retry_max_interval 30s", "retry_max_interval 1s")
+        config = f"<system>\n  root_dir {tmp_path}/fluent-root\n</system>\n" + f"""<source>
+  @type tail
+  @id in_engine
+  path {tmp_path}/engine.log
+  pos_file {tmp_path}/engine.log.pos
+  read_from_head true
+  tag nginx.access
+  <parse>
+    @type json
+  </parse>
+</source>
+""" + block
+        (tmp_path / "engine.log").write_bytes(b"")
+        peer = start_fluentd(cache, config, tmp_path)
+    else:
+        peer = start_fluent_bit(cache, fluent_bit_config(tmp_path, {"engine": b""}, block,
+                                                         yaml=False), tmp_path)
+    writer = Writer(tmp_path / "engine.log", data)
+    try:
+        stored = 0
+        for _ in range(2):
+            stored = wait_more_stored(site.root, stored)
+            seen = len(peer.matching(retry_line))
+            assert writer.writing, "the kill must come while the Engine still logs"
+            site.kill()
+            peer.wait_for_more(retry_line, seen)
+            site.start()
+        writer.join()
+        wait_stored(site.root, set(expected), peer=peer)
+    finally:
+        writer.stop()
+        peer.stop()
+    site.stop()
+    forward = case.endswith("forward")
+    count = check_landed(site.root, expected, once=forward)
+    print(f"{case}: {len(expected)} records, {sum(count.values()) - len(count)} stored twice")

@@ -114,10 +114,22 @@ class Peer:
                                  + "\n".join(self.lines[-60:]))
         return line
 
-    def matching(self, pattern: str) -> list[str]:
-        regex = re.compile(pattern)
+    def wait_for_more(self, pattern: str, seen: int, timeout: float = START_TIMEOUT_S) -> None:
+        """Until more than `seen` lines match `pattern`."""
         with self._changed:
-            return [line for line in self.lines if regex.search(line)]
+            done = self._changed.wait_for(
+                lambda: len(self._matching(pattern)) > seen or "<EOF>" in self.lines, timeout)
+        if not done or "<EOF>" in self.lines:
+            raise AssertionError(f"forwarder: no new line matching {pattern!r}; output:\n"
+                                 + "\n".join(self.lines[-60:]))
+
+    def matching(self, pattern: str) -> list[str]:
+        with self._changed:
+            return self._matching(pattern)
+
+    def _matching(self, pattern: str) -> list[str]:
+        regex = re.compile(pattern)
+        return [line for line in self.lines if regex.search(line)]
 
     def stop(self) -> None:
         """SIGTERM (forwarders flush their buffers), SIGKILL after 20 s."""
