@@ -451,6 +451,7 @@ class Writer:
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run)
         path.write_bytes(b"")
+        self.started = time.monotonic()
         self._thread.start()
 
     def _run(self) -> None:
@@ -529,6 +530,7 @@ def test_kill_9_mid_stream(site: Site, cache: Path, tmp_path: Path, case: str) -
             stored = wait_more_stored(site.root, stored)
             seen = len(peer.matching(retry_line))
             assert writer.writing, "the kill must come while the Engine still logs"
+            print(f"kill at {time.monotonic() - writer.started:.1f} s, {stored} stored")
             site.kill()
             peer.wait_for_more(retry_line, seen)
             site.start()
