@@ -120,7 +120,7 @@ async def test_cli_replays_and_verifies(tmp_path: Path, pki: Path) -> None:
              "2500", "--batch", "500", "--run", "cli", "--verify", str(running.root),
              "--settle", "1"], capture_stdout=True, capture_stderr=True, check=False)
         nursery.cancel_scope.cancel()
-    assert result.returncode == 0, result.stdout
+    assert result.returncode == 0, result.stderr
     summary = json.loads(result.stdout)
     assert (summary["sent"], summary["acked"]) == (2500, 2500)
     assert summary["verify"]["stored"] == 2500
