@@ -68,20 +68,18 @@ class _Repair:
         return value
 
     def mapping(self, value: dict[Any, Any], pointer: str) -> dict[Any, Any]:
+        bad = [key for key in value if isinstance(key, str) and _SURROGATE.search(key)]
+        taken = set(value).difference(bad)  # good keys keep their names
         out: dict[Any, Any] = {}
-        bad_keys = []
         for key, item in value.items():
-            if isinstance(key, str) and _SURROGATE.search(key) is not None:
-                bad_keys.append((key, item))  # after the good ones: they keep their names
-                continue
-            out[key] = self.value(item, f"{pointer}/{_pointer_part(str(key))}")
-        for key, item in bad_keys:
-            shown = _SURROGATE.sub("\ufffd", key)
-            while shown in out:  # two keys that differ only in bad bytes stay apart
-                shown += "\ufffd"
-            where = f"{pointer}/{_pointer_part(shown)}"
-            self.keys[where] = _b64(key)
-            out[shown] = self.value(item, where)
+            shown = key
+            if bad and key in bad:
+                shown = _SURROGATE.sub("\ufffd", key)
+                while shown in taken:  # two keys that differ only in bad bytes stay apart
+                    shown += "\ufffd"
+                taken.add(shown)
+                self.keys[f"{pointer}/{_pointer_part(shown)}"] = _b64(key)
+            out[shown] = self.value(item, f"{pointer}/{_pointer_part(str(shown))}")
         return out
 
 
