@@ -377,6 +377,8 @@ def fluent_bit_inputs(prefix: str) -> Inputs:
     return {"good": good, "bad": bad}, expected, raw
 
 
+# Any warning or error but the one every stop logs.
+FLUENT_BIT_TROUBLE = r"\[ *(warn|error)\] (?!\[engine\] service will shutdown)"
 FORWARD_VARIANTS = {"ini-gzip": ("fluentbit-forward-ini", []),
                     "yaml-plain": ("fluentbit-forward-yaml", [("  compress: gzip\n", "")])}
 
@@ -400,6 +402,7 @@ def test_fluent_bit_forward_block(site: Site, cache: Path, tmp_path: Path, varia
     site.stop()
     check_landed(site.root, expected, fields=invalid_utf8_fields(raw))
     assert_bytes_recoverable(site.root, raw)
+    assert peer.matching(FLUENT_BIT_TROUBLE) == []
 
 
 HTTP_BIT_VARIANTS = {"ini-json_lines-gzip": ("fluentbit-http-ini", []),
@@ -430,6 +433,7 @@ def test_fluent_bit_http_block(site: Site, cache: Path, tmp_path: Path, variant:
         return {**sent, "uri": f"/x{sent['id']}/"} if sent["id"] in raw else sent
 
     check_landed(site.root, expected, fields=without_bad_bytes)
+    assert peer.matching(FLUENT_BIT_TROUBLE) == []
     for _, record in stored_now(site.root):
         assert record["timestamp"].startswith(
             time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(record["time"])))
