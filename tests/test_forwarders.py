@@ -102,8 +102,12 @@ def site(tmp_path: Path, pki: Path) -> Iterator[Site]:
         site.stop()
 
 
-@pytest.fixture
-def cache(request: pytest.FixtureRequest) -> Path:
+@pytest.fixture(scope="session")
+def cache(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """Where the forwarders are unpacked: pytest's cache (kept between runs), or a
+    session directory when the cache plugin is off (`-p no:cacheprovider`)."""
+    if getattr(request.config, "cache", None) is None:
+        return tmp_path_factory.mktemp("real-peers")
     return Path(request.config.cache.mkdir("real-peers"))
 
 
