@@ -248,3 +248,17 @@ def test_big_integers_keep_their_exact_value_when_stored(body: bytes) -> None:
     records = zip(parsed.records, [None] * 2, parsed.lines or [None] * 2, strict=True)
     lines = [r.line for r in normalize_batch(records, Context("nginx.access", 1.0, 1.0, "h"))]
     assert [json.loads(line)["id"] for line in lines] == [123456789012345678901234567890, 1]
+
+
+def test_fluent_bit_msgpack_events_carry_their_time() -> None:
+    """Fluent Bit's http output with `Format msgpack` sends `[[EventTime, metadata],
+    record]` (or `[time, record]`); the record is the map, the time its event time."""
+    event_time = msgpack.ExtType(0, (1732500000).to_bytes(4, "big")
+                                 + (5 * 10**8).to_bytes(4, "big"))
+    body = (msgpack.packb([[event_time, {}], {"a": b"\xff"}], use_bin_type=True)
+            + msgpack.packb([1732500001, {"b": 1}]) + msgpack.packb({"c": 2}))
+    parsed = parse_msgpack(body)
+    assert parsed.records == [{"a": "\ufffd", "utf8_invalid": {"/a": "/w=="}}, {"b": 1},
+                              {"c": 2}]
+    assert parsed.times == [1732500000.5, 1732500001.0, None]
+    assert parse_msgpack(msgpack.packb([{"a": 1}, {"b": 2}])).times is None

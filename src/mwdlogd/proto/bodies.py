@@ -15,6 +15,7 @@ import msgpack
 
 from mwdlogd import codec
 from mwdlogd.errors import IngestError
+from mwdlogd.proto.forward import event_time_hook
 from mwdlogd.proto.gzipped import GzipMalformed, GzipTooLarge, gunzip_bounded
 from mwdlogd.proto.text import repair, repair_all, strings_as_text
 
@@ -29,6 +30,7 @@ class Parsed:
     records: Records
     lines: list[bytes | None] | None = None  # None for a record repaired by proto.text
     invalid_utf8: int = 0  # records kept with text that was not UTF-8
+    times: list[float | None] | None = None  # event times the body carried, per record
 
 
 def gunzip_body(data: bytes, limit: int) -> bytes:
@@ -123,16 +125,36 @@ def _parse_json_lenient(body: bytes, error: ValueError) -> Parsed:
     return Parsed(records, None, repair_all(records))
 
 
+def _event(value: Any) -> tuple[float, Any] | None:
+    """(event time, record) of Fluent Bit's msgpack event, `[time, map]` or
+    `[[time, metadata], map]` (its http output with `Format msgpack`), else None."""
+    if not (isinstance(value, list) and len(value) == 2 and isinstance(value[1], dict)):
+        return None
+    at = value[0][0] if isinstance(value[0], list) and len(value[0]) == 2 else value[0]
+    if isinstance(at, int | float) and not isinstance(at, bool):
+        return float(at), value[1]
+    return None
+
+
 def parse_msgpack(body: bytes) -> Parsed:
-    """A stream of maps, or of arrays of maps; keys must be strings (str or bin: both are
-    text, as in the forward protocol; other keys are refused while unpacking)."""
-    unpacker = msgpack.Unpacker(raw=True, strict_map_key=True, max_buffer_size=max(len(body), 1))
+    """A stream of maps, of arrays of maps, or of Fluent Bit events (`_event`); keys must
+    be strings (str or bin: both are text, as in the forward protocol; other keys are
+    refused while unpacking)."""
+    unpacker = msgpack.Unpacker(raw=True, strict_map_key=True, ext_hook=event_time_hook,
+                                max_buffer_size=max(len(body), 1))
     unpacker.feed(body)
     values: list[Any] = []
+    times: list[float | None] = []
     consumed = 0  # tell() after a partial object is not reliable, so keep the last good one
     try:
         for value in unpacker:
-            values.extend(value if isinstance(value, list) else [value])
+            if (event := _event(value)) is not None:
+                times.append(event[0])
+                values.append(event[1])
+            else:
+                batch = value if isinstance(value, list) else [value]
+                times += [None] * len(batch)
+                values += batch
             consumed = unpacker.tell()
     except (ValueError, msgpack.UnpackException) as exc:
         raise IngestError(400, "malformed_body", f"body is not valid msgpack: {exc}") from None
@@ -140,11 +162,12 @@ def parse_msgpack(body: bytes) -> Parsed:
         raise IngestError(400, "malformed_body",
                           f"msgpack body is truncated after {consumed} of {len(body)} bytes")
     try:
-        values, clean = strings_as_text(values)
+        values, clean = strings_as_text(values, event_time_hook)
     except (ValueError, TypeError) as exc:
         raise IngestError(400, "malformed_body", f"body is not valid msgpack: {exc}") from None
     records = _checked(values)  # keys are text: strict_map_key refused any other
-    return Parsed(records, None, 0 if clean else repair_all(records))
+    return Parsed(records, None, 0 if clean else repair_all(records),
+                  times if any(at is not None for at in times) else None)
 
 
 def parse_form(body: bytes) -> Parsed:

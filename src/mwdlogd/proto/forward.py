@@ -65,7 +65,8 @@ class Pong:
 _EVENT_TIME = struct.Struct(">II")  # seconds, nanoseconds
 
 
-def _ext_hook(code: int, data: bytes) -> object:
+def event_time_hook(code: int, data: bytes) -> object:
+    """msgpack ext hook: Fluentd's EventTime (ext 0) as float epoch seconds."""
     if code == EVENT_TIME_EXT and len(data) == 8:
         seconds, nanos = _EVENT_TIME.unpack(data)
         return seconds + nanos / 1e9
@@ -113,7 +114,7 @@ class ForwardConnection:
         # raw: PackedForward's entries come as str32 holding binary (reference notes), so
         # text is decoded only where it is text (`_text`), never the entries blob.
         self._unpacker = msgpack.Unpacker(
-            raw=True, ext_hook=_ext_hook,
+            raw=True, ext_hook=event_time_hook,
             strict_map_key=False, max_buffer_size=max_message_bytes)
         self._fed = 0
         self._recent, self._recent_at = b"", 0  # the last bytes fed, and their offset
@@ -308,7 +309,7 @@ class ForwardConnection:
 
 def _unpack_all(blob: bytes, *, raw: bool) -> list[Any]:
     """Every entry of a blob; UnicodeDecodeError passes through (only when not `raw`)."""
-    unpacker = msgpack.Unpacker(raw=raw, ext_hook=_ext_hook, strict_map_key=False,
+    unpacker = msgpack.Unpacker(raw=raw, ext_hook=event_time_hook, strict_map_key=False,
                                 max_buffer_size=max(len(blob), 1))
     unpacker.feed(blob)
     try:
@@ -327,7 +328,7 @@ def _unpack_all(blob: bytes, *, raw: bool) -> list[Any]:
 def _records_text(value: Any) -> tuple[Any, bool]:
     """`strings_as_text` for a message or blob read raw; protocol errors as ours."""
     try:
-        return strings_as_text(value, _ext_hook)
+        return strings_as_text(value, event_time_hook)
     except (ValueError, TypeError) as exc:
         raise ForwardProtocolError("malformed_msgpack", str(exc)) from None
 
@@ -338,7 +339,7 @@ def _text(value: Any) -> Any:
     try:
         data = msgpack.packb(value, use_bin_type=False)
         return msgpack.unpackb(data, raw=False, unicode_errors="surrogateescape",
-                               ext_hook=_ext_hook, strict_map_key=False)
+                               ext_hook=event_time_hook, strict_map_key=False)
     except (ValueError, TypeError) as exc:  # what the first read let through, if anything
         raise ForwardProtocolError("malformed_msgpack", str(exc)) from None
 
