@@ -125,10 +125,10 @@ class Expected:
 Inputs = tuple[dict[str, bytes], dict[str, Expected], dict[str, bytes]]
 
 
-def json_lines(scenario: str, count: int, *, start: int = 0) -> tuple[bytes, dict[str, Expected]]:
+def json_lines(scenario: str, count: int) -> tuple[bytes, dict[str, Expected]]:
     """Engine JSON lines of one scenario: customer = scenario, site = scenario.example."""
     lines, expected = [], {}
-    for n in range(start, start + count):
+    for n in range(count):
         record = {"id": f"{scenario}-{n}", "customer_name": scenario,
                   "fqdn": f"{scenario}.example", "log_type": "nginx", "uri": f"/p/{n}",
                   "status": 200}
@@ -264,7 +264,7 @@ def invalid_utf8_fields(raw: dict[str, bytes]) -> Callable[[dict[str, Any]], dic
         if bad is None:
             return sent
         return {**sent, "uri": f"/x{sent['id']}\ufffd\ufffd\ufffd",
-            "utf8_invalid": {"/uri": base64.b64encode(bad).decode()}}
+                "utf8_invalid": {"/uri": base64.b64encode(bad).decode()}}
     return fields
 
 
