@@ -447,7 +447,7 @@ def test_fluent_bit_http_block(site: Site, cache: Path, tmp_path: Path, variant:
 
 # ---- kill -9 of mwdlogd while a forwarder sends -------------------------------------
 
-KILL_RECORDS, KILL_STEPS = 8000, 80  # written 100 lines a step, a step every 0.1 s
+KILL_RECORDS, KILL_STEPS = 12000, 120  # 100 lines a step, a step every 0.1 s: 12 s
 
 
 class Writer:
