@@ -274,3 +274,35 @@ def test_hostile_streams_are_refused_with_bounded_memory(name: str) -> None:
     assert outcome in ("too_large", "malformed_msgpack") and growth < 3 * 1024, (growth, outcome)
     control_growth, _ = feed_hostile(name, control=True)
     assert control_growth >= 16 * 1024
+
+
+BIN_RECORD = {b"customer_name": b"acme", b"fqdn": b"www.acme.test", b"n": 1,
+              b"nested": {b"k": [b"v"]}}
+TEXT_RECORD = {"customer_name": "acme", "fqdn": "www.acme.test", "n": 1, "nested": {"k": ["v"]}}
+
+
+def bin_modes(record: dict[Any, Any]) -> dict[str, bytes]:
+    """The same record in all four modes, every string packed as msgpack bin (Fluentd's
+    Yajl and regexp parsers)."""
+    entry = msgpack.packb([1732500000, record], use_bin_type=True)
+    return {
+        "message": msgpack.packb(["t", 1732500000, record], use_bin_type=True),
+        "forward": msgpack.packb(["t", [[1732500000, record]]], use_bin_type=True),
+        "packed": msgpack.packb(["t", entry], use_bin_type=True),
+        "compressed": msgpack.packb(["t", gzip.compress(entry), {"compressed": "gzip"}],
+                                    use_bin_type=True),
+    }
+
+
+@pytest.mark.parametrize("mode", ["message", "forward", "packed", "compressed"])
+def test_bin_strings_are_text_in_every_mode(mode: str) -> None:
+    (got,) = events(bin_modes(BIN_RECORD)[mode])
+    assert got.entries == [(1732500000.0, TEXT_RECORD)] and got.invalid_utf8 == 0
+
+
+@pytest.mark.parametrize("mode", ["message", "forward", "packed", "compressed"])
+def test_invalid_utf8_is_kept_with_its_bytes_in_every_mode(mode: str) -> None:
+    (got,) = events(bin_modes({**BIN_RECORD, b"uri": b"/\xc0\xaf"})[mode])
+    assert got.entries == [(1732500000.0, {**TEXT_RECORD, "uri": "/\ufffd\ufffd",
+                                           "utf8_invalid": {"/uri": "L8Cv"}})]
+    assert got.invalid_utf8 == 1

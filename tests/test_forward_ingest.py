@@ -365,3 +365,27 @@ async def test_python_fluent_logger_message_mode_over_tcp(
         while received() < 30:  # noqa: ASYNC110
             await trio.sleep(0.01)
     assert await flushed_ids(running) == {NGINX_FILE: [f"r{n}" for n in range(30)]}
+
+
+async def test_bin_strings_route_and_bad_bytes_are_kept(
+        nursery: trio.Nursery, tmp_path: Path, pki: Path) -> None:
+    """PackedForward with every string as bin (Fluentd's Yajl parser), one value not
+    UTF-8: routed like str, stored with U+FFFD and the original bytes, counted."""
+    records = engine_records(2, time=1732500000)
+    records[1]["path"] = b"/p/\xc0\xaf"
+    binary = [{k.encode(): v.encode() if isinstance(v, str) else v for k, v in r.items()}
+              for r in records]
+    blob = b"".join(msgpack.packb([1732500000, r], use_bin_type=True) for r in binary)
+    running = await forward_app(nursery, tmp_path, pki)
+    client = await RawForward.connect(running.addresses.forward, client_context(pki))
+    try:
+        await client.send(msgpack.packb(["nginx.access", blob, {"chunk": "c1"}],
+                                        use_bin_type=True))
+        assert await client.receive() == {"ack": "c1"}
+    finally:
+        await client.aclose()
+    assert await flushed_ids(running) == {NGINX_FILE: ["r0", "r1"]}
+    bad = all_records(running.root)[1]
+    assert bad["path"] == "/p/\ufffd\ufffd" and bad["utf8_invalid"] == {"/path": "L3AvwK8="}
+    metrics = running.app.telemetry.exposition().decode()
+    assert 'mwdlogd_invalid_utf8_records_total{protocol="forward"} 1.0' in metrics

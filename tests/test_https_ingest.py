@@ -322,3 +322,19 @@ async def test_health_is_503_when_storage_is_not_writable(server: Running) -> No
     assert code == 503
     status = json.loads(body)
     assert status["status"] == "unavailable" and "cannot create" in status["problem"]
+
+
+async def test_a_line_that_is_not_utf8_costs_nothing(server: Running, pki: Path) -> None:
+    """One raw attack byte among valid lines: 200, every line stored, the bad one with
+    U+FFFD and its original bytes, counted in the metric."""
+    records = engine_records(3, time=HOUR_2024)
+    lines = ndjson(records).splitlines(keepends=True)
+    lines[1] = lines[1].replace(b'"/p/1"', b'"/p/\xff1"')
+    reply = await post(server.addresses.http, client_context(pki), "/nginx.access",
+                       b"".join(lines))
+    assert (reply.status, reply.json()) == (200, {"records": 3})
+    assert await stored(server) == {NGINX_FILE: ["r0", "r1", "r2"]}
+    bad = all_records(server.root)[1]
+    assert bad["path"] == "/p/\ufffd1" and bad["utf8_invalid"] == {"/path": "L3Av/zE="}
+    metrics = server.app.telemetry.exposition().decode()
+    assert 'mwdlogd_invalid_utf8_records_total{protocol="http"} 1.0' in metrics

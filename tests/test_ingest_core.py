@@ -6,6 +6,7 @@ byte, and with trailing bytes; every split must give the same records.
 
 from __future__ import annotations
 
+import base64
 import gzip
 import json
 from collections.abc import Iterator
@@ -154,9 +155,49 @@ def test_ndjson_error_names_the_line() -> None:
         parse_ndjson(b'{"a": 1}\n{"a": \n')
 
 
-def test_invalid_utf8_is_a_400() -> None:
-    with pytest.raises(IngestError, match="not valid JSON"):
-        parse_ndjson(b'{"a": "\xff"}\n')
+def test_invalid_utf8_keeps_every_line_and_its_bytes() -> None:
+    body = b'{"a": "ok"}\n{"id": 2, "uri": "/x\xff\xfey", "h": {"k\xc3": ["\xe2\x82"]}}\n'
+    parsed = parse_ndjson(body)
+    assert parsed.invalid_utf8 == 1
+    assert parsed.lines == [b'{"a": "ok"}', None]
+    assert parsed.records[1] == {
+        "id": 2, "uri": "/x\ufffd\ufffdy", "h": {"k\ufffd": ["\ufffd\ufffd"]},
+        "utf8_invalid": {"/uri": base64.b64encode(b"/x\xff\xfey").decode(),
+                         "/h/k\ufffd/0": base64.b64encode(b"\xe2\x82").decode()},
+        "utf8_invalid_keys": {"/h/k\ufffd": base64.b64encode(b"k\xc3").decode()}}
+    for name in (parse_json, parse_ndjson):  # an array body, a one-object body
+        assert name(b'[{"a": "\xff"}]' if name is parse_json else b'{"a": "\xff"}').records == [
+            {"a": "\ufffd", "utf8_invalid": {"/a": "/w=="}}]
+
+
+def test_invalid_text_rule_keeps_colliding_keys_and_own_fields_apart() -> None:
+    record = parse_ndjson(b'{"k\xff": 1, "k\xfe": 2, "k\xef\xbf\xbd": 3, '
+                          b'"utf8_invalid": "mine", "s": "\\udc80\\ud800"}').records[0]
+    assert record["k\ufffd"] == 3 and record["utf8_invalid"] == "mine"
+    assert list(record) == ["k\ufffd\ufffd", "k\ufffd\ufffd\ufffd", "k\ufffd", "utf8_invalid", "s",
+                            "_utf8_invalid", "utf8_invalid_keys"]  # the order as sent
+    assert (record["k\ufffd\ufffd"], record["k\ufffd\ufffd\ufffd"]) == (1, 2)
+    assert record["s"] == "\ufffd\ufffd"
+    originals = {base64.b64decode(v) for v in record["utf8_invalid_keys"].values()}
+    assert originals == {b"k\xff", b"k\xfe"}
+    # escaped lone surrogates: 0x80 as surrogateescape does, U+D800 as its UTF-8 form
+    assert base64.b64decode(record["_utf8_invalid"]["/s"]) == b"\x80\xed\xa0\x80"
+
+
+def test_json_refuses_what_is_not_json_even_when_not_utf8() -> None:
+    for body in (b'{"a": "\xff",}', b'{"a": NaN, "b": "\xff"}'):
+        with pytest.raises(IngestError, match="not valid JSON"):
+            parse_ndjson(body)
+        with pytest.raises(IngestError, match="not valid JSON"):
+            parse_json(body)
+
+
+def test_msgpack_bin_is_text_and_bad_bytes_are_kept() -> None:
+    body = msgpack.packb({b"customer_name": b"acme", "n": 1, "raw": b"\xff"}, use_bin_type=True)
+    parsed = parse_msgpack(body)
+    assert parsed.records == [{"customer_name": "acme", "n": 1, "raw": "\ufffd",
+                               "utf8_invalid": {"/raw": "/w=="}}]
+    assert parsed.invalid_utf8 == 1
 
 
 def test_msgpack_stream_arrays_and_checks() -> None:
@@ -164,8 +205,8 @@ def test_msgpack_stream_arrays_and_checks() -> None:
     assert parse_msgpack(body).records == [{"a": 1}, {"b": 2}, {"c": 3}]
     with pytest.raises(IngestError, match="truncated"):
         parse_msgpack(body[:-1])
-    with pytest.raises(IngestError, match="non-string key"):
-        parse_msgpack(msgpack.packb({b"bin": 1}, use_bin_type=True))
+    with pytest.raises(IngestError, match="not allowed for map key"):
+        parse_msgpack(msgpack.packb({1: 1}))
     with pytest.raises(IngestError, match="record 0 is int"):
         parse_msgpack(msgpack.packb(5))
 
@@ -207,3 +248,17 @@ def test_big_integers_keep_their_exact_value_when_stored(body: bytes) -> None:
     records = zip(parsed.records, [None] * 2, parsed.lines or [None] * 2, strict=True)
     lines = [r.line for r in normalize_batch(records, Context("nginx.access", 1.0, 1.0, "h"))]
     assert [json.loads(line)["id"] for line in lines] == [123456789012345678901234567890, 1]
+
+
+def test_fluent_bit_msgpack_events_carry_their_time() -> None:
+    """Fluent Bit's http output with `Format msgpack` sends `[[EventTime, metadata],
+    record]` (or `[time, record]`); the record is the map, the time its event time."""
+    event_time = msgpack.ExtType(0, (1732500000).to_bytes(4, "big")
+                                 + (5 * 10**8).to_bytes(4, "big"))
+    body = (msgpack.packb([[event_time, {}], {"a": b"\xff"}], use_bin_type=True)
+            + msgpack.packb([1732500001, {"b": 1}]) + msgpack.packb({"c": 2}))
+    parsed = parse_msgpack(body)
+    assert parsed.records == [{"a": "\ufffd", "utf8_invalid": {"/a": "/w=="}}, {"b": 1},
+                              {"c": 2}]
+    assert parsed.times == [1732500000.5, 1732500001.0, None]
+    assert parse_msgpack(msgpack.packb([{"a": 1}, {"b": 2}])).times is None

@@ -114,6 +114,9 @@ class Telemetry:
                                       buckets=FSYNC_BUCKETS, registry=r)
         self.records_by_type = Counter("mwdlogd_records", "Records routed, by log type",
                                        ["log_type"], registry=r)
+        self.invalid_utf8 = Counter("mwdlogd_invalid_utf8_records",
+                                    "Records kept with text that was not UTF-8 (U+FFFD shown, "
+                                    "original bytes in utf8_invalid)", ["protocol"], registry=r)
         self.tail_dropped = Counter("mwdlogd_tail_dropped_messages",
                                     "Live-tail records dropped for slow viewers", registry=r)
         Gauge("mwdlogd_tail_viewers", "Connected live-tail viewers", registry=r).set_function(
@@ -236,6 +239,13 @@ class Telemetry:
         self.failed_records.inc(records)
         log.event(logging.ERROR, "chunk_moved_to_failed", path=path, error=error,
                   records=records, moved_to=moved_to)
+
+    def invalid_utf8_kept(self, protocol: str, peer: str, tag: str, records: int) -> None:
+        """Once per request or message that had such records: they were stored."""
+        self.invalid_utf8.labels(protocol).inc(records)
+        self._peer_mistake(f"{protocol}:invalid_utf8", "invalid_utf8_kept", protocol=protocol,
+                           peer=peer, tag=tag, records=records,
+                           detail="stored with U+FFFD; original bytes in utf8_invalid")
 
     def _peer_mistake(self, key: str, name: str, **fields: object) -> None:
         allowed, suppressed = self._rate.allow(key, time.monotonic())

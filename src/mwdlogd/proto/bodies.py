@@ -1,9 +1,11 @@
 """Request body decoders for every format Fluentd out_http and Fluent Bit send (DESIGN §1).
 
 Each returns the records as a list of dicts or raises IngestError naming the problem;
-a body is accepted whole or not at all.
+a body is accepted whole or not at all. Text that is not valid UTF-8 does not refuse a
+body: such records are kept by the rule of `proto.text` and counted.
 """
 
+import json
 from collections.abc import Callable
 from typing import Any
 from urllib.parse import unquote_to_bytes
@@ -13,7 +15,9 @@ import msgpack
 
 from mwdlogd import codec
 from mwdlogd.errors import IngestError
+from mwdlogd.proto.forward import event_time_hook
 from mwdlogd.proto.gzipped import GzipMalformed, GzipTooLarge, gunzip_bounded
+from mwdlogd.proto.text import repair, repair_all, strings_as_text
 
 Records = list[dict[str, Any]]
 
@@ -24,7 +28,9 @@ class Parsed:
     its fields to that text instead of encoding the whole record again)."""
 
     records: Records
-    lines: list[bytes] | None = None
+    lines: list[bytes | None] | None = None  # None for a record repaired by proto.text
+    invalid_utf8: int = 0  # records kept with text that was not UTF-8
+    times: list[float | None] | None = None  # event times the body carried, per record
 
 
 def gunzip_body(data: bytes, limit: int) -> bytes:
@@ -56,18 +62,40 @@ def _json_error(what: str, exc: ValueError) -> IngestError:
     return IngestError(400, "malformed_body", f"{what} is not valid JSON: {exc}")
 
 
+def _refuse_constant(name: str) -> Any:
+    raise ValueError(f"{name} is not JSON")
+
+
+def _loads_lenient(data: bytes) -> Any:
+    """JSON whose text is not all valid UTF-8 (or escapes lone surrogates): bad bytes
+    become lone surrogates for `proto.text` to repair. Raises ValueError."""
+    return json.loads(data.decode("utf-8", "surrogateescape"),
+                      parse_constant=_refuse_constant)
+
+
 def parse_ndjson(body: bytes) -> Parsed:
     """One JSON object per line; blank lines (and the trailing newline) are allowed."""
-    records, lines = [], []
+    records: Records = []
+    lines: list[bytes | None] = []
+    invalid = 0
     for number, line in enumerate(body.split(b"\n"), start=1):
         if not line.strip():
             continue
         try:
             records.append(codec.loads_keeping_text(line))  # normalize keeps `line`
+            lines.append(line)
+            continue
         except ValueError as exc:
-            raise _json_error(f"line {number}", exc) from None
-        lines.append(line)
-    return Parsed(_checked(records), lines)
+            error = exc
+        try:
+            value = _loads_lenient(line)
+        except ValueError:
+            raise _json_error(f"line {number}", error) from None
+        fixed = repair(value) if isinstance(value, dict) else None
+        invalid += fixed is not None
+        records.append(value if fixed is None else fixed)
+        lines.append(line if fixed is None else None)
+    return Parsed(_checked(records), lines, invalid)
 
 
 def parse_json(body: bytes) -> Parsed:
@@ -78,32 +106,68 @@ def parse_json(body: bytes) -> Parsed:
     except codec.JSONDecodeError as exc:
         if codec.is_trailing_content(exc):
             return parse_ndjson(body)
-        raise _json_error("body", exc) from None
+        return _parse_json_lenient(body, exc)
     except ValueError as exc:
         raise _json_error("body", exc) from None
     return Parsed(_checked(value if isinstance(value, list) else [value]))
 
 
+def _parse_json_lenient(body: bytes, error: ValueError) -> Parsed:
+    try:
+        value = _loads_lenient(body)
+    except json.JSONDecodeError as exc:
+        if exc.msg == "Extra data":  # a stream of documents
+            return parse_ndjson(body)
+        raise _json_error("body", error) from None
+    except ValueError:
+        raise _json_error("body", error) from None
+    records = _checked(value if isinstance(value, list) else [value])
+    return Parsed(records, None, repair_all(records))
+
+
+def _event(value: Any) -> tuple[float, Any] | None:
+    """(event time, record) of Fluent Bit's msgpack event, `[time, map]` or
+    `[[time, metadata], map]` (its http output with `Format msgpack`), else None."""
+    if not (isinstance(value, list) and len(value) == 2 and isinstance(value[1], dict)):
+        return None
+    at = value[0][0] if isinstance(value[0], list) and len(value[0]) == 2 else value[0]
+    if isinstance(at, int | float) and not isinstance(at, bool):
+        return float(at), value[1]
+    return None
+
+
 def parse_msgpack(body: bytes) -> Parsed:
-    """A stream of maps, or of arrays of maps; keys must be strings."""
-    unpacker = msgpack.Unpacker(raw=False, strict_map_key=True, max_buffer_size=max(len(body), 1))
+    """A stream of maps, of arrays of maps, or of Fluent Bit events (`_event`); keys must
+    be strings (str or bin: both are text, as in the forward protocol; other keys are
+    refused while unpacking)."""
+    unpacker = msgpack.Unpacker(raw=True, strict_map_key=True, ext_hook=event_time_hook,
+                                max_buffer_size=max(len(body), 1))
     unpacker.feed(body)
     values: list[Any] = []
+    times: list[float | None] = []
     consumed = 0  # tell() after a partial object is not reliable, so keep the last good one
     try:
         for value in unpacker:
-            values.extend(value if isinstance(value, list) else [value])
+            if (event := _event(value)) is not None:
+                times.append(event[0])
+                values.append(event[1])
+            else:
+                batch = value if isinstance(value, list) else [value]
+                times += [None] * len(batch)
+                values += batch
             consumed = unpacker.tell()
     except (ValueError, msgpack.UnpackException) as exc:
         raise IngestError(400, "malformed_body", f"body is not valid msgpack: {exc}") from None
     if consumed != len(body):
         raise IngestError(400, "malformed_body",
                           f"msgpack body is truncated after {consumed} of {len(body)} bytes")
-    records = _checked(values)
-    for index, record in enumerate(records):
-        if not all(isinstance(key, str) for key in record):
-            raise IngestError(400, "malformed_body", f"record {index} has a non-string key")
-    return Parsed(records)
+    try:
+        values, clean = strings_as_text(values, event_time_hook)
+    except (ValueError, TypeError) as exc:
+        raise IngestError(400, "malformed_body", f"body is not valid msgpack: {exc}") from None
+    records = _checked(values)  # keys are text: strict_map_key refused any other
+    return Parsed(records, None, 0 if clean else repair_all(records),
+                  times if any(at is not None for at in times) else None)
 
 
 def parse_form(body: bytes) -> Parsed:

@@ -4,7 +4,8 @@ Handles all four modes (Message, Forward, PackedForward, CompressedPackedForward
 several gzip members), EventTime, the `size`/`chunk`/`compressed` options and the
 shared_key handshake (HELO/PING/PONG, optional username/password). Strings are decoded
 with surrogateescape, so the entries blob (str32 holding msgpack or gzip bytes, as
-Fluentd sends it) and the `chunk` id survive byte for byte.
+Fluentd sends it) and the `chunk` id survive byte for byte. In records, str and bin are
+both text, and text that is not UTF-8 is kept by the rule of `proto.text`.
 """
 
 import hashlib
@@ -19,6 +20,7 @@ import msgpack
 
 from mwdlogd.errors import MwdlogdError
 from mwdlogd.proto.gzipped import GzipMalformed, GzipTooLarge, gunzip_bounded
+from mwdlogd.proto.text import may_hold_bin, repair_all, strings_as_text
 
 EVENT_TIME_EXT = 0
 NEED_DATA: Final = object()
@@ -46,6 +48,7 @@ class Entries:
     tag: str
     entries: list[tuple[float, dict[str, Any]]]
     chunk: str | None  # echo in the ack exactly as received
+    invalid_utf8: int = 0  # records kept with text that was not UTF-8 (proto.text)
 
 
 @attrs.frozen
@@ -62,7 +65,8 @@ class Pong:
 _EVENT_TIME = struct.Struct(">II")  # seconds, nanoseconds
 
 
-def _ext_hook(code: int, data: bytes) -> object:
+def event_time_hook(code: int, data: bytes) -> object:
+    """msgpack ext hook: Fluentd's EventTime (ext 0) as float epoch seconds."""
     if code == EVENT_TIME_EXT and len(data) == 8:
         seconds, nanos = _EVENT_TIME.unpack(data)
         return seconds + nanos / 1e9
@@ -110,7 +114,7 @@ class ForwardConnection:
         # raw: PackedForward's entries come as str32 holding binary (reference notes), so
         # text is decoded only where it is text (`_text`), never the entries blob.
         self._unpacker = msgpack.Unpacker(
-            raw=True, ext_hook=_ext_hook,
+            raw=True, ext_hook=event_time_hook,
             strict_map_key=False, max_buffer_size=max_message_bytes)
         self._fed = 0
         self._recent, self._recent_at = b"", 0  # the last bytes fed, and their offset
@@ -153,7 +157,8 @@ class ForwardConnection:
         body = message[1] if isinstance(message, list) and len(message) > 1 else None
         if isinstance(body, bytes):  # PackedForward: [tag, blob, option]
             return self._entries([_text(message[0]), body, *_text(message[2:])])
-        return self._entries(_text(message))
+        decoded, clean = _records_text(message)
+        return self._entries(decoded, clean)
 
     def _refuse_oversized(self) -> None:
         """The unfinished message may not grow past the limit. msgpack's own buffer limit
@@ -227,7 +232,7 @@ class ForwardConnection:
         data = bytes(_packer().pack(["PONG", False, reason, "", ""]))
         return Pong(False, data, reason, hostname, username)
 
-    def _entries(self, message: Any) -> Entries:
+    def _entries(self, message: Any, clean: bool = True) -> Entries:
         if not (isinstance(message, list) and 2 <= len(message) <= 4
                 and isinstance(message[0], str)):
             raise ForwardProtocolError("wrong_shape", f"expected [tag, ...], got "
@@ -238,14 +243,20 @@ class ForwardConnection:
             option = message[2] if len(message) > 2 else None
         elif isinstance(body, bytes):  # PackedForward, maybe compressed (kept raw above)
             option = message[2] if len(message) > 2 else None
-            entries = self._packed(body, option)
+            entries, clean = self._packed(body, option)
         else:  # Message: [tag, time, record(, option)]
             if len(message) < 3 or not isinstance(message[2], dict):
                 raise ForwardProtocolError("wrong_shape", f"message mode needs "
                                            f"[tag, time, record], got {_describe(message)}")
             entries = [(_time(body, "message"), message[2])]
             option = message[3] if len(message) > 3 else None
-        return Entries(tag, entries, self._options(option, len(entries)))
+        chunk = self._options(option, len(entries))
+        invalid = 0
+        if not clean:
+            records = [record for _, record in entries]
+            invalid = repair_all(records)
+            entries = [(at, record) for (at, _), record in zip(entries, records, strict=True)]
+        return Entries(tag, entries, chunk, invalid)
 
     def _entry(self, entry: Any, index: int) -> tuple[float, dict[str, Any]]:
         if type(entry) is list and len(entry) == 2 and type(entry[0]) is float \
@@ -256,7 +267,9 @@ class ForwardConnection:
                                        f"got {_describe(entry)}")
         return _time(entry[0], f"entry {index}"), entry[1]
 
-    def _packed(self, blob: bytes, option: object) -> list[tuple[float, dict[str, Any]]]:
+    def _packed(self, blob: bytes, option: object
+                ) -> tuple[list[tuple[float, dict[str, Any]]], bool]:
+        """The entries of a PackedForward blob, and whether all their text was UTF-8."""
         compressed = option.get("compressed") if isinstance(option, dict) else None
         if compressed == "gzip":
             try:
@@ -268,19 +281,14 @@ class ForwardConnection:
                 raise ForwardProtocolError("bad_gzip", str(exc)) from None
         elif compressed not in (None, "text"):
             raise ForwardProtocolError("wrong_shape", f"unknown compressed={compressed!r}")
-        unpacker = msgpack.Unpacker(raw=False, unicode_errors="replace", ext_hook=_ext_hook,
-                                    strict_map_key=False, max_buffer_size=max(len(blob), 1))
-        unpacker.feed(blob)
+        clean = True
         try:
-            raw = list(unpacker)  # stops before a truncated last entry
-        except (ValueError, TypeError, msgpack.UnpackException) as exc:
-            raise ForwardProtocolError("malformed_msgpack", f"entries: {exc}") from None
-        consumed = unpacker.tell()
-        entries = [self._entry(entry, index) for index, entry in enumerate(raw)]
-        if consumed != len(blob):
-            raise ForwardProtocolError("malformed_msgpack",
-                                       f"entries blob truncated after {consumed} of {len(blob)}")
-        return entries
+            values = _unpack_all(blob, raw=False) if not may_hold_bin(blob) else None
+        except UnicodeDecodeError:
+            values = None
+        if values is None:  # bin, or text that is not UTF-8: the slower way
+            values, clean = _records_text(_unpack_all(blob, raw=True))
+        return [self._entry(entry, index) for index, entry in enumerate(values)], clean
 
     def _options(self, option: object, count: int) -> str | None:
         if option is None:
@@ -299,13 +307,39 @@ class ForwardConnection:
         return chunk
 
 
+def _unpack_all(blob: bytes, *, raw: bool) -> list[Any]:
+    """Every entry of a blob; UnicodeDecodeError passes through (only when not `raw`)."""
+    unpacker = msgpack.Unpacker(raw=raw, ext_hook=event_time_hook, strict_map_key=False,
+                                max_buffer_size=max(len(blob), 1))
+    unpacker.feed(blob)
+    try:
+        values = list(unpacker)  # stops before a truncated last entry
+    except UnicodeDecodeError:
+        raise
+    except (ValueError, TypeError, msgpack.UnpackException) as exc:
+        raise ForwardProtocolError("malformed_msgpack", f"entries: {exc}") from None
+    consumed = unpacker.tell()
+    if consumed != len(blob):
+        raise ForwardProtocolError("malformed_msgpack",
+                                   f"entries blob truncated after {consumed} of {len(blob)}")
+    return values
+
+
+def _records_text(value: Any) -> tuple[Any, bool]:
+    """`strings_as_text` for a message or blob read raw; protocol errors as ours."""
+    try:
+        return strings_as_text(value, event_time_hook)
+    except (ValueError, TypeError) as exc:
+        raise ForwardProtocolError("malformed_msgpack", str(exc)) from None
+
+
 def _text(value: Any) -> Any:
     """A value read raw, with its strings decoded (bytes that are not UTF-8 kept as
     surrogates): packed again as str and read back by msgpack itself, in C."""
     try:
         data = msgpack.packb(value, use_bin_type=False)
         return msgpack.unpackb(data, raw=False, unicode_errors="surrogateescape",
-                               ext_hook=_ext_hook, strict_map_key=False)
+                               ext_hook=event_time_hook, strict_map_key=False)
     except (ValueError, TypeError) as exc:  # what the first read let through, if anything
         raise ForwardProtocolError("malformed_msgpack", str(exc)) from None
 

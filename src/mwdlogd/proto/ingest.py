@@ -31,13 +31,17 @@ class Accepted:
     records: Records
     credential: Credential
     default_time: float | None
-    lines: list[bytes] | None = None  # each record's JSON text, when the body had it
+    lines: list[bytes | None] | None = None  # each record's JSON text, when the body had it
     digest: bytes = b""  # of the target, Content-Type, Content-Encoding and body as sent
+    invalid_utf8: int = 0  # records kept with text that was not UTF-8 (proto.text)
+    times: list[float | None] | None = None  # event times the body carried, per record
 
     def with_text(self) -> Iterable[tuple[dict[str, Any], float | None, bytes | None]]:
-        """(record, event time from the record, its JSON text or None) for normalisation."""
+        """(record, its event time when the body carried one, else None: from the record;
+        its JSON text or None) for normalisation."""
         lines = self.lines or itertools.repeat(None)
-        return zip(self.records, itertools.repeat(None), lines, strict=False)
+        times = self.times or itertools.repeat(None)
+        return zip(self.records, times, lines, strict=False)
 
 
 def _header(request: h11.Request, name: bytes) -> bytes | None:
@@ -121,7 +125,8 @@ class RequestReader:
         parsed = self._parse(body)
         self._check_customers(parsed.records)
         return Accepted(self.tag, parsed.records, self.credential, self.default_time,
-                        parsed.lines, self._digest.digest()[:16])
+                        parsed.lines, self._digest.digest()[:16],
+                        invalid_utf8=parsed.invalid_utf8, times=parsed.times)
 
     def _check_customers(self, records: list[dict[str, Any]]) -> None:
         if not self.credential.customers:

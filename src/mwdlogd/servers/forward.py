@@ -119,6 +119,8 @@ class ForwardServer:
     async def _store(self, stream: trio.abc.Stream, conn: ForwardConnection, event: Entries,
                      peer: str, identity: str) -> None:
         received_at = time.time()
+        if event.invalid_utf8:
+            self._telemetry.invalid_utf8_kept("forward", peer, event.tag, event.invalid_utf8)
         ctx = Context(event.tag, received_at, received_at, self._live.config.server.hostname)
         routed = normalize_batch(((record, at, None) for at, record in event.entries), ctx)
         window = self._live.config.forward.dedupe_window

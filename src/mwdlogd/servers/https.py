@@ -136,6 +136,8 @@ class HttpsIngestServer:
         except h11.RemoteProtocolError as exc:
             return await self._refuse(conn, stream, peer, IngestError(
                 exc.error_status_hint, "bad_http", str(exc)))
+        if accepted.invalid_utf8:
+            self._telemetry.invalid_utf8_kept("http", peer, accepted.tag, accepted.invalid_utf8)
         ctx = Context(accepted.tag, received_at, accepted.default_time or received_at,
                       settings.config.server.hostname)
         routed = normalize_batch(accepted.with_text(), ctx)
