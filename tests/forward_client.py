@@ -15,7 +15,7 @@ import msgpack
 import pytest
 import trio
 
-from mwdlogd.replay import ping_message
+from mwdlogd_replay.forward import ping_message
 
 KEY = "secret123"
 PEERS = Path(__file__).parent / "peers"

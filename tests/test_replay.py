@@ -10,7 +10,10 @@ from pathlib import Path
 import pytest
 import trio
 
-from mwdlogd.replay import Target, batches, generate, read_archive, run_replay, verify
+from mwdlogd_replay.connection import Target
+from mwdlogd_replay.records import batches, generate, read_archive
+from mwdlogd_replay.run import run_replay
+from mwdlogd_replay.verify import verify
 
 from conftest import Running, make_config, start_app
 from forward_client import KEY

@@ -14,7 +14,7 @@ from typing import Any
 import trio
 
 from mwdlogd.config import load_config
-from mwdlogd.replay import await_verdict
+from mwdlogd_replay.verify import await_verdict
 
 from conftest import Running, config_raw, start_app
 from forward_client import KEY

@@ -49,7 +49,8 @@ import trio
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / "tests"))
 from mwdlogd.certs import init_certs  # noqa: E402
-from mwdlogd.replay import ping_message, read_http_message  # noqa: E402
+from mwdlogd_replay.forward import ping_message  # noqa: E402
+from mwdlogd_replay.http import read_http_message  # noqa: E402
 
 from server_process import ServerProcess  # noqa: E402
 
