@@ -121,7 +121,8 @@ async def test_cli_replays_and_verifies(tmp_path: Path, pki: Path) -> None:
              "--token", TOKEN, "--cacert", str(pki / "ca.crt"), "--cert",
              str(pki / "engine-01.crt"), "--key", str(pki / "engine-01.key"), "--count",
              "2500", "--batch", "500", "--run", "cli", "--verify", str(running.root),
-             "--settle", "1"], capture_stdout=True, capture_stderr=True, check=False)
+             # --settle is only the longest wait: --verify polls until the records land
+             "--settle", "60"], capture_stdout=True, capture_stderr=True, check=False)
         nursery.cancel_scope.cancel()
     assert result.returncode == 0, result.stderr
     summary = json.loads(result.stdout)
