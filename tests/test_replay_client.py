@@ -11,9 +11,11 @@ from pathlib import Path
 from typing import Any
 
 import msgpack
+import pytest
 import trio
 
 import mwdlogd_replay
+from mwdlogd_replay import cli
 from mwdlogd_replay.connection import Target
 from mwdlogd_replay.forward import ForwardClient
 from mwdlogd_replay.records import batches, generate
@@ -95,3 +97,11 @@ async def test_a_batch_resent_after_a_lost_ack_is_stored_once(tmp_path: Path,
     assert (stats.sent, len(stats.acked)) == (300, 300)
     verdict = verify(running.root, "resend", stats.acked)
     assert (verdict.stored, verdict.duplicated, verdict.missing) == (300, [], [])
+
+
+def test_without_a_server_config_the_command_line_must_say_it_all(
+        capsys: pytest.CaptureFixture[str]) -> None:
+    assert cli.main(["--count", "1", "--target", "127.0.0.1:1"]) == 2
+    assert capsys.readouterr().err == (
+        "mwdlogd replay: no server config to read: give --target, --cacert, --cert, --key, "
+        "--token or --shared-key, and --verify ROOT\n")
