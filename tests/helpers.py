@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import datetime
 import gzip
+import http.client
 import json
 import socket
 import ssl
@@ -235,3 +236,28 @@ def reissue(pki: Path, stem: str, *, days: float, hosts: list[str] | None = None
     (pki / f"{stem}.key").write_bytes(key.private_bytes(
         serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
         serialization.NoEncryption()))
+
+
+def post_sync(port: int, context: ssl.SSLContext, body: bytes, *,
+              path: str = "/nginx.access", token: str = TOKEN) -> tuple[int, Any]:
+    """POST ndjson over mTLS on a new connection: (status, decoded JSON answer)."""
+    connection = http.client.HTTPSConnection("127.0.0.1", port, context=context, timeout=30)
+    try:
+        connection.request("POST", path, body, {"Authorization": f"Bearer {token}",
+                                                "Content-Type": "application/x-ndjson"})
+        response = connection.getresponse()
+        return response.status, json.loads(response.read() or b"null")
+    finally:
+        connection.close()
+
+
+def get_json(address: str, path: str) -> tuple[int, Any]:
+    """Plain-HTTP GET of a JSON endpoint such as /health: (status, decoded answer)."""
+    host, _, port = address.rpartition(":")
+    connection = http.client.HTTPConnection(host, int(port), timeout=30)
+    try:
+        connection.request("GET", path)
+        response = connection.getresponse()
+        return response.status, json.loads(response.read())
+    finally:
+        connection.close()

@@ -3,6 +3,7 @@
 import gc
 import logging
 import mmap
+import os
 import signal
 import socket
 import ssl
@@ -26,19 +27,21 @@ from mwdlogd.runtime.tail import TailHub
 from mwdlogd.runtime.tracker import BatchTracker
 from mwdlogd.runtime.writer import WriterSettings
 from mwdlogd.servers import monitor_agent
+from mwdlogd.servers.acceptor import ConnectionLimits
 from mwdlogd.servers.balance import Balance
 from mwdlogd.servers.forward import ForwardServer
 from mwdlogd.servers.http_io import Response, json_response
 from mwdlogd.servers.https import HttpsIngestServer
 from mwdlogd.servers.listen import bind_listeners
 from mwdlogd.servers.monitor import MonitorServer
-from mwdlogd.servers.plain_http import not_found, run_plain_http
+from mwdlogd.servers.plain_http import Handler, not_found, run_plain_http
 from mwdlogd.servers.tls import server_context
 from mwdlogd.startup import certificate_warnings
 from mwdlogd.storage.chunk_ids import CHUNK_IDS, ChunkIdLog, PeerChunkIds
 from mwdlogd.storage.hourly import check_writable
 from mwdlogd.storage.journal import Journal
 from mwdlogd.storage.ledger import Ledger
+from mwdlogd.storage.lock import lock_buffer
 from mwdlogd.telemetry import BufferView, Telemetry
 
 # Hourly-file appends in flight at once; each is a blocking compress + write + fsync.
@@ -124,6 +127,8 @@ class App:
         self.stopped = trio.Event()
         self.https: HttpsIngestServer | None = None
         self.forward: ForwardServer | None = None
+        self.limits = ConnectionLimits(lambda: (self.config.server.max_connections,
+                                                self.config.server.max_connections_per_address))
 
     @property
     def config(self) -> Config:
@@ -179,6 +184,16 @@ class App:
 
     async def run(self, *, task_status: trio.TaskStatus[Addresses] = trio.TASK_STATUS_IGNORED
                   ) -> None:
+        """Raises StorageError before anything else when another server holds buffer.path
+        (a worker's buffer area is held by its supervisor)."""
+        lock = -1 if self._slot else lock_buffer(Path(self.config.buffer.path))
+        try:
+            await self._run(task_status)
+        finally:
+            if lock >= 0:
+                os.close(lock)
+
+    async def _run(self, task_status: trio.TaskStatus[Addresses]) -> None:
         for key, path in (("storage.root", self.config.storage.root),
                           ("buffer.path", self.config.buffer.path)):
             problem = await trio.to_thread.run_sync(check_writable, path)
@@ -197,10 +212,10 @@ class App:
         sockets = {**inherited, **owned}
         self.https = HttpsIngestServer(live=self.live, sock=sockets["http"],
                                        pipeline=self.pipeline, telemetry=self.telemetry,
-                                       balance=self._balance("http"))
+                                       limits=self.limits, balance=self._balance("http"))
         self.forward = ForwardServer(live=self.live, sock=sockets["forward"],
                                      pipeline=self.pipeline, telemetry=self.telemetry,
-                                     balance=self._balance("forward"))
+                                     limits=self.limits, balance=self._balance("forward"))
         async with trio.open_nursery() as nursery:
             to_router, from_pipeline = trio.open_memory_channel[Message](ROUTER_QUEUE)
             nursery.start_soon(self._run_router, from_pipeline)
@@ -208,8 +223,10 @@ class App:
             addresses = Addresses(
                 http=await nursery.start(self._ingest, self.https, self._https_done),
                 forward=await nursery.start(self._ingest, self.forward, self._forward_done),
-                health=await nursery.start(run_plain_http, sockets["health"], self._health),
-                metrics=await nursery.start(run_plain_http, sockets["metrics"], self._metrics),
+                health=await nursery.start(self._plain_http, sockets["health"], self._health,
+                                           "health"),
+                metrics=await nursery.start(self._plain_http, sockets["metrics"],
+                                            self._metrics, "metrics"),
                 monitor=await nursery.start(MonitorServer(
                     sock=sockets["monitor"], tail=self.tail, live=self.live,
                     plugins=lambda: monitor_agent.plugins(self.config, self.telemetry),
@@ -291,19 +308,46 @@ class App:
                         log.event(logging.INFO, "signal", name=signal.Signals(signum).name)
                         self.request_stop()
 
+    async def _plain_http(self, sock: socket.socket, handler: Handler, protocol: str, *,
+                          task_status: trio.TaskStatus[str]) -> None:
+        await run_plain_http(sock, handler, telemetry=self.telemetry, protocol=protocol,
+                             task_status=task_status)
+
     async def _health(self, request: h11.Request) -> Response:
+        """200 only while batches are acked and files are written; else 503 with every
+        reason (the container health check and `mwdlogd health` read the status)."""
         if request.target.split(b"?")[0] != b"/health":
             return not_found(request, "/health")
-        problem = await trio.to_thread.run_sync(check_writable, self.config.storage.root)
+        problems = await self._problems()
+        status: dict[str, object] = {"status": "ok" if not problems else "unavailable",
+                                     "storage_root": self.config.storage.root,
+                                     "open_files": self.router.open_files,
+                                     "buffered_bytes": self.tracker.buffered_bytes}
+        if problems:
+            status["problem"] = "; ".join(problems)
+            status["problems"] = problems
+        return json_response(503 if problems else 200, status)
+
+    async def _problems(self) -> list[str]:
+        problems = []
         if self._stop.is_set():
-            problem = "shutting down"
-        status = {"status": "ok" if not problem else "unavailable",
-                  "storage_root": self.config.storage.root,
-                  "open_files": self.router.open_files,
-                  "buffered_bytes": self.tracker.buffered_bytes}
-        if problem:
-            status["problem"] = problem
-        return json_response(503 if problem else 200, status)
+            problems.append("shutting down")
+        root = await trio.to_thread.run_sync(check_writable, self.config.storage.root)
+        if root:
+            problems.append(root)
+        if self.pipeline.journal_problem:
+            refusing = (" (new batches refused with 503 journal_failed)"
+                        if self.pipeline.journal_refusing else "")
+            problems.append(f"journal failing{refusing}: {self.pipeline.journal_problem}")
+        if self.pipeline.refusing:
+            problems.append(f"buffer full (new batches refused with 503 buffer_full): "
+                            f"{self.tracker.buffered_bytes} bytes not yet written, "
+                            f"buffer.total_limit={self.config.buffer.total_limit}")
+        failing = self.router.failing_writes()
+        if failing:
+            problems.append(f"{len(failing)} hourly files failing to write, retrying: "
+                            f"{failing[0]}")
+        return problems
 
     async def _metrics(self, request: h11.Request) -> Response:
         if request.target.split(b"?")[0] != b"/metrics":

@@ -48,6 +48,12 @@ class ServerConfig:
         "SIGTERM/SIGINT: time allowed to finish requests and flush everything"))
     log_level: str = attrs.field(default="info", metadata=_doc(
         "debug, info, warning or error (SIGHUP applies a change)"))
+    max_connections: int = attrs.field(default=4000, metadata=_doc(
+        "open HTTPS + forward connections per process; more are closed at once (keeps "
+        "descriptors for files and the journal)"))
+    max_connections_per_address: int = attrs.field(default=500, metadata=_doc(
+        "open HTTPS + forward connections from one IP address per process; more are "
+        "closed at once (one client cannot take every slot)"))
 
 
 @attrs.frozen
@@ -103,6 +109,12 @@ class ForwardConfig:
     dedupe_window: Duration = attrs.field(default=Duration(3600.0), metadata=_doc(
         "acked chunk ids remembered this long: a resend within it is acked, not stored; "
         "0 = off"))
+    handshake_timeout: Duration = attrs.field(default=Duration(30.0), metadata=_doc(
+        "from connect to the end of the handshake (TLS, and PING with shared_key): one "
+        "deadline, however slowly the bytes come"))
+    send_timeout: Duration = attrs.field(default=Duration(30.0), metadata=_doc(
+        "a peer must take a HELO, PONG or ack within this time or is closed (one that "
+        "never reads cannot hold its connection; its chunk is deduplicated on resend)"))
 
 
 @attrs.frozen

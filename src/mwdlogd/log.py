@@ -15,6 +15,20 @@ def _quote(value: Any) -> str:
     return text
 
 
+# Longest value a log line shows from a peer (a hostname, a tag, an error text): enough to
+# tell what it was, while 4 MB hostnames cannot grow the log by 4 MB a line.
+PEER_VALUE_CHARS = 200
+
+
+def capped(value: object, limit: int = PEER_VALUE_CHARS) -> str:
+    """`value` as text, cut to `limit` characters with a `…(+N bytes)` marker."""
+    text = str(value)
+    if len(text) <= limit:
+        return text
+    rest = len(text[limit:].encode("utf-8", "replace"))
+    return f"{text[:limit]}…(+{rest} bytes)"
+
+
 def logfmt(event: str, fields: dict[str, Any]) -> str:
     return " ".join([event, *(f"{key}={_quote(value)}" for key, value in fields.items())])
 

@@ -13,11 +13,13 @@ to all of them.
 one scrape sees the whole server; each worker's own series are at `/metrics?worker=N`.
 """
 
+import functools
 import logging
 import os
 import signal
 import socket
 import sys
+from pathlib import Path
 from urllib.parse import parse_qs
 
 import h11
@@ -32,6 +34,8 @@ from mwdlogd.servers.balance import ABSENT, board_size, set_counts
 from mwdlogd.servers.http_io import Response, json_response
 from mwdlogd.servers.listen import address_of, bind_listeners
 from mwdlogd.servers.plain_http import not_found, run_plain_http
+from mwdlogd.storage.lock import lock_buffer
+from mwdlogd.telemetry import Telemetry
 from mwdlogd.worker import SHARED_SOCKETS
 
 RESTART_DELAY_S = 1.0
@@ -54,6 +58,13 @@ class Supervisor:
         self._failed = False
 
     async def run(self) -> int:
+        lock = lock_buffer(Path(self._config.buffer.path))  # for the workers' areas too
+        try:
+            return await self._run()
+        finally:
+            os.close(lock)
+
+    async def _run(self) -> int:
         sockets = bind_listeners(self._config, (*SHARED_SOCKETS, "metrics"))
         metrics = sockets.pop("metrics")
         lifeline_read, lifeline_write = os.pipe()  # workers see EOF if this process dies
@@ -64,7 +75,9 @@ class Supervisor:
         try:
             async with trio.open_nursery() as nursery:
                 await nursery.start(self._watch_signals)
-                await nursery.start(run_plain_http, metrics, self._metrics)
+                await nursery.start(functools.partial(
+                    run_plain_http, metrics, self._metrics, protocol="metrics",
+                    telemetry=Telemetry(self._config.server.hostname)))
                 async with trio.open_nursery() as workers:
                     ready = [trio.Event() for _ in range(count)]
                     for index in range(count):

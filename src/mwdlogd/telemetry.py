@@ -4,6 +4,7 @@ Metric names follow fluent-plugin-prometheus, so dashboards and alerts written f
 Fluentd log server keep working. Label values come from fixed sets or from the tag.
 """
 
+import errno
 import logging
 import time
 from collections.abc import Callable, Mapping
@@ -21,6 +22,8 @@ FSYNC_BUCKETS = (0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.0
 OUTPUT_PLUGIN = ("hourly_files", "file")
 # Fluentd's slow_flush_log_threshold default: a flush slower than this counts as slow.
 SLOW_FLUSH_S = 20.0
+# A failing accept loop (descriptor limit) logs one line per listener this often.
+ACCEPT_LOG_INTERVAL_S = 10.0
 
 
 @attrs.define
@@ -80,6 +83,7 @@ class Telemetry:
         self.buffer = BufferView()
         self.tail_viewers = 0
         self._rate = log.RateLimiter()
+        self._accept_rate = log.RateLimiter(burst=1, window_s=ACCEPT_LOG_INTERVAL_S)
         r = self.registry
         self.input_records = Counter(
             "fluentd_input_status_num_records", "Records accepted from Engines",
@@ -119,6 +123,12 @@ class Telemetry:
                                     "original bytes in utf8_invalid)", ["protocol"], registry=r)
         self.tail_dropped = Counter("mwdlogd_tail_dropped_messages",
                                     "Live-tail records dropped for slow viewers", registry=r)
+        self.rejected_connections = Counter(
+            "mwdlogd_rejected_connections", "Connections closed at once, over a limit",
+            ["protocol", "reason"], registry=r)
+        self.accept_errors = Counter(
+            "mwdlogd_accept_errors", "accept() failures (EMFILE: descriptor limit)",
+            ["protocol", "errno"], registry=r)
         Gauge("mwdlogd_tail_viewers", "Connected live-tail viewers", registry=r).set_function(
             lambda: float(self.tail_viewers))
         Gauge("mwdlogd_journal_bytes", "Journal segment bytes on disk", registry=r).set_function(
@@ -183,8 +193,9 @@ class Telemetry:
     def forward_accepted(self, tag: str, records: int, duplicate: bool, latency_s: float) -> None:
         if duplicate:
             self.duplicate_chunks.inc()
-            log.event(logging.INFO, "forward_resend_acked", tag=tag,
-                      detail="chunk id already durable; acked without storing again")
+            self._peer_mistake("forward:resend", "forward_resend_acked", level=logging.INFO,
+                               tag=tag,
+                               detail="chunk id already durable; acked without storing again")
         else:
             self._input("forward", tag, records)
         self.ack_latency.labels("forward").observe(latency_s)
@@ -213,6 +224,35 @@ class Telemetry:
 
     def connection_opened(self, protocol: str) -> None:
         self.connections.labels(protocol).inc()
+
+    def connection_refused(self, protocol: str, address: str, reason: str) -> None:
+        self.rejected_connections.labels(protocol, reason).inc()
+        self._peer_mistake(f"{protocol}:{reason}", "connection_refused", protocol=protocol,
+                           peer=address, reason=reason)
+
+    def accept_failed(self, protocol: str, exc: OSError, retry_in_s: float) -> None:
+        code = errno.errorcode.get(exc.errno or 0, str(exc.errno))
+        self.accept_errors.labels(protocol, code).inc()
+        allowed, suppressed = self._accept_rate.allow(protocol, time.monotonic())
+        if allowed:
+            log.event(logging.ERROR, "accept_failed", protocol=protocol, errno=code,
+                      error=exc.strerror, retry_in_s=f"{retry_in_s:.1f}",
+                      failures_not_logged=suppressed,
+                      detail=f"new connections wait; logged at most every "
+                             f"{ACCEPT_LOG_INTERVAL_S:g}s, counted in "
+                             f"mwdlogd_accept_errors_total")
+
+    def handler_failed(self, protocol: str, peer: str) -> None:
+        """A connection handler raised (our bug, but a peer may trigger it at will): the
+        traceback is logged, rate-limited, from inside the `except` block."""
+        self.rejected.labels(protocol, "internal_error").inc()
+        allowed, suppressed = self._rate.allow(f"{protocol}:internal_error", time.monotonic())
+        if suppressed:
+            log.event(logging.WARNING, "log_suppressed", kind=f"{protocol}:internal_error",
+                      lines=suppressed)
+        if allowed:
+            log.logger.exception("%s", log.logfmt("handler_failed", {
+                "protocol": protocol, "peer": log.capped(peer)}))
 
     def records_written(self, path: str, by_tag: Mapping[str, int], size: int,
                         seconds: float) -> None:
@@ -247,12 +287,14 @@ class Telemetry:
                            peer=peer, tag=tag, records=records,
                            detail="stored with U+FFFD; original bytes in utf8_invalid")
 
-    def _peer_mistake(self, key: str, name: str, **fields: object) -> None:
+    def _peer_mistake(self, key: str, name: str, level: int = logging.WARNING,
+                      **fields: object) -> None:
+        """A line a peer can cause at will: rate-limited per `key`, every value capped."""
         allowed, suppressed = self._rate.allow(key, time.monotonic())
         if suppressed:
             log.event(logging.WARNING, "log_suppressed", kind=key, lines=suppressed)
         if allowed:
-            log.event(logging.WARNING, name, **fields)
+            log.event(level, name, **{k: log.capped(v) for k, v in fields.items()})
 
     def exposition(self) -> bytes:
         return prometheus_client.generate_latest(self.registry)

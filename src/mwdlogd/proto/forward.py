@@ -145,6 +145,9 @@ class ForwardConnection:
         except StopIteration:
             self._refuse_oversized()
             return NEED_DATA
+        except msgpack.StackError:
+            raise ForwardProtocolError("too_deep", "message nests deeper than msgpack's "
+                                                   "1024 levels") from None
         except (ValueError, TypeError) as exc:  # format errors, limits, bad UTF-8, list keys
             reason = "too_large" if "exceeds max" in str(exc) else "malformed_msgpack"
             raise ForwardProtocolError(reason, str(exc)) from None
@@ -316,6 +319,9 @@ def _unpack_all(blob: bytes, *, raw: bool) -> list[Any]:
         values = list(unpacker)  # stops before a truncated last entry
     except UnicodeDecodeError:
         raise
+    except msgpack.StackError:
+        raise ForwardProtocolError("too_deep", "entries nest deeper than msgpack's "
+                                               "1024 levels") from None
     except (ValueError, TypeError, msgpack.UnpackException) as exc:
         raise ForwardProtocolError("malformed_msgpack", f"entries: {exc}") from None
     consumed = unpacker.tell()

@@ -8,7 +8,7 @@ again while gunzipping. Nothing here touches a socket.
 import hashlib
 import itertools
 import re
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Sequence
 from typing import Any
 from urllib.parse import parse_qs, unquote
 
@@ -31,7 +31,7 @@ class Accepted:
     records: Records
     credential: Credential
     default_time: float | None
-    lines: list[bytes | None] | None = None  # each record's JSON text, when the body had it
+    lines: Sequence[bytes | None] | None = None  # each record's JSON text, when the body had it
     digest: bytes = b""  # of the target, Content-Type, Content-Encoding and body as sent
     invalid_utf8: int = 0  # records kept with text that was not UTF-8 (proto.text)
     times: list[float | None] | None = None  # event times the body carried, per record

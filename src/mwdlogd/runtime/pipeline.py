@@ -17,7 +17,7 @@ import trio
 from prometheus_client import Histogram
 
 from mwdlogd import log
-from mwdlogd.errors import MwdlogdError
+from mwdlogd.errors import MwdlogdError, StorageError
 from mwdlogd.pipeline.normalize import Routed
 from mwdlogd.runtime.channels import Wake, receive_until
 from mwdlogd.runtime.dedupe import ChunkMemory, Dedupe
@@ -141,12 +141,22 @@ class Pipeline:
         self._room = trio.Event()
         self._stopping = False
         self.waiting_for_room = 0  # batches held back (forward connections not being read)
+        self.journal_problem: str | None = None  # why the journal is failing, for /health
+        self.journal_refusing = False  # ... and whether batches are refused for it
+        self._refused_bytes = 0  # the last batch refused for room, until one fits
         self._fsync_seconds = fsync_seconds
         tracker.on_release = lambda: self._room.set()
 
     @property
     def overloaded(self) -> bool:
         return self._tracker.buffered_bytes >= self._total_limit()
+
+    @property
+    def refusing(self) -> bool:
+        """Batches are being refused for room: the buffer is full, or the last refused
+        batch would still not fit (for /health)."""
+        return self.overloaded or (
+            self._tracker.buffered_bytes + self._refused_bytes > self._total_limit())
 
     @property
     def buffered_bytes(self) -> int:
@@ -207,12 +217,14 @@ class Pipeline:
         if not await self.wait_for_room(submission.size, room_deadline):
             if self._stopping:
                 raise ShuttingDown("server is shutting down")
+            self._refused_bytes = submission.size
             raise Overloaded(f"buffer holds {self._tracker.buffered_bytes} bytes; "
                              f"buffer.total_limit={self._total_limit()}")
         try:
             await self._send.send(submission)
         except (trio.ClosedResourceError, trio.BrokenResourceError):
             raise ShuttingDown("server is shutting down") from None
+        self._refused_bytes = 0
         await submission.done.wait()
         if submission.error is not None:
             raise submission.error
@@ -282,16 +294,16 @@ class Pipeline:
         keys = [s.dedupe_key for s in batches if s.dedupe_key is not None]
         started = trio.current_time()
         try:
-            ids = await trio.to_thread.run_sync(_append_and_release, self._journal,
-                                                self._chunk_ids, payloads, keys, watermark,
-                                                limiter=self._limiter)
+            ids, problem = await trio.to_thread.run_sync(
+                _append_and_release, self._journal, self._chunk_ids, payloads, keys,
+                watermark, limiter=self._limiter)
         except MwdlogdError as exc:
-            log.event(logging.ERROR, "journal_append_failed", error=str(exc),
-                      batches=len(batches))
+            self._journal_health(str(exc), refused=len(batches))
             for submission in batches:
                 submission.error = JournalFailed(f"journal write failed: {exc}")
                 submission.done.set()
             return [m for m in group if isinstance(m, FlushAll)]
+        self._journal_health(problem, refused=0)
         if payloads:
             self._fsync_seconds.observe(trio.current_time() - started)
         for submission, batch_id in zip(batches, ids, strict=True):
@@ -300,21 +312,65 @@ class Pipeline:
             submission.done.set()
         return group
 
+    def _journal_health(self, problem: str | None, *, refused: int) -> None:
+        """Log when the journal starts or stops failing (not once per batch or tick)."""
+        if problem is not None and self.journal_problem is None:
+            log.event(logging.ERROR, "journal_failed", error=problem, batches_refused=refused,
+                      detail="retried with every batch and every second; batches are "
+                             "refused (503 journal_failed) while they cannot be appended")
+        elif problem is None and self.journal_problem is not None:
+            log.event(logging.WARNING, "journal_recovered", was=self.journal_problem)
+        self.journal_problem = problem
+        self.journal_refusing = problem is not None and (
+            refused > 0 or self._journal.lost is not None)
+
     async def release(self) -> None:
         """Delete journal segments that are wholly written (after the final flush)."""
-        await trio.to_thread.run_sync(_append_and_release, self._journal, self._chunk_ids, [],
-                                      [], self._tracker.watermark(), True,
-                                      limiter=self._limiter)
+        try:
+            _, problem = await trio.to_thread.run_sync(
+                _append_and_release, self._journal, self._chunk_ids, [], [],
+                self._tracker.watermark(), True, limiter=self._limiter)
+        except MwdlogdError as exc:
+            problem = str(exc)
+        if problem is not None:
+            log.event(logging.WARNING, "journal_release_failed", error=problem,
+                      detail="written-out segments stay; the next start skips their batches")
 
 
 def _append_and_release(journal: Journal, chunk_ids: ChunkIdLog, payloads: list[bytes],
-                        keys: list[bytes], watermark: int, final: bool = False) -> list[int]:
-    ids = journal.append(payloads) if payloads else []
-    chunk_ids.append(keys, time.time())
-    if journal.releasable(watermark, final=final):
+                        keys: list[bytes], watermark: int, final: bool = False
+                        ) -> tuple[list[int], str | None]:
+    """The batches' ids (raises StorageError when they were not journaled), and what else
+    is failing: segments that could not be deleted or chunk ids not logged.
+
+    Written-out segments go first, and when an append fails, even a small active one is
+    released before one more try: a full disk is freed by the batches that fill it."""
+    problem = None
+    try:
+        _release(journal, chunk_ids, watermark, final)
+    except StorageError as exc:
+        problem = str(exc)
+    ids = []
+    if payloads:
+        try:
+            ids = journal.append(payloads)
+        except StorageError:
+            if not journal.releasable(watermark, final=True):
+                raise
+            _release(journal, chunk_ids, watermark, final=True)
+            ids = journal.append(payloads)
+    try:
+        chunk_ids.append(keys, time.time())
+    except StorageError as exc:  # the journal holds the keys too: recovery finds them
+        problem = str(exc)
+    return ids, problem or journal.release_problem
+
+
+def _release(journal: Journal, chunk_ids: ChunkIdLog, watermark: int, final: bool) -> None:
+    if journal.releasable(watermark, final=final) or journal.lost:
         chunk_ids.sync()  # the ids must be on disk before the batches holding them go
-    journal.release(watermark, final=final)
-    return ids
+        journal.release(watermark, final=final)
+    journal.check()
 
 
 def _recover(journal: Journal, ledger: Ledger, chunk_ids: ChunkIdLog, memory: ChunkMemory,

@@ -83,6 +83,10 @@ class Router:
     def pending_files(self) -> int:
         return sum(1 for w in self._live if w.pending_bytes)
 
+    def failing_writes(self) -> list[str]:
+        """`path: error` of every file whose last write failed and is being retried."""
+        return sorted(f"{w.path}: {w.failing}" for w in self._live if w.failing is not None)
+
     def timekeys(self) -> list[int]:
         """Hours with an open file (Fluentd's buffer_timekeys)."""
         return sorted({entry.hour for entry in self._writers.values()})

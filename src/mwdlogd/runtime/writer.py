@@ -22,6 +22,10 @@ from mwdlogd.telemetry import Telemetry
 WRITER_QUEUE = 16
 # Raw bytes gathered before they are compressed in a worker thread (bounds memory per file).
 COMPRESS_BLOCK = 1024 * 1024
+# Raw bytes per gzip member: a backlog is several members, so when the disk cannot take it
+# all at once it is written member by member (a 5.8 MB backlog in one member never fit
+# on an emptied 4 MiB filesystem). 4 MiB of Engine logs compress to about 0.5 MiB.
+MEMBER_BYTES = 4 * 1024 * 1024
 RETRY_BASE_S = 1.0
 # Each flush waits up to this share of flush_interval longer, at random: files that filled
 # together do not all flush (compress, append, fsync) in the same instant, which showed
@@ -51,8 +55,18 @@ class FlushRequest:
     """A flush asked from outside; the writer fills in what it wrote."""
 
     done: trio.Event = attrs.field(factory=trio.Event)
-    records: int = 0  # written by this flush (0 when nothing was pending or it failed)
+    records: int = 0  # written by this flush (a failed one may have written some)
     failed: bool = False
+
+
+@attrs.define
+class Member:
+    """A finished gzip member and what it holds; appended whole or not at all."""
+
+    data: bytes
+    batch_ids: list[int]
+    by_tag: Counter[str]
+    raw_bytes: int
 
 
 @attrs.frozen
@@ -89,13 +103,15 @@ class DestinationWriter:
         self._builder = MemberBuilder(self._settings().compression)
         self._raw: list[bytes] = []
         self._raw_bytes = 0
-        self._ready = b""  # finished members whose append failed
+        self._open = Member(b"", [], Counter(), 0)  # what the builder holds
+        self._members: list[Member] = []  # finished, not yet appended
         self._pending_bytes = 0
         self._batch_ids: list[int] = []
         self._by_tag: Counter[str] = Counter()
         self._deadline = math.inf
         self._failures = 0
         self._failing_since: float | None = None
+        self.failing: str | None = None  # the last write error while retrying, for /health
 
     @property
     def pending_bytes(self) -> int:
@@ -148,8 +164,9 @@ class DestinationWriter:
                     continue
             pending = sum(self._by_tag.values())
             written = await self._flush()
-            if isinstance(message, FlushRequest):
-                message.records, message.failed = (pending, False) if written else (0, True)
+            if isinstance(message, FlushRequest):  # a failed flush may have written a part
+                message.records = pending - sum(self._by_tag.values())
+                message.failed = not written
                 message.done.set()
 
     async def _add(self, chunk: Chunk) -> None:
@@ -158,11 +175,22 @@ class DestinationWriter:
         self._pending_bytes += len(chunk.data)
         self._batch_ids.append(chunk.batch_id)
         self._by_tag[chunk.tag] += chunk.count
+        self._open.batch_ids.append(chunk.batch_id)
+        self._open.by_tag[chunk.tag] += chunk.count
+        self._open.raw_bytes += len(chunk.data)
         if self._deadline == math.inf:
             self._deadline = trio.current_time() + self._settings().flush_interval_s * (
                 1 + self._settings().flush_spread * random.random())
-        if self._raw_bytes >= COMPRESS_BLOCK:
+        if self._open.raw_bytes >= MEMBER_BYTES:
+            await self._finish_member()
+        elif self._raw_bytes >= COMPRESS_BLOCK:
             await self._store.compress(self._builder, self._take_raw())
+
+    async def _finish_member(self) -> None:
+        self._open.data = await self._store.finish(self._builder, self._take_raw())
+        self._members.append(self._open)
+        self._open = Member(b"", [], Counter(), 0)
+        self._builder = MemberBuilder(self._settings().compression)
 
     def _take_raw(self) -> bytes:
         data = b"".join(self._raw)
@@ -170,45 +198,68 @@ class DestinationWriter:
         return data
 
     async def _flush(self) -> bool:
-        """Append everything pending; False (and a retry deadline) on failure."""
+        """Append everything pending; False (and a retry deadline) on failure.
+
+        All members go in one append (one fsync); when that fails, one member at a time,
+        so that a backlog larger than the free space still makes progress."""
         if not self._batch_ids:
             return True
-        if self._raw or not self._builder.empty:
-            self._ready += await self._store.finish(self._builder, self._take_raw())
-            self._builder = MemberBuilder(self._settings().compression)
-        started = trio.current_time()
-        try:
-            size = await self._store.append(self.path, self._ready, max(self._batch_ids))
-        except StorageError as exc:
-            return await self._failed(exc)
-        self._telemetry.records_written(self.path, self._by_tag, size,
-                                        trio.current_time() - started)
+        if self._open.batch_ids:
+            await self._finish_member()
+        take = len(self._members)
+        while self._members:
+            members = self._members[:take]
+            started = trio.current_time()
+            try:
+                size = await self._store.append(self.path, b"".join(m.data for m in members),
+                                                max(i for m in members for i in m.batch_ids))
+            except StorageError as exc:
+                if take > 1:
+                    take = 1
+                    continue
+                return await self._failed(exc)
+            del self._members[:take]
+            self._appended(members, size, trio.current_time() - started)
         self._settled()
         return True
+
+    def _appended(self, members: list[Member], size: int, seconds: float) -> None:
+        by_tag: Counter[str] = sum((m.by_tag for m in members), Counter())
+        ids = [i for m in members for i in m.batch_ids]
+        self._telemetry.records_written(self.path, by_tag, size, seconds)
+        self._written(ids)
+        self._batch_ids = self._batch_ids[len(ids):]
+        self._by_tag -= by_tag
+        self._pending_bytes -= sum(m.raw_bytes for m in members)
+        self._failures, self._failing_since = 0, None  # progress: the retry clock restarts
 
     async def _failed(self, exc: StorageError) -> bool:
         now = trio.current_time()
         self._failing_since = self._failing_since if self._failing_since is not None else now
         if now - self._failing_since >= self._settings().retry_timeout_s:
             try:
-                moved = await self._store.fail(self.path, self._ready, max(self._batch_ids),
-                                               str(exc))
+                moved = await self._store.fail(self.path,
+                                               b"".join(m.data for m in self._members),
+                                               max(self._batch_ids), str(exc))
             except StorageError as fail_exc:
                 exc = fail_exc
             else:
                 self._telemetry.chunk_failed(self.path, str(exc), sum(self._by_tag.values()),
                                              str(moved))
+                self._written(self._batch_ids)
+                self._members, self._pending_bytes, self._batch_ids = [], 0, []
+                self._by_tag = Counter()
                 self._settled()
                 return True
         self._failures += 1
         delay = min(RETRY_BASE_S * 2 ** (self._failures - 1),
                     self._settings().retry_max_interval_s)
         self._deadline = now + delay
+        self.failing = str(exc)
         self._telemetry.write_failed(self.path, str(exc), sum(self._by_tag.values()), delay)
         return False
 
     def _settled(self) -> None:
-        self._written(self._batch_ids)
-        self._ready, self._pending_bytes, self._batch_ids = b"", 0, []
-        self._by_tag = Counter()
+        """Nothing pending any more: no deadline, no failure."""
         self._deadline, self._failures, self._failing_since = math.inf, 0, None
+        self.failing = None

@@ -16,22 +16,19 @@ from collections.abc import Callable
 
 import trio
 
-from mwdlogd import log
+from mwdlogd import codec, log
 from mwdlogd.live import Live
 from mwdlogd.pipeline.normalize import Context, normalize_batch
 from mwdlogd.proto.forward import NEED_DATA, Entries, ForwardConnection, ForwardProtocolError, Pong
 from mwdlogd.runtime.dedupe import Dedupe
 from mwdlogd.runtime.pipeline import Pipeline, Refused
-from mwdlogd.servers.acceptor import Acceptor
+from mwdlogd.servers.acceptor import Acceptor, ConnectionLimits
 from mwdlogd.servers.balance import Balance
 from mwdlogd.servers.http_io import RECEIVE_BYTES
 from mwdlogd.servers.listen import stream_listeners
 from mwdlogd.servers.tls import handshake, peer_name
 from mwdlogd.storage.chunk_ids import forward_key
 from mwdlogd.telemetry import Telemetry
-
-# A TLS handshake (and, with a shared key, the PING) must arrive within this time.
-HANDSHAKE_TIMEOUT_S = 30.0
 
 
 class _Close(Exception):
@@ -43,12 +40,13 @@ class ForwardServer:
     context current when it opens and keeps them; a reload applies to new connections."""
 
     def __init__(self, *, live: Live, sock: socket.socket, pipeline: Pipeline,
-                 telemetry: Telemetry, balance: Balance | None = None) -> None:
+                 telemetry: Telemetry, limits: ConnectionLimits,
+                 balance: Balance | None = None) -> None:
         self._live = live
         self._sock = sock
         self._pipeline = pipeline
         self._telemetry = telemetry
-        self._acceptor = Acceptor(balance)
+        self._acceptor = Acceptor("forward", telemetry, limits, balance)
 
     async def run(self, *, task_status: trio.TaskStatus[str] = trio.TASK_STATUS_IGNORED) -> None:
         """Serves until `stop_accepting()`, then returns once every connection has closed."""
@@ -69,60 +67,86 @@ class ForwardServer:
         """Never raises: an exception reaching serve_listeners would stop the server."""
         self._telemetry.connection_opened("forward")
         peer = peer_name(stream)
+        config = self._live.config.forward
+        deadline = trio.current_time() + config.handshake_timeout
         try:
             if await handshake(stream, protocol="forward", peer=peer,
-                               timeout_s=HANDSHAKE_TIMEOUT_S, telemetry=self._telemetry):
-                await self._serve(stream, peer_name(stream))
+                               timeout_s=config.handshake_timeout, telemetry=self._telemetry):
+                peer = peer_name(stream)
+                await self._serve(stream, peer, deadline)
         except (trio.BrokenResourceError, trio.ClosedResourceError, _Close):
             pass
         except ForwardProtocolError as exc:
             self._telemetry.forward_rejected(peer, exc.reason, exc.detail)
         except Exception:
-            log.logger.exception("forward handler failed for %s", peer)
+            self._telemetry.handler_failed("forward", peer)
         finally:
             await trio.aclose_forcefully(stream)
             log.event(logging.DEBUG, "forward_connection_closed", peer=peer)
 
-    async def _serve(self, stream: trio.abc.Stream, peer: str) -> None:
+    async def _serve(self, stream: trio.abc.Stream, peer: str, deadline: float) -> None:
+        """`deadline`: when the handshake must be over (the PING in, with a shared key)."""
         config = self._live.config.forward
         shared_key = config.shared_key.encode() or None
         conn = ForwardConnection(max_message_bytes=config.message_size_limit,
                                  shared_key=shared_key, self_hostname=config.self_hostname,
                                  users={u.username: u.password.encode() for u in config.users})
         identity = peer.rpartition(":")[0] if "/" not in peer else peer.split("/", 1)[1]
+        send_s = config.send_timeout
         if shared_key is not None:
-            await stream.send_all(conn.helo())
+            await self._send(stream, conn.helo(), peer, send_s)
         while True:
             event = conn.next_event()
             if event is NEED_DATA:
-                timeout = config.idle_timeout if conn.established else HANDSHAKE_TIMEOUT_S
+                established = conn.established
+                timeout = config.idle_timeout if established else deadline - trio.current_time()
                 data = await self._receive(stream, timeout)
+                if data is None and not established:
+                    raise ForwardProtocolError(
+                        "handshake_timeout", f"no PING within forward.handshake_timeout="
+                                             f"{config.handshake_timeout:g}s")
                 if not data:
                     return
                 conn.receive_data(data)
             elif isinstance(event, Pong):
-                await stream.send_all(event.data)
+                await self._send(stream, event.data, peer, send_s)
                 if not event.ok:
                     self._telemetry.forward_handshake_failed(peer, event.reason,
                                                              event.client_hostname)
                     return
                 identity = f"{identity}/{event.username or event.client_hostname}"
             elif isinstance(event, Entries):
-                await self._store(stream, conn, event, peer, identity)
+                await self._store(stream, conn, event, peer, identity, send_s)
 
-    async def _receive(self, stream: trio.abc.Stream, idle_s: float) -> bytes:
-        """Next bytes; b"" on EOF, on idle timeout and when draining."""
-        with self._acceptor.idle(idle_s):
+    async def _receive(self, stream: trio.abc.Stream, timeout_s: float) -> bytes | None:
+        """Next bytes; b"" on EOF and when draining, None at the timeout."""
+        with self._acceptor.idle(timeout_s):
             return bytes(await stream.receive_some(RECEIVE_BYTES))
-        return b""
+        return b"" if self._acceptor.draining else None
+
+    async def _send(self, stream: trio.abc.Stream, data: bytes, peer: str,
+                    timeout_s: float) -> None:
+        """Write within forward.send_timeout (the drain cuts it short too), else close."""
+        with self._acceptor.idle(timeout_s):
+            await stream.send_all(data)
+            return
+        if not self._acceptor.draining:
+            self._telemetry.forward_rejected(
+                peer, "send_timeout", f"peer did not read {len(data)} bytes within "
+                                      f"forward.send_timeout={timeout_s:g}s")
+        raise _Close
 
     async def _store(self, stream: trio.abc.Stream, conn: ForwardConnection, event: Entries,
-                     peer: str, identity: str) -> None:
+                     peer: str, identity: str, send_s: float) -> None:
         received_at = time.time()
         if event.invalid_utf8:
             self._telemetry.invalid_utf8_kept("forward", peer, event.tag, event.invalid_utf8)
         ctx = Context(event.tag, received_at, received_at, self._live.config.server.hostname)
-        routed = normalize_batch(((record, at, None) for at, record in event.entries), ctx)
+        try:
+            routed = normalize_batch(((record, at, None) for at, record in event.entries), ctx)
+        except codec.TooDeep:
+            raise ForwardProtocolError("too_deep", f"tag {event.tag}: a record nests deeper "
+                                                   f"than {codec.MAX_DEPTH} levels") from None
         window = self._live.config.forward.dedupe_window
         dedupe = (Dedupe(forward_key(identity, event.chunk), window)
                   if event.chunk is not None and window else None)
@@ -136,4 +160,4 @@ class ForwardServer:
         self._telemetry.forward_accepted(event.tag, committed.records, committed.duplicate,
                                          trio.current_time() - started)
         if event.chunk is not None:
-            await stream.send_all(conn.ack(event.chunk))
+            await self._send(stream, conn.ack(event.chunk), peer, send_s)

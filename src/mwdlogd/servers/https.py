@@ -13,7 +13,7 @@ import time
 import h11
 import trio
 
-from mwdlogd import log
+from mwdlogd import codec, log
 from mwdlogd.config import HttpConfig
 from mwdlogd.errors import IngestError
 from mwdlogd.live import Live
@@ -21,9 +21,10 @@ from mwdlogd.pipeline.normalize import Context, normalize_batch
 from mwdlogd.proto.ingest import Accepted, RequestReader
 from mwdlogd.runtime.dedupe import Dedupe
 from mwdlogd.runtime.pipeline import Pipeline, Refused
-from mwdlogd.servers.acceptor import Acceptor
+from mwdlogd.servers.acceptor import Acceptor, ConnectionLimits
 from mwdlogd.servers.balance import Balance
 from mwdlogd.servers.http_io import (
+    RECEIVE_BYTES,
     Response,
     json_response,
     new_connection,
@@ -47,12 +48,13 @@ class HttpsIngestServer:
     request, so a reload applies to the next ones."""
 
     def __init__(self, *, live: Live, sock: socket.socket, pipeline: Pipeline,
-                 telemetry: Telemetry, balance: Balance | None = None) -> None:
+                 telemetry: Telemetry, limits: ConnectionLimits,
+                 balance: Balance | None = None) -> None:
         self._live = live
         self._sock = sock
         self._pipeline = pipeline
         self._telemetry = telemetry
-        self._acceptor = Acceptor(balance)
+        self._acceptor = Acceptor("http", telemetry, limits, balance)
 
     async def run(self, *, task_status: trio.TaskStatus[str] = trio.TASK_STATUS_IGNORED) -> None:
         """Serves until `stop_accepting()`, then returns once every connection has closed."""
@@ -84,7 +86,7 @@ class HttpsIngestServer:
         except (trio.BrokenResourceError, trio.ClosedResourceError):
             log.event(logging.DEBUG, "connection_lost", peer=peer)
         except Exception:
-            log.logger.exception("https handler failed for %s", peer)
+            self._telemetry.handler_failed("http", peer)
         finally:
             await trio.aclose_forcefully(stream)
 
@@ -92,7 +94,7 @@ class HttpsIngestServer:
         conn = new_connection()
         client = cert_subject(stream)
         while not self.draining:
-            request = await self._next_request(conn, stream)
+            request = await self._next_request(conn, stream, peer)
             if request is None:
                 return
             answered = await self._serve_request(conn, stream, request, peer, client)
@@ -100,20 +102,34 @@ class HttpsIngestServer:
                 return
             conn.start_next_cycle()
 
-    async def _next_request(self, conn: h11.Connection,
-                            stream: trio.SSLStream[trio.SocketStream]) -> h11.Request | None:
-        """The next request head, or None on EOF, idle timeout or drain."""
-        event = None
-        with self._acceptor.idle(self._live.config.http.idle_timeout) as scope:
-            try:
-                event = await read_event(conn, stream)
-            except h11.RemoteProtocolError as exc:
-                await self._refuse(conn, stream, peer_name(stream), IngestError(
-                    exc.error_status_hint, "bad_http", str(exc)))
-                return None
-        if scope.cancelled_caught or not isinstance(event, h11.Request):
+    def _timed_out(self) -> IngestError:
+        return IngestError(408, "request_timeout", f"request not received within "
+                                                   f"http.request_timeout="
+                                                   f"{self._live.config.http.request_timeout}s")
+
+    async def _next_request(self, conn: h11.Connection, stream: trio.SSLStream[trio.SocketStream],
+                            peer: str) -> h11.Request | None:
+        """The next request head, or None on EOF, idle timeout or drain. The idle timeout
+        runs until the head's first byte, http.request_timeout from then on (a head
+        dripped byte by byte gets 408)."""
+        config = self._live.config.http
+        try:
+            event = conn.next_event()
+            if event is h11.NEED_DATA:
+                with self._acceptor.idle(config.idle_timeout):
+                    conn.receive_data(bytes(await stream.receive_some(RECEIVE_BYTES)))
+                if conn.their_state is h11.IDLE and not conn.trailing_data[0]:
+                    return None  # idle timeout, drain
+                with trio.move_on_after(config.request_timeout):
+                    event = await read_event(conn, stream)
+                if event is h11.NEED_DATA:
+                    await self._refuse(conn, stream, peer, self._timed_out())
+                    return None
+        except h11.RemoteProtocolError as exc:
+            await self._refuse(conn, stream, peer, IngestError(
+                exc.error_status_hint, "bad_http", str(exc)))
             return None
-        return event
+        return event if isinstance(event, h11.Request) else None
 
     async def _serve_request(self, conn: h11.Connection, stream: trio.SSLStream[trio.SocketStream],
                              request: h11.Request, peer: str, client: str) -> bool:
@@ -140,7 +156,11 @@ class HttpsIngestServer:
             self._telemetry.invalid_utf8_kept("http", peer, accepted.tag, accepted.invalid_utf8)
         ctx = Context(accepted.tag, received_at, accepted.default_time or received_at,
                       settings.config.server.hostname)
-        routed = normalize_batch(accepted.with_text(), ctx)
+        try:
+            routed = normalize_batch(accepted.with_text(), ctx)
+        except codec.TooDeep:
+            return await self._refuse(conn, stream, peer, IngestError(
+                400, "too_deep", f"a record nests deeper than {codec.MAX_DEPTH} levels"))
         commit_started = trio.current_time()
         try:
             committed = await self._pipeline.commit(

@@ -8,6 +8,7 @@ import h11
 import trio
 
 from mwdlogd import log
+from mwdlogd.servers.acceptor import serve_streams
 from mwdlogd.servers.http_io import (
     Response,
     json_response,
@@ -17,15 +18,18 @@ from mwdlogd.servers.http_io import (
     send_response,
 )
 from mwdlogd.servers.listen import address_of, tcp_listener
+from mwdlogd.telemetry import Telemetry
 
 Handler = Callable[[h11.Request], Awaitable[Response]]
 # Scrapers and probes send small requests quickly; anything slower is not one of them.
 IDLE_TIMEOUT_S = 30.0
 
 
-async def run_plain_http(sock: socket.socket, handler: Handler, *,
+async def run_plain_http(sock: socket.socket, handler: Handler, *, telemetry: Telemetry,
+                         protocol: str,
                          task_status: trio.TaskStatus[str] = trio.TASK_STATUS_IGNORED) -> None:
-    """Serves `handler` on the listening `sock` until cancelled; reports `host:port`."""
+    """Serves `handler` on the listening `sock` until cancelled; reports `host:port`.
+    `protocol` names the port in logs and metrics (accept failures, handler errors)."""
     listeners = [tcp_listener(sock)]
     address = address_of(sock)
 
@@ -35,12 +39,10 @@ async def run_plain_http(sock: socket.socket, handler: Handler, *,
         except (trio.BrokenResourceError, trio.ClosedResourceError, h11.ProtocolError):
             pass
         except Exception:
-            log.logger.exception("plain_http_handler_failed")
-        finally:
-            await trio.aclose_forcefully(stream)
+            telemetry.handler_failed(protocol, "")
 
     task_status.started(address)
-    await trio.serve_listeners(serve, listeners)
+    await serve_streams(listeners, serve, protocol=protocol, telemetry=telemetry)
 
 
 async def _serve_connection(stream: trio.SocketStream, handler: Handler) -> None:
@@ -65,7 +67,7 @@ async def _serve_connection(stream: trio.SocketStream, handler: Handler) -> None
 
 
 def not_found(request: h11.Request, known: str) -> Response:
-    log.event(logging.DEBUG, "not_found", target=request.target.decode("latin-1"))
+    target = log.capped(request.target.decode("latin-1"))
+    log.event(logging.DEBUG, "not_found", target=target)
     return json_response(404, {"error": "not_found",
-                               "detail": f"{request.target.decode('latin-1')} is not served; "
-                                         f"try {known}"})
+                               "detail": f"{target} is not served; try {known}"})

@@ -44,8 +44,8 @@ def peer_name(stream: object) -> str:
         name = "unknown"
     try:
         cert = stream.getpeercert()  # type: ignore[attr-defined]
-    except (AttributeError, trio.NeedHandshakeError):
-        cert = None
+    except (AttributeError, ValueError, trio.NeedHandshakeError):
+        cert = None  # ssl raises ValueError "handshake not done yet" after a failed one
     for rdn in (cert or {}).get("subject", ()):
         for key, value in rdn:
             if key == "commonName":
