@@ -13,7 +13,13 @@ from typing import Any, NamedTuple
 import attrs
 
 from mwdlogd import codec
-from mwdlogd.pipeline.paths import INVALID_DIR, UNMATCHED_DIR, customer_file, stream_file
+from mwdlogd.pipeline.paths import (
+    CACHED_CHARS,
+    INVALID_DIR,
+    UNMATCHED_DIR,
+    customer_file,
+    stream_file,
+)
 
 LOG_TYPES = {"nginx": "nginx", "openappsec": "openappsec"}
 TAG_LOG_TYPES = {**LOG_TYPES, "waf": "openappsec"}
@@ -145,10 +151,19 @@ def _destination(record: dict[str, Any], tag: str, hour: int, reason: str | None
     return path, None
 
 
-@lru_cache(maxsize=4096)
 def _json_member(key: str, value: str) -> bytes:
-    """`"key":"value"` as JSON; the added values repeat, so their encoding is cached."""
+    """`"key":"value"` as JSON; the added values (hostname, tag, reasons) repeat, so their
+    encoding is cached, unless a peer sent a long one (a tag of any length)."""
+    if len(value) > CACHED_CHARS:
+        return _encode_member(key, value)
+    return _cached_member(key, value)
+
+
+def _encode_member(key: str, value: str) -> bytes:
     return codec.dumps_line({key: value})[1:-2]
+
+
+_cached_member = lru_cache(maxsize=4096)(_encode_member)
 
 
 def _log_type(record: dict[str, Any], tag: str) -> str | None:
