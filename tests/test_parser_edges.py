@@ -186,3 +186,21 @@ def test_long_names_and_tags_are_not_kept_by_caches() -> None:
     done = subprocess.run([sys.executable, "-c", LONG_NAMES], capture_output=True, text=True,
                           timeout=120, check=True)
     assert int(done.stdout) < 1024 * 1024  # without the bound about 300 MB stay
+
+
+async def test_forward_tags_of_any_length_are_refused(server: Running, pki: Path) -> None:
+    """A tag is kept in every record, journal batch and metric label (memory and disk)."""
+    client = await RawForward.connect(server.addresses.forward, client_context(pki))
+    await client.send(msgpack.packb(["t" * 2000, [[int(time.time()), record(0)]],
+                                     {"chunk": "c1"}]))
+    with pytest.raises(EOFError):
+        await client.receive()
+    await client.aclose()
+    assert server.app.telemetry.rejected.labels("forward", "too_long")._value.get() == 1
+    ok = await RawForward.connect(server.addresses.forward, client_context(pki))
+    await ok.send(msgpack.packb(["nginx.access", [[int(time.time()), record(1)]],
+                                 {"chunk": "c2"}]))
+    assert await ok.receive() == {"ack": "c2"}
+    await ok.aclose()
+    await server.app.flush("test")
+    assert [r["id"] for r in all_records(server.root)] == ["e1"]

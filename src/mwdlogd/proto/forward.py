@@ -24,6 +24,10 @@ from mwdlogd.proto.text import may_hold_bin, repair_all, strings_as_text
 
 EVENT_TIME_EXT = 0
 NEED_DATA: Final = object()
+# Longest tag taken: it is kept in every record, journal batch and metric label. Fluentd
+# tags are short.
+MAX_TAG_CHARS = 1024
+
 # Enough of a message's start to read its tag (Fluentd tags are short) and the length its
 # entries field declares, so an oversized declaration is refused before any body arrives.
 HEAD_BYTES = 512
@@ -241,6 +245,9 @@ class ForwardConnection:
             raise ForwardProtocolError("wrong_shape", f"expected [tag, ...], got "
                                        f"{_describe(message)}")
         tag, body = message[0], message[1]
+        if len(tag) > MAX_TAG_CHARS:
+            raise ForwardProtocolError("too_long", f"tag of {len(tag)} characters > "
+                                                   f"{MAX_TAG_CHARS}")
         if isinstance(body, list):  # Forward
             entries = [self._entry(e, n) for n, e in enumerate(body)]
             option = message[2] if len(message) > 2 else None
