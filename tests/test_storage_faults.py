@@ -95,3 +95,42 @@ def test_backlog_larger_than_the_free_space_makes_progress(
         server.stop()
     stored = [r["id"] for records in read_tree(small_root).values() for r in records]
     assert len(stored) == len(set(stored)) and set(stored) == acked
+
+
+EMITS = 'fluentd_output_status_emit_count{plugin_id="hourly_files",type="file"}'
+SITES = 2000
+
+
+def rss_mb(pid: int) -> float:
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1]) / 1024
+    raise AssertionError("no VmRSS")
+
+
+def test_open_files_waiting_for_their_flush_hold_no_compressor(tmp_path: Path,
+                                                                pki: Path) -> None:
+    """One request for 2,000 sites opens 2,000 hourly files; each used to hold a zlib
+    compressor (about 130 KB) from then until its hour ended."""
+    raw = config_raw(tmp_path, pki, buffer={"flush_interval": "1h"},
+                     server={"shutdown_timeout": "300s"})
+    server = ServerProcess(write_config(tmp_path / "config.toml", raw))
+    try:
+        before = rss_mb(server.process.pid)
+        records = [r for n in range(SITES)
+                   for r in engine_records(1, start=n, fqdn=f"s{n}.test", time=1732500000)]
+        port = int(server.addresses["http"].rpartition(":")[2])
+        assert post_sync(port, client_context(pki), ndjson(records))[0] == 200
+        deadline = time.monotonic() + 60
+        while metric(server, EMITS) < SITES:  # polled: every file's writer has its records
+            assert time.monotonic() < deadline
+            time.sleep(0.05)
+        growth = rss_mb(server.process.pid) - before
+        server.signal(signal.SIGTERM)
+        assert server.wait(300) == 0
+    finally:
+        server.stop()
+    print(f"{SITES} open files: RSS +{growth:.0f} MB")
+    assert growth < 100  # measured: +18 MB; +178 MB with a compressor per file
+    stored = [r["id"] for rs in read_tree(tmp_path / "logs").values() for r in rs]
+    assert sorted(stored) == sorted(r["id"] for r in records)

@@ -26,21 +26,33 @@ COMPRESSORS: dict[str, Callable[[], Any]] = {
 
 
 class MemberBuilder:
-    """One gzip member, compressed piece by piece as records arrive (bounded memory)."""
+    """One gzip member, compressed piece by piece as records arrive (bounded memory).
+
+    The compressor (about 256 KiB of zlib state) is made at the first data, so a builder
+    that holds nothing costs nothing: one per open hourly file, 5,000 files of one
+    request held 635 MB until their hour ended."""
 
     def __init__(self, compression: str = "zlib") -> None:
-        self._compressor = COMPRESSORS[compression]()
+        self._compression = compression
+        self._compressor: Any = None
         self._parts: list[bytes] = []
         self.empty = True  # nothing added yet (zlib may hold what was added unwritten)
 
+    def _started(self) -> Any:
+        if self._compressor is None:
+            self._compressor = COMPRESSORS[self._compression]()
+        return self._compressor
+
     def add(self, data: bytes) -> None:
         self.empty = False
-        self._parts.append(self._compressor.compress(data))
+        self._parts.append(self._started().compress(data))
 
     def finish(self, tail: bytes = b"") -> bytes:
         """The complete member, with `tail` as its last records."""
-        self._parts.append(self._compressor.compress(tail))
-        self._parts.append(self._compressor.flush())
+        compressor = self._started()
+        self._parts.append(compressor.compress(tail))
+        self._parts.append(compressor.flush())
+        self._compressor = None
         return b"".join(self._parts)
 
 
