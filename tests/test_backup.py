@@ -230,9 +230,9 @@ def test_live_backup_restores_every_record_once_and_refuses_the_live_files(
         assert "the server is running" in made.stderr
         refused = mwdlogd("--config", str(config), "restore", str(out), "--force")
         assert refused.returncode == 2
-        health = f"http://127.0.0.1:{raw['health']['port']}/health"
+        lock = tmp_path / "buffer" / ".lock"  # the server holds it (storage/lock.py)
         assert ("refusing to restore logs/buffer into a running server "
-                f"({health} answers for storage_root {tmp_path / 'logs'})") in refused.stderr
+                f"({lock} is locked by a running server)") in refused.stderr
         # the same config elsewhere (same ports, other files) is not that server's buffer
         copy = tmp_path / "copy" / "config.toml"
         copied = mwdlogd("--config", str(copy), "restore", str(out))
