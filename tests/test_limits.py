@@ -3,6 +3,7 @@ loopback addresses, and `prlimit` lowering a live server's RLIMIT_NOFILE."""
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import resource
@@ -10,10 +11,14 @@ import socket
 import ssl
 import threading
 import time
+import tracemalloc
 import urllib.request
 from pathlib import Path
 
 import trio
+
+from mwdlogd.runtime.tail import TailFilter, TailHub
+from mwdlogd.telemetry import Telemetry
 
 from conftest import config_raw, make_config, start_app
 from helpers import (
@@ -142,3 +147,29 @@ async def test_health_is_degraded_while_acks_are_refused_for_a_full_buffer(
     assert sorted(r["id"] for r in all_records(running.root)) == sorted(r["id"] for r in first)
     await connection.aclose()
     running.app.request_stop()
+
+
+RECORDS = 40
+RECORD_BYTES = 1_000_000
+
+
+async def test_stalled_tail_viewers_hold_a_bounded_number_of_bytes() -> None:
+    """Three viewers that read nothing while 40 records of 1 MB go by: each keeps at most
+    VIEWER_BYTES (4 MiB) of them, not 40 MB."""
+    telemetry = Telemetry("t")
+    hub = TailHub(telemetry)
+    path = "acme/nginx/www.acme.test/2024/11/25/02.log.gz"
+    tracemalloc.start()
+    try:
+        with hub.viewer(TailFilter()) as first, hub.viewer(TailFilter()), \
+                hub.viewer(TailFilter()):
+            before = tracemalloc.get_traced_memory()[0]
+            for n in range(RECORDS):
+                hub.publish(path, b'{"n":%d,"pad":"' % n + b"x" * RECORD_BYTES + b'"}\n')
+            held = tracemalloc.get_traced_memory()[0] - before
+            kept = [await first.__anext__() for _ in range(4)]
+    finally:
+        tracemalloc.stop()
+    assert held < 3 * 5 * 1024 * 1024  # about 120 MB without the byte bound
+    assert [json.loads(line)["n"] for line in kept] == [0, 1, 2, 3]
+    assert telemetry.tail_dropped._value.get() == 3 * (RECORDS - 4)

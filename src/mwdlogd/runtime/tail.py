@@ -1,7 +1,8 @@
 """Live tail: normalised records fanned out to WebSocket viewers, never slowing ingest.
 
-Each viewer has a bounded queue filled with send_nowait; when it is full the record is
-dropped for that viewer and counted. With no viewer, publishing costs one check.
+Each viewer has a queue bounded in records and in bytes, filled with send_nowait; when it
+is full the record is dropped for that viewer and counted. With no viewer, publishing
+costs one check.
 """
 
 import random
@@ -16,6 +17,8 @@ from mwdlogd.telemetry import Telemetry
 
 # Records a viewer may fall behind by before it starts losing them.
 VIEWER_QUEUE = 1000
+# ... and bytes: 3 stalled viewers and 100 records of 1 MB held 339 MB.
+VIEWER_BYTES = 4 * 1024 * 1024
 STREAMS = {INVALID_DIR: "invalid", UNMATCHED_DIR: "unmatched"}
 
 
@@ -48,23 +51,45 @@ class TailFilter:
 class _Viewer:
     filter: TailFilter
     send: trio.MemorySendChannel[bytes]
+    queued_bytes: int = 0
+
+
+class ViewerQueue:
+    """One viewer's records, oldest first (`async for`); taking one frees its bytes."""
+
+    def __init__(self, viewer: _Viewer, receive: trio.MemoryReceiveChannel[bytes]) -> None:
+        self._viewer = viewer
+        self._receive = receive
+
+    def __aiter__(self) -> "ViewerQueue":
+        return self
+
+    async def __anext__(self) -> bytes:
+        try:
+            line = await self._receive.receive()
+        except trio.EndOfChannel:
+            raise StopAsyncIteration from None
+        self._viewer.queued_bytes -= len(line)
+        return line
 
 
 class TailHub:
-    def __init__(self, telemetry: Telemetry, *, queue_size: int = VIEWER_QUEUE) -> None:
+    def __init__(self, telemetry: Telemetry, *, queue_size: int = VIEWER_QUEUE,
+                 queue_bytes: int = VIEWER_BYTES) -> None:
         self._telemetry = telemetry
         self._queue_size = queue_size
+        self._queue_bytes = queue_bytes
         self._viewers: set[_Viewer] = set()
         self._random = random.Random()
 
     @contextmanager
-    def viewer(self, tail_filter: TailFilter) -> Iterator[trio.MemoryReceiveChannel[bytes]]:
+    def viewer(self, tail_filter: TailFilter) -> Iterator[ViewerQueue]:
         send, receive = trio.open_memory_channel[bytes](self._queue_size)
         viewer = _Viewer(tail_filter, send)
         self._viewers.add(viewer)
         self._telemetry.tail_viewers = len(self._viewers)
         try:
-            yield receive
+            yield ViewerQueue(viewer, receive)
         finally:
             self._viewers.discard(viewer)
             self._telemetry.tail_viewers = len(self._viewers)
@@ -82,9 +107,14 @@ class TailHub:
         for line in data.splitlines():
             if viewer.filter.sample < 1.0 and self._random.random() >= viewer.filter.sample:
                 continue
+            if viewer.queued_bytes + len(line) > self._queue_bytes:
+                dropped += 1
+                continue
             try:
                 viewer.send.send_nowait(line)
             except trio.WouldBlock:
                 dropped += 1
+            else:
+                viewer.queued_bytes += len(line)
         if dropped:
             self._telemetry.tail_dropped.inc(dropped)
