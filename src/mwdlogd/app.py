@@ -230,7 +230,7 @@ class App:
                 monitor=await nursery.start(MonitorServer(
                     sock=sockets["monitor"], tail=self.tail, live=self.live,
                     plugins=lambda: monitor_agent.plugins(self.config, self.telemetry),
-                    flush=self._flush_for_monitor).run))
+                    flush=self._flush_for_monitor, telemetry=self.telemetry).run))
             if self._handle_signals:
                 await nursery.start(self._watch_signals)
             log.event(logging.INFO, "listening" if self._slot is None else "worker_listening",

@@ -21,9 +21,11 @@ from mwdlogd import log
 from mwdlogd.live import Live
 from mwdlogd.runtime.tail import TailFilter, TailHub
 from mwdlogd.servers import monitor_agent
+from mwdlogd.servers.acceptor import serve_streams
 from mwdlogd.servers.http_io import RECEIVE_BYTES, Response, json_response, send_response
 from mwdlogd.servers.listen import address_of, tcp_listener
 from mwdlogd.servers.plain_http import not_found
+from mwdlogd.telemetry import Telemetry
 
 HEAD_TIMEOUT_S = 10.0
 MAX_HEAD_BYTES = 16 * 1024
@@ -61,7 +63,9 @@ Flush = Callable[[], Awaitable[dict[str, Any]]]
 
 class MonitorServer:
     def __init__(self, *, sock: socket.socket, tail: TailHub, live: Live,
-                 plugins: Callable[[], list[monitor_agent.Plugin]], flush: Flush) -> None:
+                 plugins: Callable[[], list[monitor_agent.Plugin]], flush: Flush,
+                 telemetry: Telemetry) -> None:
+        self._telemetry = telemetry
         self._sock = sock
         self._tail = tail
         self._live = live
@@ -70,7 +74,8 @@ class MonitorServer:
 
     async def run(self, *, task_status: trio.TaskStatus[str] = trio.TASK_STATUS_IGNORED) -> None:
         task_status.started(address_of(self._sock))
-        await trio.serve_listeners(self._handle, [tcp_listener(self._sock)])
+        await serve_streams([tcp_listener(self._sock)], self._handle, protocol="monitor",
+                            telemetry=self._telemetry)
 
     async def _handle(self, stream: trio.SocketStream) -> None:
         """Never raises: an exception reaching serve_listeners would stop the server."""
@@ -89,7 +94,7 @@ class MonitorServer:
                 trio_websocket.ConnectionClosed):
             pass
         except Exception:
-            log.logger.exception("monitor handler failed")
+            self._telemetry.handler_failed("monitor", "")
         finally:
             await trio.aclose_forcefully(stream)
 
