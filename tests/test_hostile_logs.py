@@ -61,5 +61,4 @@ async def test_ping_hostnames_are_capped_and_handshake_failures_rate_limited(
               if r.getMessage().startswith("forward_handshake_failed")]
     assert 1 <= len(failed) <= 10  # telemetry's RateLimiter burst
     assert all(len(line) < 1000 for line in failed)
-    assert f"…(+{HOSTNAME_BYTES - 200} bytes)" in failed[0]
     assert sum(len(r.getMessage()) for r in caplog.records) < 20_000

@@ -199,6 +199,7 @@ class Pipeline:
         while self._tracker.buffered_bytes + min(size, self._total_limit()) \
                 > self._total_limit():
             if self._stopping or trio.current_time() >= deadline:
+                self._refused_bytes = 0 if self._stopping else min(size, self._total_limit())
                 return False
             if self._room.is_set():  # waiters share one event, renewed once it has fired
                 self._room = trio.Event()
@@ -217,7 +218,6 @@ class Pipeline:
         if not await self.wait_for_room(submission.size, room_deadline):
             if self._stopping:
                 raise ShuttingDown("server is shutting down")
-            self._refused_bytes = submission.size
             raise Overloaded(f"buffer holds {self._tracker.buffered_bytes} bytes; "
                              f"buffer.total_limit={self._total_limit()}")
         try:
