@@ -19,6 +19,7 @@ from mwdlogd import log
 from mwdlogd.config import Config, check_tls_files
 from mwdlogd.errors import MwdlogdError, StorageError
 from mwdlogd.live import Live, Settings, merge_reload, token_table
+from mwdlogd.runtime.budget import Budget
 from mwdlogd.runtime.dedupe import ChunkMemory
 from mwdlogd.runtime.filestore import FileStore
 from mwdlogd.runtime.pipeline import FlushAll, Message, Pipeline
@@ -108,6 +109,8 @@ class App:
         store = FileStore(root=config.storage.root, failed_dir=buffer / "failed",
                           ledger=ledger, limiter=trio.CapacityLimiter(FILE_IO_THREADS))
         extra = {"wall_clock": wall_clock} if wall_clock else {}
+        self.budget = Budget(config.server.memory_limit)  # one for both ports
+        self.telemetry.memory_budget_used = lambda: self.budget.used
         self.tail = TailHub(self.telemetry)
         self.router = Router(store=store, settings=lambda: writer_settings(self.config),
                              timekey_wait_s=lambda: self.config.buffer.timekey_wait,
@@ -210,12 +213,15 @@ class App:
                 sock.close()
             raise
         sockets = {**inherited, **owned}
+        budget, decoder = self.budget, trio.CapacityLimiter(1)
         self.https = HttpsIngestServer(live=self.live, sock=sockets["http"],
                                        pipeline=self.pipeline, telemetry=self.telemetry,
-                                       limits=self.limits, balance=self._balance("http"))
+                                       limits=self.limits, balance=self._balance("http"),
+                                       budget=budget, decoder=decoder)
         self.forward = ForwardServer(live=self.live, sock=sockets["forward"],
                                      pipeline=self.pipeline, telemetry=self.telemetry,
-                                     limits=self.limits, balance=self._balance("forward"))
+                                     limits=self.limits, balance=self._balance("forward"),
+                                     budget=budget, decoder=decoder)
         async with trio.open_nursery() as nursery:
             to_router, from_pipeline = trio.open_memory_channel[Message](ROUTER_QUEUE)
             nursery.start_soon(self._run_router, from_pipeline)

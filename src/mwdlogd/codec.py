@@ -4,6 +4,8 @@ not valid UTF-8, map keys orjson does not take."""
 
 import json
 import math
+import re
+from collections.abc import Iterator
 from typing import Any
 
 import orjson
@@ -134,6 +136,41 @@ def has_duplicate_keys(data: bytes) -> bool:
     except (ValueError, RecursionError):
         return False
     return found
+
+
+_SPACE = re.compile(r"[ \t\n\r]*")
+
+
+def _refuse_constant(name: str) -> Any:
+    raise ValueError(f"{name} is not JSON")
+
+
+_STDLIB = json.JSONDecoder(parse_constant=_refuse_constant)
+
+
+def iter_array(text: str) -> Iterator[Any]:
+    """The elements of a JSON array one at a time (stdlib, integers exact), so a caller can
+    stop early and other threads run between elements; orjson decodes a whole document
+    in one call that holds the GIL. Raises ValueError for invalid JSON."""
+    at = _SPACE.match(text).end()  # type: ignore[union-attr]  # always matches
+    if text[at:at + 1] != "[":
+        raise ValueError("not a JSON array")
+    at = _SPACE.match(text, at + 1).end()  # type: ignore[union-attr]
+    if text[at:at + 1] == "]":
+        at += 1
+    else:
+        while True:
+            value, at = _STDLIB.raw_decode(text, at)
+            yield value
+            at = _SPACE.match(text, at).end()  # type: ignore[union-attr]
+            separator = text[at:at + 1]
+            at = _SPACE.match(text, at + 1).end()  # type: ignore[union-attr]
+            if separator == "]":
+                break
+            if separator != ",":
+                raise ValueError(f"expected ',' or ']' at character {at}")
+    if at != len(text):
+        raise ValueError(f"unexpected content after the array at character {at}")
 
 
 def is_trailing_content(exc: JSONDecodeError) -> bool:

@@ -54,6 +54,10 @@ class ServerConfig:
     max_connections_per_address: int = attrs.field(default=500, metadata=_doc(
         "open HTTPS + forward connections from one IP address per process; more are "
         "closed at once (one client cannot take every slot)"))
+    memory_limit: Size = attrs.field(default=Size(1024**3), metadata=_doc(
+        "memory one server process may hold for requests in flight (bodies, gunzip output, "
+        "decoded records, unfinished forward messages); past it reading waits or is "
+        "refused (restart to change)"))
 
 
 @attrs.frozen
@@ -83,6 +87,8 @@ class HttpConfig:
     full_wait: Duration = attrs.field(default=Duration(20.0), metadata=_doc(
         "while the buffer is full, hold a request (not reading it) up to this long for room "
         "before answering 503; keep it below the forwarders' response timeout"))
+    max_records_per_request: int = attrs.field(default=250_000, metadata=_doc(
+        "most records one request may hold (413 past it); Fluentd's 8 MB chunks hold ~100k"))
 
 
 @attrs.frozen
@@ -115,6 +121,8 @@ class ForwardConfig:
     send_timeout: Duration = attrs.field(default=Duration(30.0), metadata=_doc(
         "a peer must take a HELO, PONG or ack within this time or is closed (one that "
         "never reads cannot hold its connection; its chunk is deduplicated on resend)"))
+    max_records_per_message: int = attrs.field(default=250_000, metadata=_doc(
+        "most entries one forward message may hold (connection closed past it)"))
 
 
 @attrs.frozen
@@ -380,6 +388,14 @@ def validate(config: Config) -> None:
         raise ConfigError("forward.users", "user auth needs forward.shared_key to be set")
     if config.http.body_size_limit <= 0:
         raise ConfigError("http.body_size_limit", "must be greater than 0")
+    if config.server.memory_limit < 64 * 1024**2:
+        raise ConfigError("server.memory_limit", f"must be at least 64MiB, got "
+                          f"{config.server.memory_limit} bytes")
+    for key, value in (("http.max_records_per_request", config.http.max_records_per_request),
+                       ("forward.max_records_per_message",
+                        config.forward.max_records_per_message)):
+        if value <= 0:
+            raise ConfigError(key, "must be greater than 0")
     if config.buffer.chunk_limit <= 0:
         raise ConfigError("buffer.chunk_limit", "must be greater than 0")
     if not config.server.hostname:

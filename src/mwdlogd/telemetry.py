@@ -82,6 +82,7 @@ class Telemetry:
         self.inputs = {"http": InputStats(), "forward": InputStats()}
         self.buffer = BufferView()
         self.tail_viewers = 0
+        self.memory_budget_used: Callable[[], int] = lambda: 0  # set by the App
         self._rate = log.RateLimiter()
         self._accept_rate = log.RateLimiter(burst=1, window_s=ACCEPT_LOG_INTERVAL_S)
         r = self.registry
@@ -133,6 +134,9 @@ class Telemetry:
             lambda: float(self.tail_viewers))
         Gauge("mwdlogd_journal_bytes", "Journal segment bytes on disk", registry=r).set_function(
             lambda: float(self.buffer.journal_bytes()))
+        Gauge("mwdlogd_memory_budget_used_bytes", "Bytes of server.memory_limit held by "
+              "requests and unfinished forward messages", registry=r
+              ).set_function(lambda: float(self.memory_budget_used()))
         Gauge("mwdlogd_batches_waiting_for_room", "Forward batches held back (their "
               "connections not read) while the buffer is full", registry=r).set_function(
             lambda: float(self.buffer.waiting_for_room()))

@@ -12,6 +12,7 @@ import hashlib
 import hmac
 import os
 import struct
+import sys
 from collections.abc import Mapping
 from typing import Any, Final
 
@@ -107,8 +108,10 @@ class ForwardConnection:
 
     def __init__(self, *, max_message_bytes: int, shared_key: bytes | None = None,
                  self_hostname: str = "logserver", users: Mapping[str, bytes] | None = None,
-                 nonce: bytes | None = None, auth_salt: bytes | None = None) -> None:
+                 nonce: bytes | None = None, auth_salt: bytes | None = None,
+                 max_records: int = sys.maxsize) -> None:
         self._limit = max_message_bytes
+        self._max_records = max_records
         self._shared_key = shared_key
         self._self_hostname = self_hostname
         self._users = dict(users or {})
@@ -117,9 +120,11 @@ class ForwardConnection:
         self.established = shared_key is None
         # raw: PackedForward's entries come as str32 holding binary (reference notes), so
         # text is decoded only where it is text (`_text`), never the entries blob.
-        self._unpacker = msgpack.Unpacker(
-            raw=True, ext_hook=event_time_hook,
-            strict_map_key=False, max_buffer_size=max_message_bytes)
+        # Messages are framed with skip(), which builds no objects: an unfinished message
+        # costs its bytes (here and in `_pending`), not 67x that in half-built maps.
+        self._unpacker = msgpack.Unpacker(max_buffer_size=max_message_bytes)
+        self._pending = bytearray()
+        self.last_message_bytes = 0  # wire size of the message the last event came from
         self._fed = 0
         self._recent, self._recent_at = b"", 0  # the last bytes fed, and their offset
         self._head, self._head_at = bytearray(), 0  # the start of the message being read
@@ -135,6 +140,7 @@ class ForwardConnection:
             raise ForwardProtocolError(
                 "too_large", f"message over forward.message_size_limit={self._limit} bytes"
             ) from None
+        self._pending += data
         self._recent, self._recent_at = data, self._fed
         self._fed += len(data)
         room = HEAD_BYTES - len(self._head)
@@ -142,21 +148,28 @@ class ForwardConnection:
             skip = max(self._head_at + len(self._head) - self._recent_at, 0)
             self._head += data[skip:skip + room]
 
+    @property
+    def buffered(self) -> int:
+        """Bytes received and not yet made into events (held twice: here and in msgpack)."""
+        return len(self._pending)
+
     def next_event(self) -> Entries | Pong | object:
         """Entries, a Pong to send, or NEED_DATA; raises ForwardProtocolError."""
         try:
-            message = next(self._unpacker)
-        except StopIteration:
+            self._unpacker.skip()  # resumes where the last call stopped
+        except msgpack.OutOfData:
             self._refuse_oversized()
             return NEED_DATA
         except msgpack.StackError:
             raise ForwardProtocolError("too_deep", "message nests deeper than msgpack's "
                                                    "1024 levels") from None
-        except (ValueError, TypeError) as exc:  # format errors, limits, bad UTF-8, list keys
-            reason = "too_large" if "exceeds max" in str(exc) else "malformed_msgpack"
-            raise ForwardProtocolError(reason, str(exc)) from None
-        except msgpack.UnpackException as exc:
+        except (ValueError, TypeError, msgpack.UnpackException) as exc:
             raise ForwardProtocolError("malformed_msgpack", str(exc)) from None
+        size = self._unpacker.tell() - self._head_at  # where this message started
+        data = bytes(self._pending[:size])
+        del self._pending[:size]
+        self.last_message_bytes = size
+        message = self._read_message(data)
         self._head_at = self._unpacker.tell()  # the next message starts in the recent bytes
         self._head = bytearray(self._recent[self._head_at - self._recent_at:][:HEAD_BYTES])
         if not self.established:
@@ -166,6 +179,24 @@ class ForwardConnection:
             return self._entries([_text(message[0]), body, *_text(message[2:])])
         decoded, clean = _records_text(message)
         return self._entries(decoded, clean)
+
+    def _read_message(self, data: bytes) -> Any:
+        """One whole message, read raw; a Forward-mode entries array longer than the
+        record cap is refused from its header, before any entry is built."""
+        declared = _declared_entries(data)
+        if declared > self._max_records:
+            raise self._too_many(declared)
+        try:
+            return msgpack.unpackb(data, raw=True, ext_hook=event_time_hook,
+                                   strict_map_key=False)
+        except (ValueError, TypeError) as exc:  # format errors, limits, bad UTF-8, list keys
+            reason = "too_large" if "exceeds max" in str(exc) else "malformed_msgpack"
+            raise ForwardProtocolError(reason, str(exc)) from None
+        except msgpack.UnpackException as exc:
+            raise ForwardProtocolError("malformed_msgpack", str(exc)) from None
+
+    def _too_many(self, count: int) -> ForwardProtocolError:
+        return _too_many(count, self._max_records)
 
     def _refuse_oversized(self) -> None:
         """The unfinished message may not grow past the limit. msgpack's own buffer limit
@@ -291,13 +322,14 @@ class ForwardConnection:
                 raise ForwardProtocolError("bad_gzip", str(exc)) from None
         elif compressed not in (None, "text"):
             raise ForwardProtocolError("wrong_shape", f"unknown compressed={compressed!r}")
-        clean = True
+        clean, cap = True, self._max_records
         try:
-            values = _unpack_all(blob, raw=False) if not may_hold_bin(blob) else None
+            values = _unpack_all(blob, raw=False, max_records=cap) \
+                if not may_hold_bin(blob) else None
         except UnicodeDecodeError:
             values = None
         if values is None:  # bin, or text that is not UTF-8: the slower way
-            values, clean = _records_text(_unpack_all(blob, raw=True))
+            values, clean = _records_text(_unpack_all(blob, raw=True, max_records=cap))
         return [self._entry(entry, index) for index, entry in enumerate(values)], clean
 
     def _options(self, option: object, count: int) -> str | None:
@@ -317,13 +349,23 @@ class ForwardConnection:
         return chunk
 
 
-def _unpack_all(blob: bytes, *, raw: bool) -> list[Any]:
-    """Every entry of a blob; UnicodeDecodeError passes through (only when not `raw`)."""
+def _too_many(count: int, max_records: int) -> ForwardProtocolError:
+    return ForwardProtocolError("too_many_records", f"message holds {count} entries, over "
+                                f"forward.max_records_per_message={max_records}")
+
+
+def _unpack_all(blob: bytes, *, raw: bool, max_records: int) -> list[Any]:
+    """Every entry of a blob, refused as soon as there are more than `max_records`;
+    UnicodeDecodeError passes through (only when not `raw`)."""
     unpacker = msgpack.Unpacker(raw=raw, ext_hook=event_time_hook, strict_map_key=False,
                                 max_buffer_size=max(len(blob), 1))
     unpacker.feed(blob)
+    values: list[Any] = []
     try:
-        values = list(unpacker)  # stops before a truncated last entry
+        for value in unpacker:  # stops before a truncated last entry
+            if len(values) == max_records:
+                raise _too_many(max_records + 1, max_records)
+            values.append(value)
     except UnicodeDecodeError:
         raise
     except msgpack.StackError:
@@ -355,6 +397,26 @@ def _text(value: Any) -> Any:
                                ext_hook=event_time_hook, strict_map_key=False)
     except (ValueError, TypeError) as exc:  # what the first read let through, if anything
         raise ForwardProtocolError("malformed_msgpack", str(exc)) from None
+
+
+_ARRAY_HEADS = {0xDC: 2, 0xDD: 4}
+
+
+def _declared_entries(data: bytes) -> int:
+    """The length a `[tag, [entries...], ...]` message declares for its entries (0 for
+    other shapes, and for malformed data, which unpacking reports)."""
+    unpacker = msgpack.Unpacker(max_buffer_size=len(data))
+    unpacker.feed(data)
+    try:
+        if unpacker.read_array_header() < 2:
+            return 0
+        unpacker.skip()
+        at = unpacker.tell()
+        if at < len(data) and (0x90 <= data[at] <= 0x9F or data[at] in _ARRAY_HEADS):
+            return int(unpacker.read_array_header())
+    except (ValueError, msgpack.UnpackException):
+        pass
+    return 0
 
 
 def _describe(value: object) -> str:

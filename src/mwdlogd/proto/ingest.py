@@ -8,6 +8,7 @@ again while gunzipping. Nothing here touches a socket.
 import hashlib
 import itertools
 import re
+import sys
 from collections.abc import Callable, Iterable, Sequence
 from typing import Any
 from urllib.parse import parse_qs, unquote
@@ -18,7 +19,15 @@ import h11
 from mwdlogd.errors import IngestError
 from mwdlogd.pipeline.normalize import event_time_of
 from mwdlogd.proto.auth import Credential, TokenTable
-from mwdlogd.proto.bodies import Parsed, Records, check_encoding, gunzip_body, parser_for
+from mwdlogd.proto.bodies import (
+    Parsed,
+    Records,
+    check_encoding,
+    gunzip_body,
+    media_type,
+    parser_for,
+    records_at_most,
+)
 
 _TAG = re.compile(r"^[A-Za-z0-9_.-]{1,256}$")
 
@@ -77,7 +86,8 @@ class RequestReader:
     Raises IngestError as early as the problem is known.
     """
 
-    def __init__(self, request: h11.Request, *, tokens: TokenTable, body_limit: int) -> None:
+    def __init__(self, request: h11.Request, *, tokens: TokenTable, body_limit: int,
+                 max_records: int = sys.maxsize) -> None:
         if request.method != b"POST":
             raise IngestError(405, "method_not_allowed",
                               f"{request.method.decode()} is not allowed; send POST /<tag>")
@@ -88,9 +98,11 @@ class RequestReader:
                               else "bearer token is not known")
         self.credential = credential
         self.tag, self.default_time = tag_of(request.target)
-        self._parse: Callable[[bytes], Parsed] = parser_for(_text(request, b"content-type"))
-        self._gzip = check_encoding(_text(request, b"content-encoding"))
-        self._limit = body_limit
+        self._content_type = _text(request, b"content-type")
+        self._parse: Callable[[bytes, int], Parsed] = parser_for(self._content_type)
+        self.gzip = check_encoding(_text(request, b"content-encoding"))
+        self.limit = body_limit
+        self._max_records = max_records
         self._body = bytearray()
         self._check_length(request)
         # What a byte-identical resend has in common with its first copy (HTTP dedupe).
@@ -105,24 +117,44 @@ class RequestReader:
             chunked = (_header(request, b"transfer-encoding") or b"").lower() == b"chunked"
             if not chunked:
                 raise IngestError(411, "length_required", "send Content-Length (or chunked)")
-        elif int(length) > self._limit:
+        elif int(length) > self.limit:
             raise IngestError(413, "body_too_large",
-                              f"Content-Length {int(length)} > http.body_size_limit={self._limit}")
+                              f"Content-Length {int(length)} > http.body_size_limit={self.limit}")
 
     def receive_data(self, data: bytes) -> None:
         self._body += data
         self._digest.update(data)
-        if len(self._body) > self._limit:
+        if len(self._body) > self.limit:
             raise IngestError(413, "body_too_large",
-                              f"body over http.body_size_limit={self._limit} bytes")
+                              f"body over http.body_size_limit={self.limit} bytes")
+
+    @property
+    def received(self) -> int:
+        """Body bytes read so far (before gunzip)."""
+        return len(self._body)
 
     def finish(self) -> Accepted:
+        return self.decode(self.inflate())
+
+    def inflate(self) -> bytes:
+        """The body, gunzipped when it came gzip (at most `body_limit` bytes)."""
         body = bytes(self._body)
-        if self._gzip:
-            body = gunzip_body(body, self._limit)
+        return gunzip_body(body, self.limit) if self.gzip else body
+
+    def records_at_most(self, body: bytes) -> int:
+        """An upper bound on the records `decode(body)` can make, for charging memory."""
+        return min(records_at_most(self._content_type, body), self._max_records)
+
+    def built_at_once(self, body: bytes) -> int:
+        """Objects a JSON document may make before the record cap is checked (it is
+        decoded whole); other formats check the cap as they go."""
+        return body.count(b"{") if media_type(self._content_type) == "application/json" else 0
+
+    def decode(self, body: bytes) -> Accepted:
+        """The records of the (inflated) body; 413 past `max_records`."""
         if not body.strip():
             raise IngestError(400, "empty_body", "request body is empty")
-        parsed = self._parse(body)
+        parsed = self._parse(body, self._max_records)
         self._check_customers(parsed.records)
         return Accepted(self.tag, parsed.records, self.credential, self.default_time,
                         parsed.lines, self._digest.digest()[:16],

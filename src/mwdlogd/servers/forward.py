@@ -20,6 +20,13 @@ from mwdlogd import codec, log
 from mwdlogd.live import Live
 from mwdlogd.pipeline.normalize import Context, normalize_batch
 from mwdlogd.proto.forward import NEED_DATA, Entries, ForwardConnection, ForwardProtocolError, Pong
+from mwdlogd.runtime.budget import (
+    INLINE_ENTRIES,
+    Budget,
+    BudgetExceeded,
+    decode_off_loop,
+    decoded_cost,
+)
 from mwdlogd.runtime.dedupe import Dedupe
 from mwdlogd.runtime.pipeline import Pipeline, Refused
 from mwdlogd.servers.acceptor import Acceptor, ConnectionLimits
@@ -29,6 +36,13 @@ from mwdlogd.servers.listen import stream_listeners
 from mwdlogd.servers.tls import handshake, peer_name
 from mwdlogd.storage.chunk_ids import forward_key
 from mwdlogd.telemetry import Telemetry
+
+# Unfinished messages (what idle or slow connections hold) may take at most this part of
+# server.memory_limit, so decoding complete requests always has room.
+UNREAD_SHARE = 0.5
+# Messages are read inline only when tiny (PING, heartbeats): a few hundred bytes of
+# gzip can inflate to 100k entries.
+INLINE_MESSAGE_BYTES = 256
 
 
 class _Close(Exception):
@@ -41,8 +55,12 @@ class ForwardServer:
 
     def __init__(self, *, live: Live, sock: socket.socket, pipeline: Pipeline,
                  telemetry: Telemetry, limits: ConnectionLimits,
-                 balance: Balance | None = None) -> None:
+                 balance: Balance | None = None, budget: Budget | None = None,
+                 decoder: trio.CapacityLimiter | None = None) -> None:
         self._live = live
+        self._budget = budget or Budget(live.config.server.memory_limit)
+        self._decoder = decoder or trio.CapacityLimiter(1)
+        self._unread = self._budget.share(UNREAD_SHARE)
         self._sock = sock
         self._pipeline = pipeline
         self._telemetry = telemetry
@@ -78,6 +96,8 @@ class ForwardServer:
             pass
         except ForwardProtocolError as exc:
             self._telemetry.forward_rejected(peer, exc.reason, exc.detail)
+        except BudgetExceeded as exc:
+            self._telemetry.forward_rejected(peer, "memory_budget", str(exc))
         except Exception:
             self._telemetry.handler_failed("forward", peer)
         finally:
@@ -90,33 +110,42 @@ class ForwardServer:
         shared_key = config.shared_key.encode() or None
         conn = ForwardConnection(max_message_bytes=config.message_size_limit,
                                  shared_key=shared_key, self_hostname=config.self_hostname,
-                                 users={u.username: u.password.encode() for u in config.users})
+                                 users={u.username: u.password.encode() for u in config.users},
+                                 max_records=config.max_records_per_message)
         identity = peer.rpartition(":")[0] if "/" not in peer else peer.split("/", 1)[1]
         send_s = config.send_timeout
         if shared_key is not None:
             await self._send(stream, conn.helo(), peer, send_s)
-        while True:
-            event = conn.next_event()
-            if event is NEED_DATA:
-                established = conn.established
-                timeout = config.idle_timeout if established else deadline - trio.current_time()
-                data = await self._receive(stream, timeout)
-                if data is None and not established:
-                    raise ForwardProtocolError(
-                        "handshake_timeout", f"no PING within forward.handshake_timeout="
-                                             f"{config.handshake_timeout:g}s")
-                if not data:
-                    return
-                conn.receive_data(data)
-            elif isinstance(event, Pong):
-                await self._send(stream, event.data, peer, send_s)
-                if not event.ok:
-                    self._telemetry.forward_handshake_failed(peer, event.reason,
-                                                             event.client_hostname)
-                    return
-                identity = f"{identity}/{event.username or event.client_hostname}"
-            elif isinstance(event, Entries):
-                await self._store(stream, conn, event, peer, identity, send_s)
+        # The connection's unread bytes, charged twice (ours and msgpack's copy) before and
+        # after authentication alike; waiting for room stops reading (TCP backpressure).
+        with self._unread.lease() as unread:
+            while True:
+                event = await decode_off_loop(conn.next_event,
+                                              inline=conn.buffered <= INLINE_MESSAGE_BYTES,
+                                              limiter=self._decoder)
+                unread.shrink_to(2 * conn.buffered)
+                if event is NEED_DATA:
+                    established = conn.established
+                    timeout = (config.idle_timeout if established
+                               else deadline - trio.current_time())
+                    data = await self._receive(stream, timeout)
+                    if data is None and not established:
+                        raise ForwardProtocolError(
+                            "handshake_timeout", f"no PING within forward.handshake_timeout="
+                                                 f"{config.handshake_timeout:g}s")
+                    if not data:
+                        return
+                    await unread.grow(2 * len(data), "unfinished forward message")
+                    conn.receive_data(data)
+                elif isinstance(event, Pong):
+                    await self._send(stream, event.data, peer, send_s)
+                    if not event.ok:
+                        self._telemetry.forward_handshake_failed(peer, event.reason,
+                                                                 event.client_hostname)
+                        return
+                    identity = f"{identity}/{event.username or event.client_hostname}"
+                elif isinstance(event, Entries):
+                    await self._store(stream, conn, event, peer, identity, send_s)
 
     async def _receive(self, stream: trio.abc.Stream, timeout_s: float) -> bytes | None:
         """Next bytes; b"" on EOF and when draining, None at the timeout."""
@@ -142,21 +171,26 @@ class ForwardServer:
         if event.invalid_utf8:
             self._telemetry.invalid_utf8_kept("forward", peer, event.tag, event.invalid_utf8)
         ctx = Context(event.tag, received_at, received_at, self._live.config.server.hostname)
-        try:
-            routed = normalize_batch(((record, at, None) for at, record in event.entries), ctx)
-        except codec.TooDeep:
-            raise ForwardProtocolError("too_deep", f"tag {event.tag}: a record nests deeper "
-                                                   f"than {codec.MAX_DEPTH} levels") from None
         window = self._live.config.forward.dedupe_window
         dedupe = (Dedupe(forward_key(identity, event.chunk), window)
                   if event.chunk is not None and window else None)
-        started = trio.current_time()
-        try:
-            committed = await self._pipeline.commit(event.tag, routed, dedupe=dedupe,
-                                                    room_wait_s=math.inf)
-        except Refused as exc:
-            self._telemetry.forward_rejected(peer, exc.reason, str(exc))
-            raise _Close from exc
+        size = conn.last_message_bytes
+        with self._budget.lease() as records:
+            await records.grow(decoded_cost(len(event.entries), size), "decoded forward entries")
+            try:
+                routed = await decode_off_loop(lambda: normalize_batch(
+                    ((record, at, None) for at, record in event.entries), ctx),
+                    inline=len(event.entries) <= INLINE_ENTRIES, limiter=self._decoder)
+            except codec.TooDeep:
+                raise ForwardProtocolError("too_deep", f"tag {event.tag}: a record nests deeper "
+                                                       f"than {codec.MAX_DEPTH} levels") from None
+            started = trio.current_time()
+            try:
+                committed = await self._pipeline.commit(event.tag, routed, dedupe=dedupe,
+                                                        room_wait_s=math.inf)
+            except Refused as exc:
+                self._telemetry.forward_rejected(peer, exc.reason, str(exc))
+                raise _Close from exc
         self._telemetry.forward_accepted(event.tag, committed.records, committed.duplicate,
                                          trio.current_time() - started)
         if event.chunk is not None:

@@ -17,8 +17,17 @@ from mwdlogd import codec, log
 from mwdlogd.config import HttpConfig
 from mwdlogd.errors import IngestError
 from mwdlogd.live import Live
-from mwdlogd.pipeline.normalize import Context, normalize_batch
+from mwdlogd.pipeline.normalize import Context, Routed, normalize_batch
 from mwdlogd.proto.ingest import Accepted, RequestReader
+from mwdlogd.runtime.budget import (
+    INLINE_BYTES,
+    OBJECT_BYTES,
+    Budget,
+    BudgetExceeded,
+    Lease,
+    decode_off_loop,
+    decoded_cost,
+)
 from mwdlogd.runtime.dedupe import Dedupe
 from mwdlogd.runtime.pipeline import Pipeline, Refused
 from mwdlogd.servers.acceptor import Acceptor, ConnectionLimits
@@ -49,8 +58,11 @@ class HttpsIngestServer:
 
     def __init__(self, *, live: Live, sock: socket.socket, pipeline: Pipeline,
                  telemetry: Telemetry, limits: ConnectionLimits,
-                 balance: Balance | None = None) -> None:
+                 balance: Balance | None = None, budget: Budget | None = None,
+                 decoder: trio.CapacityLimiter | None = None) -> None:
         self._live = live
+        self._budget = budget or Budget(live.config.server.memory_limit)
+        self._decoder = decoder or trio.CapacityLimiter(1)
         self._sock = sock
         self._pipeline = pipeline
         self._telemetry = telemetry
@@ -141,33 +153,36 @@ class HttpsIngestServer:
         settings = self._live.settings
         http = settings.config.http
         room_deadline = trio.current_time() + http.full_wait
-        try:
-            reader = RequestReader(request, tokens=settings.tokens,
-                                   body_limit=http.body_size_limit)
-            await self._hold_while_full(http, _declared_length(request), room_deadline)
-            await self._read_body(http, conn, stream, reader)
-            accepted = reader.finish()
-        except IngestError as exc:
-            return await self._refuse(conn, stream, peer, exc)
-        except h11.RemoteProtocolError as exc:
-            return await self._refuse(conn, stream, peer, IngestError(
-                exc.error_status_hint, "bad_http", str(exc)))
-        if accepted.invalid_utf8:
-            self._telemetry.invalid_utf8_kept("http", peer, accepted.tag, accepted.invalid_utf8)
-        ctx = Context(accepted.tag, received_at, accepted.default_time or received_at,
-                      settings.config.server.hostname)
-        try:
-            routed = normalize_batch(accepted.with_text(), ctx)
-        except codec.TooDeep:
-            return await self._refuse(conn, stream, peer, IngestError(
-                400, "too_deep", f"a record nests deeper than {codec.MAX_DEPTH} levels"))
-        commit_started = trio.current_time()
-        try:
-            committed = await self._pipeline.commit(
-                accepted.tag, routed, dedupe=_dedupe(http, accepted, client),
-                room_wait_s=max(0.0, room_deadline - commit_started))
-        except Refused as exc:
-            return await self._refuse(conn, stream, peer, IngestError(503, exc.reason, str(exc)))
+        with self._budget.lease() as lease:
+            try:
+                reader = RequestReader(request, tokens=settings.tokens,
+                                       body_limit=http.body_size_limit,
+                                       max_records=http.max_records_per_request)
+                await self._hold_while_full(http, _declared_length(request), room_deadline)
+                await self._read_body(http, conn, stream, reader, lease)
+                accepted, routed = await self._decode(reader, lease, received_at)
+                if accepted.invalid_utf8:
+                    self._telemetry.invalid_utf8_kept("http", peer, accepted.tag,
+                                                      accepted.invalid_utf8)
+            except codec.TooDeep:
+                return await self._refuse(conn, stream, peer, IngestError(
+                    400, "too_deep", f"a record nests deeper than {codec.MAX_DEPTH} levels"))
+            except BudgetExceeded as exc:
+                return await self._refuse(conn, stream, peer,
+                                          IngestError(413, "memory_budget", str(exc)))
+            except IngestError as exc:
+                return await self._refuse(conn, stream, peer, exc)
+            except h11.RemoteProtocolError as exc:
+                return await self._refuse(conn, stream, peer, IngestError(
+                    exc.error_status_hint, "bad_http", str(exc)))
+            commit_started = trio.current_time()
+            try:
+                committed = await self._pipeline.commit(
+                    accepted.tag, routed, dedupe=_dedupe(http, accepted, client),
+                    room_wait_s=max(0.0, room_deadline - commit_started))
+            except Refused as exc:
+                return await self._refuse(conn, stream, peer,
+                                          IngestError(503, exc.reason, str(exc)))
         self._telemetry.http_accepted(accepted.tag, len(routed),
                                       trio.current_time() - commit_started, committed.duplicate)
         answer = {"records": len(routed), **({"duplicate": True} if committed.duplicate else {})}
@@ -185,9 +200,10 @@ class HttpsIngestServer:
 
     async def _read_body(self, http: HttpConfig, conn: h11.Connection,
                          stream: trio.SSLStream[trio.SocketStream],
-                         reader: RequestReader) -> None:
+                         reader: RequestReader, lease: Lease) -> None:
         with trio.move_on_after(http.request_timeout):
             while isinstance(event := await read_event(conn, stream), h11.Data):
+                await lease.grow(len(event.data), "request body")  # waiting stops reading
                 reader.receive_data(event.data)
             return
         raise IngestError(408, "request_timeout", f"request not received within "
@@ -200,6 +216,41 @@ class HttpsIngestServer:
             await send_response(conn, stream, response, close=close)
             return True
         return False
+
+    async def _decode(self, reader: RequestReader, lease: Lease,
+                      received_at: float) -> tuple[Accepted, list[Routed]]:
+        """Gunzip, decode and normalise under the memory budget, off the event loop when
+        large; the lease ends up holding the body and the records' estimated size."""
+        raw = reader.received
+        if reader.gzip:
+            self._reserve(lease, reader.limit, "gunzip output")
+        else:
+            self._reserve(lease, raw, "request body copy")
+        body = await decode_off_loop(reader.inflate, inline=not reader.gzip,
+                                     limiter=self._decoder)
+        lease.shrink_to(raw + len(body))
+        self._reserve(lease, decoded_cost(reader.records_at_most(body), len(body))
+                      + reader.built_at_once(body) * OBJECT_BYTES, "decoded records")
+
+        def decode() -> tuple[Accepted, list[Routed]]:
+            accepted = reader.decode(body)
+            ctx = Context(accepted.tag, received_at, accepted.default_time or received_at,
+                          self._live.config.server.hostname)
+            return accepted, normalize_batch(accepted.with_text(), ctx)
+
+        accepted, routed = await decode_off_loop(decode, inline=len(body) <= INLINE_BYTES,
+                                                 limiter=self._decoder)
+        lease.shrink_to(raw + decoded_cost(len(routed), len(body)))
+        return accepted, routed
+
+    def _reserve(self, lease: Lease, size: int, what: str) -> None:
+        """Take `size` of the budget now, or refuse: 413 when it can never fit, 503 (retry
+        later) while other requests hold it."""
+        if not lease.try_grow(size, what):
+            raise IngestError(503, "memory_budget",
+                              f"{what} needs {size} bytes but server.memory_limit="
+                              f"{self._budget.limit} is in use by other requests "
+                              f"({self._budget.used} bytes); retry later")
 
     async def _refuse(self, conn: h11.Connection, stream: trio.SSLStream[trio.SocketStream],
                       peer: str, error: IngestError) -> bool:
