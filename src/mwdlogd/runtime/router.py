@@ -51,6 +51,9 @@ class Router:
         self._wall_clock = wall_clock
         self._writers: dict[str, _Open] = {}
         self._live: set[DestinationWriter] = set()
+        # The newest live writer of each path, the predecessor of the next one (a scan of
+        # `_live` per new writer made 5,000 sites in one request quadratic: 0.2 s stalls).
+        self._newest: dict[str, DestinationWriter] = {}
         self._nursery: trio.Nursery | None = None
 
     async def run(self, receive: trio.MemoryReceiveChannel[Message], *,
@@ -115,12 +118,13 @@ class Router:
     def _writer(self, path: str, hour: int) -> DestinationWriter:
         entry = self._writers.get(path)
         if entry is None:
-            previous = next((w for w in self._live if w.path == path), None)
+            previous = self._newest.get(path)
             writer = DestinationWriter(path, store=self._store, settings=self._settings,
                                        telemetry=self._telemetry, written=self._tracker.written,
                                        predecessor=previous)
             entry = self._writers[path] = _Open(hour, writer, 0.0)
             self._live.add(writer)
+            self._newest[path] = writer
             assert self._nursery is not None
             self._nursery.start_soon(self._run_writer, writer)
         entry.last_used = self._wall_clock()
@@ -131,6 +135,8 @@ class Router:
             await writer.run()
         finally:
             self._live.discard(writer)
+            if self._newest.get(writer.path) is writer:
+                del self._newest[writer.path]
 
     def _close_wall_time(self, entry: _Open) -> float:
         return max(entry.hour + HOUR_S, entry.last_used) + self._timekey_wait_s()
