@@ -160,7 +160,8 @@ class HttpsIngestServer:
                                        max_records=http.max_records_per_request)
                 await self._hold_while_full(http, _declared_length(request), room_deadline)
                 await self._read_body(http, conn, stream, reader, lease)
-                accepted, routed = await self._decode(reader, lease, received_at)
+                accepted, routed = await self._decode(reader, lease, received_at,
+                                                      room_deadline)
                 if accepted.invalid_utf8:
                     self._telemetry.invalid_utf8_kept("http", peer, accepted.tag,
                                                       accepted.invalid_utf8)
@@ -217,20 +218,21 @@ class HttpsIngestServer:
             return True
         return False
 
-    async def _decode(self, reader: RequestReader, lease: Lease,
-                      received_at: float) -> tuple[Accepted, list[Routed]]:
+    async def _decode(self, reader: RequestReader, lease: Lease, received_at: float,
+                      deadline: float) -> tuple[Accepted, list[Routed]]:
         """Gunzip, decode and normalise under the memory budget, off the event loop when
         large; the lease ends up holding the body and the records' estimated size."""
         raw = reader.received
         if reader.gzip:
-            self._reserve(lease, reader.limit, "gunzip output")
+            await self._reserve(lease, reader.limit, "gunzip output", deadline)
         else:
-            self._reserve(lease, raw, "request body copy")
+            await self._reserve(lease, raw, "request body copy", deadline)
         body = await decode_off_loop(reader.inflate, inline=not reader.gzip,
                                      limiter=self._decoder)
         lease.shrink_to(raw + len(body))
-        self._reserve(lease, decoded_cost(reader.records_at_most(body), len(body))
-                      + reader.built_at_once(body) * OBJECT_BYTES, "decoded records")
+        await self._reserve(lease, decoded_cost(reader.records_at_most(body), len(body))
+                            + reader.built_at_once(body) * OBJECT_BYTES, "decoded records",
+                            deadline)
 
         def decode() -> tuple[Accepted, list[Routed]]:
             accepted = reader.decode(body)
@@ -243,14 +245,17 @@ class HttpsIngestServer:
         lease.shrink_to(raw + decoded_cost(len(routed), len(body)))
         return accepted, routed
 
-    def _reserve(self, lease: Lease, size: int, what: str) -> None:
-        """Take `size` of the budget now, or refuse: 413 when it can never fit, 503 (retry
-        later) while other requests hold it."""
-        if not lease.try_grow(size, what):
-            raise IngestError(503, "memory_budget",
-                              f"{what} needs {size} bytes but server.memory_limit="
-                              f"{self._budget.limit} is in use by other requests "
-                              f"({self._budget.used} bytes); retry later")
+    async def _reserve(self, lease: Lease, size: int, what: str, deadline: float) -> None:
+        """Take `size` of the budget, waiting for room until `deadline` (http.full_wait
+        after the request began), else 503 (retry later); BudgetExceeded (413) when it
+        could never fit."""
+        with trio.move_on_at(deadline):
+            await lease.grow(size, what)
+            return
+        raise IngestError(503, "memory_budget",
+                          f"{what} needs {size} bytes but server.memory_limit="
+                          f"{self._budget.limit} is in use by other requests "
+                          f"({self._budget.used} bytes); retry later")
 
     async def _refuse(self, conn: h11.Connection, stream: trio.SSLStream[trio.SocketStream],
                       peer: str, error: IngestError) -> bool:
