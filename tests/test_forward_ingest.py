@@ -261,6 +261,31 @@ async def test_a_key_only_in_the_journal_outlives_its_segment(tmp_path: Path,
         p.stat().st_size == 0 for p in (tmp_path / "buffer" / "journal").glob("*.wal"))
 
 
+async def test_a_failing_chunk_id_log_does_not_refuse_what_the_journal_holds(
+        tmp_path: Path, pki: Path) -> None:
+    """The chunk id log cannot be written after the journal fsync: the batch is durable,
+    so it is acked (a refusal made the sender resend it and recovery store every copy),
+    and a crash then a restart stores it once."""
+    config = make_config(tmp_path, pki, buffer={"flush_interval": "1h", "timekey_wait": "1h"})
+    message = packed("nginx.access", engine_records(2), chunk="same==\n")
+    ids_dir = tmp_path / "buffer" / "chunk-ids"
+    async with trio.open_nursery() as nursery:
+        first = await start_app(nursery, config)
+        shutil.rmtree(ids_dir)
+        ids_dir.write_bytes(b"")  # no segment can be created in it now
+        for _ in range(3):  # a sender resends until acked
+            assert await send_one(first.addresses.forward, client_context(pki), message) == \
+                {"ack": "same==\n"}
+        metrics = first.app.telemetry.exposition().decode()
+        nursery.cancel_scope.cancel()  # kill -9: no drain
+    assert "mwdlogd_forward_duplicate_chunks_total 2.0" in metrics
+    ids_dir.unlink()
+    async with trio.open_nursery() as nursery:
+        running = await start_app(nursery, config)
+        assert await flushed_ids(running) == {NGINX_FILE: ["r0", "r1"]}
+        nursery.cancel_scope.cancel()
+
+
 async def test_heartbeats_are_cheap_and_quiet(nursery: trio.Nursery, tmp_path: Path, pki: Path,
                                               caplog: pytest.LogCaptureFixture) -> None:
     running = await forward_app(nursery, tmp_path, pki, shared_key=KEY)

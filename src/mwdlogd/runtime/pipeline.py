@@ -390,10 +390,15 @@ def _recover(journal: Journal, ledger: Ledger, chunk_ids: ChunkIdLog, memory: Ch
                 committed[path] = held.committed if held is not None else NONE
         return committed[path]
 
-    replay, records, journal_keys = [], 0, []
+    replay, records, journal_keys, duplicates = [], 0, [], 0
+    seen: set[bytes] = set()
     for batch_id, payload in journal.open():
         submission = Submission.from_payload(batch_id, payload)
         if submission.dedupe_key is not None:
+            if submission.dedupe_key in seen:  # a resend journaled again: one copy only
+                duplicates += 1
+                continue
+            seen.add(submission.dedupe_key)
             journal_keys.append(submission.dedupe_key)
         submission.groups = [g for g in submission.groups if batch_id > holds(g.path)]
         if submission.groups:
@@ -404,4 +409,5 @@ def _recover(journal: Journal, ledger: Ledger, chunk_ids: ChunkIdLog, memory: Ch
     swept = ledger.sweep(LEDGER_KEEP_S)
     return replay, {"files_checked": len(committed), "ledger_states_swept": swept,
                     "batches_replayed": len(replay), "records_replayed": records,
+                    "duplicate_batches_skipped": duplicates,
                     "chunk_ids_remembered": keys + len(journal_keys)}

@@ -86,6 +86,7 @@ class ChunkIdLog:
         self._active_first = 0.0
         self._active_last = 0.0
         self._dirty = False
+        self._unwritten: list[bytes] = []  # keys of failed appends, written by the next one
 
     def open(self, now: float, remember: Remember) -> int:
         """Calls `remember(keys, time)` for every entry still inside the window, oldest
@@ -139,8 +140,12 @@ class ChunkIdLog:
         return count
 
     def append(self, keys: list[bytes], now: float) -> None:
+        """Writes `keys` and those of earlier appends that failed; on failure they are
+        all kept for the next call (the journal still holds them meanwhile)."""
+        keys = self._unwritten + keys
         if not keys:
             return
+        self._unwritten = keys
         if self._active is None or now - self._active_first >= self._span_s:
             self._seal()
             self._start(now)
@@ -149,11 +154,19 @@ class ChunkIdLog:
             os.write(self._fd, data)
         except OSError as exc:
             raise StorageError(str(self._active), "append chunk ids", str(exc)) from exc
+        self._unwritten = []
         self._active_last = max(self._active_last, now)
         self._dirty = True
         self._expire(now)
 
     def sync(self) -> None:
+        """Every key appended so far is on disk, or this raises."""
+        if self._unwritten:
+            raise StorageError(str(self.directory), "sync chunk ids",
+                               f"{len(self._unwritten)} ids not written yet")
+        self._sync_fd()
+
+    def _sync_fd(self) -> None:
         if self._dirty and self._fsync:
             try:
                 os.fdatasync(self._fd)
@@ -178,6 +191,7 @@ class ChunkIdLog:
         try:
             fsync_dir(self.directory)
         except OSError as exc:
+            self.close()
             raise StorageError(str(path), "start chunk id segment", str(exc)) from exc
         self._active, self._active_first, self._active_last = path, now, now
 
@@ -185,7 +199,7 @@ class ChunkIdLog:
         """The active segment is complete: made durable once, then never written again."""
         if self._active is None:
             return
-        self.sync()
+        self._sync_fd()
         self.close()
         self._sealed.append((self._active, self._active_last))
         self._active = None
