@@ -4,8 +4,10 @@ Prometheus scraping that one endpoint with the shipped alert rules sees the whol
 from __future__ import annotations
 
 import json
+import os
 import re
 import shutil
+import signal
 import subprocess
 import urllib.request
 from pathlib import Path
@@ -13,12 +15,12 @@ from typing import Any
 
 import trio
 
-from mwdlogd.metrics_sum import sum_expositions
+from mwdlogd.metrics_sum import WorkerTotals, sum_expositions, sum_families
 
 from forward_client import packed, send_one
 from helpers import client_context, engine_records, free_port, http_get
 from test_observability import DEPLOY, needs_prometheus, prometheus_query
-from test_workers import drain, only, start, workers_config
+from test_workers import drain, only, start, worker_pids, workers_config
 
 OUT = '{plugin_id="hourly_files",type="file"}'
 BUFFER = f"fluentd_output_status_buffer_total_bytes{OUT}"
@@ -42,6 +44,58 @@ def test_sum_of_expositions() -> None:
     assert total == {'c_total{a="x"}': 5.0, "g": 12.0, RATIO: 40.0, 'h_bucket{le="1.0"}': 2.0,
                      'h_bucket{le="+Inf"}': 5.0, "h_count": 5.0, "h_sum": 3.0,
                      "only_two": 1.0}
+
+
+def test_summed_counters_survive_a_restart_and_a_missed_scrape() -> None:
+    def text(counter: float, bucket: float, gauge: float) -> str:
+        return ("# TYPE c_total counter\nc_total 0\n".replace(" 0", f" {counter}")
+                + f'# TYPE h histogram\nh_bucket{{le="+Inf"}} {bucket}\nh_count {bucket}\n'
+                + f"h_sum {bucket}\n# TYPE g gauge\ng {gauge}\n")
+
+    totals = WorkerTotals()
+
+    def total(*workers: tuple[int, int, str | None]) -> dict[str, float]:
+        parts = [totals.update(*worker) for worker in workers]
+        return samples(sum_families([p for p in parts if p is not None]))
+
+    assert total((0, 1, text(5, 2, 9)), (1, 1, text(7, 3, 1))) == {
+        "c_total": 12, 'h_bucket{le="+Inf"}': 5, "h_count": 5, "h_sum": 5, "g": 10}
+    assert total((0, 1, None), (1, 1, text(8, 3, 1)))["c_total"] == 13  # missed: last one
+    assert total((0, 2, text(1, 0, 4)), (1, 1, text(8, 3, 1))) == {  # 0 restarted
+        "c_total": 14, 'h_bucket{le="+Inf"}': 5, "h_count": 5, "h_sum": 5, "g": 5}
+    assert total((0, 2, text(3, 1, 4)), (1, 1, text(8, 3, 1)))["c_total"] == 16
+    # lower again without a new start: restarted too (its previous 3 stays counted)
+    assert total((0, 2, text(0.5, 0, 4)), (1, 1, text(8, 3, 1)))["c_total"] == 16.5
+
+
+async def test_summed_counters_do_not_go_down_when_a_worker_is_killed(tmp_path: Path,
+                                                                     pki: Path) -> None:
+    """Prometheus would take a lower sum for a reset, and increase() would then count the
+    other workers' whole totals again: the shipped alerts would fire."""
+    server, pids = start(workers_config(tmp_path, pki, buffer=NEVER))
+    try:
+        await send_to(pids, server.addresses["forward"], pki, 0, 0, 3)
+        await send_to(pids, server.addresses["forward"], pki, 1, 3, 40)
+        only(pids, None)
+        _, body = await http_get(server.addresses["metrics"], "/metrics")
+        before = samples(body)
+        cumulative = re.findall(r"^# TYPE (\S+) (?:counter|histogram)$", body.decode(), re.M)
+        assert before[INPUT] == 43
+        seen = len(server.lines)
+        os.kill(pids[1], signal.SIGKILL)
+        server.wait_for(r" worker_died index=1 exit_code=-9 ", start=seen)
+        missed = samples((await http_get(server.addresses["metrics"], "/metrics"))[1])
+        server.wait_for(r" worker_listening .* worker=1$", start=seen)
+        after = samples((await http_get(server.addresses["metrics"], "/metrics"))[1])
+        pids = {**pids, **worker_pids(server, seen)}
+    finally:
+        drain(server)
+    for name, value in before.items():
+        if name.startswith(tuple(cumulative)):
+            assert missed[name] >= value, name
+            assert after[name] >= value, name
+    assert after[INPUT] == 43
+    assert after['mwdlogd_worker_up{worker="1"}'] == 1
 
 
 async def send_to(pids: dict[int, int], forward: str, pki: Path, serving: int, first: int,

@@ -29,7 +29,7 @@ from prometheus_client.core import GaugeMetricFamily
 
 from mwdlogd import log
 from mwdlogd.config import Config
-from mwdlogd.metrics_sum import sum_expositions
+from mwdlogd.metrics_sum import WorkerTotals, sum_families
 from mwdlogd.servers.balance import ABSENT, board_size, set_counts
 from mwdlogd.servers.http_io import Response, json_response
 from mwdlogd.servers.listen import address_of, bind_listeners
@@ -52,6 +52,9 @@ class Supervisor:
         if not config_required:
             self._worker_argv.append("--config-optional")
         self._processes: dict[int, trio.Process] = {}
+        self._starts: dict[int, int] = {}  # index -> how often it was started
+        self._totals = WorkerTotals()
+        self._summing = trio.Lock()  # scrapes update _totals in the order they were taken
         self._side: dict[int, tuple[str, str]] = {}  # index -> (metrics, monitor) address
         self._load_board = -1  # memfd of the connection counts (servers/balance.py)
         self._stopping = False
@@ -120,19 +123,25 @@ class Supervisor:
                 return json_response(503, {"error": "unavailable",
                                            "detail": f"worker {wanted} did not answer"})
             return Response(200, text.encode(), CONTENT_TYPE_LATEST.encode())
-        texts: list[str | None] = [None] * count
+        texts: list[tuple[int, str | None]] = [(0, None)] * count
 
         async def scrape(index: int) -> None:
-            texts[index] = await self._scrape(index)
+            start = self._starts.get(index, 0)
+            texts[index] = start, await self._scrape(index)
 
-        async with trio.open_nursery() as nursery:
+        async with self._summing, trio.open_nursery() as nursery:
             for index in range(count):
                 nursery.start_soon(scrape, index)
         up = GaugeMetricFamily("mwdlogd_worker_up", "1 when the worker's metrics are in this "
-                               "sum (0: restarting or not answering)", labels=["worker"])
-        for index, text in enumerate(texts):
+                               "sum (0: restarting or not answering: its last scrape counts)",
+                               labels=["worker"])
+        parts = []
+        for index, (start, text) in enumerate(texts):
             up.add_metric([str(index)], 0.0 if text is None else 1.0)
-        body = sum_expositions([t for t in texts if t is not None], [up])
+            families = self._totals.update(index, start, text)
+            if families is not None:
+                parts.append(families)
+        body = sum_families(parts, [up])
         return Response(200, body, CONTENT_TYPE_LATEST.encode())
 
     async def _scrape(self, index: int) -> str | None:
@@ -179,6 +188,7 @@ class Supervisor:
         finally:
             os.close(ready_write)
         self._processes[index] = process
+        self._starts[index] = self._starts.get(index, 0) + 1
         log.event(logging.INFO, "worker_started", index=index, pid=process.pid)
         async with trio.open_nursery() as nursery:
             nursery.start_soon(self._await_ready, index, ready_read, ready)
