@@ -14,6 +14,7 @@ from typing import Any
 
 import pytest
 import trio
+import trio.testing
 
 from mwdlogd.app import App
 from mwdlogd.certs import init_certs
@@ -170,6 +171,32 @@ def test_every_worker_reloads(tmp_path: Path, pki: Path) -> None:
         drain(server)
     assert stored_ids(tmp_path / "logs") == {f"r{n}": 1 for n in range(20)}
 
+
+
+async def test_a_higher_buffer_limit_admits_a_held_forward_batch_at_once(
+        nursery: trio.Nursery, tmp_path: Path, pki: Path) -> None:
+    raw = config_raw(tmp_path, pki, buffer={"flush_interval": "1h", "timekey_wait": "1h"})
+    path = write_config(tmp_path / "config.toml", raw)
+    app = App(load_config(path, required=True), loader=lambda: load_config(path, required=True))
+    addresses = await nursery.start(app.run)
+    client = await RawForward.connect(addresses.forward, client_context(pki))
+    await client.send(packed("nginx.access", engine_records(1), chunk="a"))
+    assert await client.receive() == {"ack": "a"}
+    for limit in (f"{app.pipeline.buffered_bytes + 10}B", "1MiB"):
+        changed = copy.deepcopy(raw)
+        changed["buffer"]["total_limit"] = limit
+        write_config(path, changed)
+        assert await app.reload()
+        if limit != "1MiB":
+            await client.send(packed("nginx.access", engine_records(1, start=1), chunk="b"))
+            while app.pipeline.waiting_for_room == 0:  # held: its connection not read
+                await trio.testing.wait_all_tasks_blocked()
+    with trio.fail_after(5):  # it waits for room as long as it takes, so not by a timeout
+        assert await client.receive() == {"ack": "b"}
+    await client.aclose()
+    app.request_stop()
+    await app.stopped.wait()
+    assert stored_ids(tmp_path / "logs") == {"r0": 1, "r1": 1}
 
 
 async def test_forward_settings_and_buffer_limit_change_in_process(

@@ -167,6 +167,7 @@ class App:
             return False
         merged, changed, ignored = merge_reload(self.config, new)
         self.live.swap(Settings(merged, token_table(merged), context))
+        self.pipeline.limit_changed()
         log.set_level(merged.server.log_level)
         log.event(logging.INFO, "reloaded", changed=",".join(changed) or "nothing",
                   tokens=",".join(t.name for t in merged.auth.tokens))

@@ -241,6 +241,10 @@ class Pipeline:
         await marker.done.wait()
         return marker
 
+    def limit_changed(self) -> None:
+        """buffer.total_limit was reloaded: batches waiting for room look again."""
+        self._room.set()
+
     def stop_waiting(self) -> None:
         """Shutdown begins: commits waiting for buffer room give up (nothing was kept)."""
         self._stopping = True
