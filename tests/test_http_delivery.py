@@ -248,3 +248,17 @@ async def test_a_full_buffer_answers_503_after_full_wait_and_keeps_nothing(
     assert (replies[0].status, replies[0].json()["error"]) == (503, "buffer_full")
     assert replies[0].headers["retry-after"] == "5"
     assert await stored(running) == {NGINX_FILE: [f"r{n}" for n in range(50)]}
+
+
+async def test_a_request_held_for_room_when_shutdown_begins_gets_shutting_down(
+        mock_clock: trio.testing.MockClock, nursery: trio.Nursery, tmp_path: Path,
+        pki: Path) -> None:
+    running, address = await full_app(nursery, tmp_path, pki)
+    replies: list[Reply] = []
+    async with trio.open_nursery() as clients:
+        clients.start_soon(send_held, address, pki, replies)
+        await held(running)
+        running.app.request_stop()
+    assert (replies[0].status, replies[0].json()["error"]) == (503, "shutting_down")
+    await running.app.stopped.wait()
+    assert ids_by_file(running.root) == {NGINX_FILE: [f"r{n}" for n in range(50)]}

@@ -159,6 +159,10 @@ class Pipeline:
             self._tracker.buffered_bytes + self._refused_bytes > self._total_limit())
 
     @property
+    def stopping(self) -> bool:
+        return self._stopping
+
+    @property
     def buffered_bytes(self) -> int:
         return self._tracker.buffered_bytes
 

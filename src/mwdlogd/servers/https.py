@@ -29,7 +29,7 @@ from mwdlogd.runtime.budget import (
     decoded_cost,
 )
 from mwdlogd.runtime.dedupe import Dedupe
-from mwdlogd.runtime.pipeline import Pipeline, Refused
+from mwdlogd.runtime.pipeline import Pipeline, Refused, ShuttingDown
 from mwdlogd.servers.acceptor import Acceptor, ConnectionLimits
 from mwdlogd.servers.balance import Balance
 from mwdlogd.servers.http_io import (
@@ -194,6 +194,9 @@ class HttpsIngestServer:
         client waits, as TCP backpressure makes forward clients wait) until there is
         room or `deadline`."""
         if not await self._pipeline.wait_for_room(size, deadline):
+            if self._pipeline.stopping:
+                raise IngestError(503, ShuttingDown.reason, "server is shutting down; "
+                                  "nothing of this request was kept, retry")
             raise IngestError(503, "buffer_full", f"buffer holds "
                               f"{self._pipeline.buffered_bytes} bytes, no room for "
                               f"{size} more within buffer.total_limit for "
