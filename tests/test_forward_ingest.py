@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import logging
 import shutil
+import threading
 from pathlib import Path
 from typing import Any
 
@@ -13,6 +14,8 @@ import msgpack
 import pytest
 import trio
 import trio.testing
+
+from mwdlogd.storage.chunk_ids import PeerChunkIds
 
 from conftest import Running, make_config, start_app
 from forward_client import KEY, RawForward, needs_node, node_send, packed, send_one
@@ -284,6 +287,48 @@ async def test_a_failing_chunk_id_log_does_not_refuse_what_the_journal_holds(
         running = await start_app(nursery, config)
         assert await flushed_ids(running) == {NGINX_FILE: ["r0", "r1"]}
         nursery.cancel_scope.cancel()
+
+
+class OverlapCounting(PeerChunkIds):
+    """Other workers' chunk ids, noting how many threads read them at once."""
+
+    def __init__(self, directories: list[Path]) -> None:
+        super().__init__(directories)
+        self.inside = self.most = 0
+        self._lock = threading.Lock()
+
+    def read_new(self) -> list[tuple[float, list[bytes]]]:
+        with self._lock:
+            self.inside += 1
+            self.most = max(self.most, self.inside)
+        threading.Event().wait(0.05)  # widens the window another thread could enter
+        try:
+            return super().read_new()
+        finally:
+            with self._lock:
+                self.inside -= 1
+
+
+async def test_other_workers_chunk_ids_are_read_by_one_thread_at_a_time(
+        nursery: trio.Nursery, tmp_path: Path, pki: Path) -> None:
+    """read_new updates its segment offsets: threads reading at once would skip or repeat
+    entries."""
+    running = await forward_app(nursery, tmp_path, pki)
+    peers = OverlapCounting([tmp_path / "other-worker"])
+    running.app.pipeline._peers = peers
+
+    async def send(n: int) -> None:
+        reply = await send_one(running.addresses.forward, client_context(pki), packed(
+            "nginx.access", engine_records(1, start=n), chunk=f"c{n}"))
+        assert reply == {"ack": f"c{n}"}
+
+    async with trio.open_nursery() as senders:
+        for n in range(4):
+            senders.start_soon(send, n)
+    assert peers.most == 1
+    stored = await flushed_ids(running)
+    assert {path: sorted(ids) for path, ids in stored.items()} == \
+        {NGINX_FILE: [f"r{n}" for n in range(4)]}
 
 
 async def test_heartbeats_are_cheap_and_quiet(nursery: trio.Nursery, tmp_path: Path, pki: Path,

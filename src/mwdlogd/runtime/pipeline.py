@@ -133,6 +133,7 @@ class Pipeline:
         self._chunk_ids = chunk_ids
         self._memory = memory
         self._peers = peers
+        self._peer_limiter = trio.CapacityLimiter(1)  # read_new updates its offsets
         self._tracker = tracker
         self._total_limit = total_limit
         self._limiter = limiter
@@ -176,7 +177,8 @@ class Pipeline:
         if dedupe is None:
             return await self._commit(group_routed(tag, routed), room_deadline)
         if self._peers is not None and not self._memory.is_durable(dedupe):
-            for at, keys in await trio.to_thread.run_sync(self._peers.read_new):
+            for at, keys in await trio.to_thread.run_sync(self._peers.read_new,
+                                                          limiter=self._peer_limiter):
                 self._memory.remember(keys, at)
         while not self._memory.is_durable(dedupe):
             first_copy = self._memory.in_flight(dedupe.key)
