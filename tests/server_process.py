@@ -8,6 +8,7 @@ import re
 import subprocess
 import sys
 import threading
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -18,8 +19,10 @@ STARTUP_TIMEOUT_S = 30.0
 
 class ServerProcess:
     def __init__(self, config_path: Path | None, *, cwd: Path | None = None,
-                 env: dict[str, str] | None = None, argv: list[str] | None = None) -> None:
-        """Runs `mwdlogd run --config config_path`, or `argv` when given."""
+                 env: dict[str, str] | None = None, argv: list[str] | None = None,
+                 starting: Callable[[subprocess.Popen[str]], None] | None = None) -> None:
+        """Runs `mwdlogd run --config config_path`, or `argv` when given; `starting` is
+        called with the process before it listens."""
         self.lines: list[str] = []
         self._changed = threading.Condition()
         argv = argv or [sys.executable, "-m", "mwdlogd", "run", "--config", str(config_path)]
@@ -27,6 +30,8 @@ class ServerProcess:
                                         stderr=subprocess.PIPE, text=True)
         self._reader = threading.Thread(target=self._read, daemon=True)
         self._reader.start()
+        if starting is not None:
+            starting(self.process)
         listening = self.wait_for(r" listening ")
         self.addresses = dict(re.findall(r"(\w+)=(\S+)", listening))
 

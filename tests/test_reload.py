@@ -7,8 +7,12 @@ from __future__ import annotations
 
 import copy
 import functools
+import re
 import signal
 import ssl
+import subprocess
+import threading
+import time
 from pathlib import Path
 from typing import Any
 
@@ -235,3 +239,34 @@ async def test_forward_settings_and_buffer_limit_change_in_process(
     app.request_stop()
     await app.stopped.wait()
     assert stored_ids(tmp_path / "logs") == {"r0": 1, "r1": 1, "r3": 1}
+
+
+def only_sighup_held(pid: int) -> bool:
+    """SIGHUP blocked but not SIGTERM (between fork and exec every signal is blocked)."""
+    status = Path(f"/proc/{pid}/status").read_text()
+    blocked = re.search(r"^SigBlk:\s+([0-9a-f]+)$", status, re.M)
+    assert blocked is not None
+    mask = int(blocked[1], 16)
+    return bool(mask & 1 << (signal.SIGHUP - 1)) and not mask & 1 << (signal.SIGTERM - 1)
+
+
+def test_a_sighup_during_start_up_reloads_once_the_server_runs(tmp_path: Path,
+                                                               pki: Path) -> None:
+    """A SIGHUP that arrives while the server starts is held, not dropped: an operator
+    who edits the config as the server (re)starts gets it applied."""
+    config = write_config(tmp_path / "config.toml", config_raw(tmp_path, pki))
+
+    def hup_while_starting(process: subprocess.Popen[str]) -> None:
+        give_up = time.monotonic() + 30
+        while not only_sighup_held(process.pid):  # start-up holds it from its first lines
+            assert time.monotonic() < give_up, "SIGHUP is never held during start-up"
+            threading.Event().wait(0.001)  # polling another process: no event to await
+        process.send_signal(signal.SIGHUP)
+
+    server = ServerProcess(config, starting=hup_while_starting)
+    try:
+        server.wait_for(r" signal name=SIGHUP ")
+        server.wait_for(r" reloaded ")
+    finally:
+        server.signal(signal.SIGTERM)
+        assert server.wait() == 0

@@ -37,6 +37,7 @@ from mwdlogd.servers.listen import bind_listeners
 from mwdlogd.servers.monitor import MonitorServer
 from mwdlogd.servers.plain_http import Handler, not_found, run_plain_http
 from mwdlogd.servers.tls import server_context
+from mwdlogd.signals import server_signals
 from mwdlogd.startup import certificate_warnings
 from mwdlogd.storage.chunk_ids import CHUNK_IDS, ChunkIdLog, PeerChunkIds
 from mwdlogd.storage.hourly import check_writable
@@ -300,8 +301,7 @@ class App:
 
     async def _watch_signals(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED
                              ) -> None:
-        with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT, signal.SIGUSR1,
-                                       signal.SIGHUP) as signals:
+        with server_signals() as signals:
             task_status.started()
             async with trio.open_nursery() as nursery:
                 async for signum in signals:

@@ -27,12 +27,12 @@ from mwdlogd.errors import ConfigError, MwdlogdError
 from mwdlogd.flush_client import run_flush
 from mwdlogd.init_config import render_default_config
 from mwdlogd.ops import archive, backup
+from mwdlogd.signals import SERVER_SIGNALS, hold_reloads
 from mwdlogd.supervisor import Supervisor
 from mwdlogd.tail_client import run_tail, tail_url
 from mwdlogd.worker import orphaned_journals, worker_config
 
 DEV_CLIENT = "engine-01"
-SERVER_SIGNALS = {signal.SIGTERM, signal.SIGINT, signal.SIGUSR1, signal.SIGHUP}
 EXIT_CONFIG = 2
 
 DESCRIPTION = """\
@@ -148,8 +148,8 @@ def _ensure_dev_certs(config: Config) -> None:
 def _run(args: argparse.Namespace) -> int:
     # Blocked signals are inherited: podman's restart policy starts a container with SIGUSR1
     # blocked, so `kill -USR1 1` would never flush. Unblock every signal the server acts on.
-    signal.pthread_sigmask(signal.SIG_UNBLOCK, SERVER_SIGNALS)
-    signal.signal(signal.SIGHUP, signal.SIG_IGN)  # until the server listens for it
+    signal.pthread_sigmask(signal.SIG_UNBLOCK, SERVER_SIGNALS - {signal.SIGHUP})
+    hold_reloads()  # until the server listens for it
     path, required = config_path(getattr(args, "config", None))
     config = load_config(path, required=required)
     log.set_level(config.server.log_level)

@@ -34,6 +34,7 @@ from mwdlogd.servers.balance import ABSENT, board_size, set_counts
 from mwdlogd.servers.http_io import Response, json_response
 from mwdlogd.servers.listen import address_of, bind_listeners
 from mwdlogd.servers.plain_http import not_found, run_plain_http
+from mwdlogd.signals import server_signals
 from mwdlogd.storage.lock import lock_buffer
 from mwdlogd.telemetry import Telemetry
 from mwdlogd.worker import SHARED_SOCKETS
@@ -201,8 +202,7 @@ class Supervisor:
 
     async def _watch_signals(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED
                              ) -> None:
-        with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT, signal.SIGUSR1,
-                                       signal.SIGHUP) as signals:
+        with server_signals() as signals:
             task_status.started()
             async for signum in signals:
                 if signum in (signal.SIGUSR1, signal.SIGHUP):

@@ -11,7 +11,6 @@ hourly files are shared through the append ledger in `{buffer.path}/ledger`.
 import argparse
 import logging
 import os
-import signal
 import socket
 import sys
 from pathlib import Path
@@ -24,6 +23,7 @@ from mwdlogd.app import App, WorkerSlot, tune_garbage_collector
 from mwdlogd.config import Config, ListenConfig, load_config
 from mwdlogd.errors import MwdlogdError
 from mwdlogd.servers.balance import open_board
+from mwdlogd.signals import hold_reloads
 from mwdlogd.storage.chunk_ids import CHUNK_IDS
 
 EXIT_FAILED = 2
@@ -96,7 +96,7 @@ async def _watch_supervisor(app: App, lifeline_fd: int) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
-    signal.signal(signal.SIGHUP, signal.SIG_IGN)  # until App listens: this start reads it anyway
+    hold_reloads()  # until App listens
     log.configure(worker=args.index)
     problem = None
     path, required = Path(args.config), not args.config_optional
