@@ -6,6 +6,9 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
+import pytest
+
+from mwdlogd.errors import StorageError
 from mwdlogd.runtime.dedupe import ChunkMemory, Dedupe
 from mwdlogd.storage import framing
 from mwdlogd.storage.chunk_ids import (
@@ -80,6 +83,27 @@ def test_a_legacy_log_moves_into_segments(tmp_path: Path) -> None:
     log.close()
     assert not (tmp_path / LEGACY).exists()
     assert opened(ChunkIdLog(tmp_path / "ids", window_s=WINDOW), 1850) == expected
+
+
+def test_keys_of_a_failed_append_are_written_by_the_next(tmp_path: Path) -> None:
+    """Their batches are acked (the journal holds them), so the keys must reach the log
+    before those journal segments go: sync refuses until they have."""
+    directory = tmp_path / "ids"
+    log = ChunkIdLog(directory, window_s=WINDOW)
+    opened(log, 1000)
+    directory.rmdir()
+    directory.write_bytes(b"")  # no segment can be started
+    with pytest.raises(StorageError):
+        log.append([key(1)], 1000)
+    with pytest.raises(StorageError, match="1 ids not written yet"):
+        log.sync()
+    directory.unlink()
+    directory.mkdir()
+    log.append([key(2)], 1001)
+    log.sync()
+    log.close()
+    assert [k for _, k in opened(ChunkIdLog(directory, window_s=WINDOW), 1002)] == \
+        [key(1), key(2)]
 
 
 def test_a_peer_reads_each_entry_once_across_segments_and_restarts(tmp_path: Path) -> None:
