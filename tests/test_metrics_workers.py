@@ -26,6 +26,9 @@ OUT = '{plugin_id="hourly_files",type="file"}'
 BUFFER = f"fluentd_output_status_buffer_total_bytes{OUT}"
 RATIO = f"fluentd_output_status_buffer_available_space_ratio{OUT}"
 INPUT = 'fluentd_input_status_num_records_total{hostname="testhost",tag="nginx.access"}'
+# README: Fluentd's `*_count` gauges keep their names on purpose (promtool lints them).
+KEPT_COUNT_GAUGE = re.compile(r'fluentd_output_status_\w+_count non-histogram and '
+                              r'non-summary metrics should not have "_count" suffix')
 NEVER = {"flush_interval": "1h", "timekey_wait": "1h", "total_limit": "1MiB"}
 
 
@@ -128,7 +131,9 @@ async def test_prometheus_sees_every_worker_on_one_endpoint(tmp_path: Path, pki:
         assert (await http_get(server.addresses["metrics"], "/metrics?worker=2"))[0] == 404
         lint = await trio.run_process(["promtool", "check", "metrics"], stdin=body,
                                       capture_stdout=True, capture_stderr=True, check=False)
-        assert b"error" not in lint.stdout + lint.stderr
+        problems = [line for line in (lint.stdout + lint.stderr).decode().splitlines()
+                    if line and not KEPT_COUNT_GAUGE.fullmatch(line)]
+        assert (lint.returncode, problems) in ((0, []), (3, []))  # 3: lint findings only
         found = await scrape_with_prometheus(tmp_path, server.addresses["metrics"])
     finally:
         drain(server)

@@ -207,7 +207,8 @@ async def test_forward_settings_and_buffer_limit_change_in_process(
         nursery: trio.Nursery, tmp_path: Path, pki: Path) -> None:
     """App.reload without a signal: a shared key applies to new forward connections while
     an open one goes on; a lower buffer.total_limit refuses at once, a higher one admits."""
-    raw = config_raw(tmp_path, pki, buffer={"flush_interval": "1h", "timekey_wait": "1h"})
+    raw = config_raw(tmp_path, pki, buffer={"flush_interval": "1h", "timekey_wait": "1h"},
+                     http={"full_wait": "0s"})  # refused at once, not after 20 s held
     path = write_config(tmp_path / "config.toml", raw)
     app = App(load_config(path, required=True), loader=lambda: load_config(path, required=True))
     addresses = await nursery.start(app.run)
