@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import copy
 import functools
+import logging
 import re
 import signal
 import ssl
@@ -271,3 +272,20 @@ def test_a_sighup_during_start_up_reloads_once_the_server_runs(tmp_path: Path,
     finally:
         server.signal(signal.SIGTERM)
         assert server.wait() == 0
+
+
+async def test_a_reload_warns_of_a_certificate_that_expires_soon(
+        nursery: trio.Nursery, tmp_path: Path, pki: Path,
+        caplog: pytest.LogCaptureFixture) -> None:
+    """Read in the reload's worker thread with the other TLS files (the test PKI expires
+    in 30 days)."""
+    path = write_config(tmp_path / "config.toml", config_raw(tmp_path, pki))
+    app = App(load_config(path, required=True), loader=lambda: load_config(path, required=True))
+    await nursery.start(app.run)
+    caplog.clear()
+    with caplog.at_level(logging.WARNING, logger="mwdlogd"):
+        assert await app.reload()
+    assert any("key=tls.cert" in r.getMessage() and "expires in 29 days" in r.getMessage()
+               for r in caplog.records)
+    app.request_stop()
+    await app.stopped.wait()

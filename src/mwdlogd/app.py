@@ -38,7 +38,7 @@ from mwdlogd.servers.monitor import MonitorServer
 from mwdlogd.servers.plain_http import Handler, not_found, run_plain_http
 from mwdlogd.servers.tls import server_context
 from mwdlogd.signals import server_signals
-from mwdlogd.startup import certificate_warnings
+from mwdlogd.startup import Risk, certificate_warnings
 from mwdlogd.storage.chunk_ids import CHUNK_IDS, ChunkIdLog, PeerChunkIds
 from mwdlogd.storage.hourly import check_writable
 from mwdlogd.storage.journal import Journal
@@ -161,7 +161,7 @@ class App:
         not load is refused (`reload_failed`, the running config stays); restart-only
         keys that differ are named (`reload_ignored`) and keep their running values."""
         try:
-            new, context = await trio.to_thread.run_sync(self._load_again)
+            new, context, warnings = await trio.to_thread.run_sync(self._load_again)
         except (MwdlogdError, OSError) as exc:
             log.event(logging.ERROR, "reload_failed", error=str(exc),
                       detail="the running config is kept")
@@ -175,17 +175,18 @@ class App:
         if ignored:
             log.event(logging.WARNING, "reload_ignored", keys=",".join(ignored),
                       detail="restart to apply")
-        for warning in certificate_warnings(merged):
+        for warning in warnings:
             log.event(logging.WARNING, warning.event, key=warning.key, problem=warning.problem)
         return True
 
-    def _load_again(self) -> tuple[Config, ssl.SSLContext]:
-        """The config file and its TLS files, read and checked (blocking; in a thread)."""
+    def _load_again(self) -> tuple[Config, ssl.SSLContext, list[Risk]]:
+        """The config file and its TLS files, read and checked, and the certificates'
+        expiry warnings (blocking; in a thread)."""
         if self._loader is None:
             raise MwdlogdError("no config file to reload (config given in memory)")
         new = self._loader()
         check_tls_files(new)
-        return new, server_context(new.tls)
+        return new, server_context(new.tls), certificate_warnings(new)
 
     async def run(self, *, task_status: trio.TaskStatus[Addresses] = trio.TASK_STATUS_IGNORED
                   ) -> None:
