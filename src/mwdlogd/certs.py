@@ -16,6 +16,8 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
+from mwdlogd.storage.files import fsync_dir
+
 DEFAULT_HOSTS = ("logserver", "localhost", "127.0.0.1", "::1")
 DEFAULT_DAYS = 825  # the longest validity Apple/Chrome accept for a server certificate
 
@@ -78,12 +80,17 @@ def _ca_usage() -> list[tuple[x509.ExtensionType, bool]]:
 
 
 def _write_atomically(path: Path, data: bytes, mode: int) -> None:
-    """Replace `path` whole (a reader never sees half a file), with `mode` from the start."""
+    """Replace `path` whole (a reader never sees half a file), with `mode` from the start;
+    on disk before this returns, so a crash right after a renewal cannot leave an empty
+    certificate or key."""
     temporary = path.with_name(f".{path.name}.tmp")
     fd = os.open(temporary, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, mode)
     with os.fdopen(fd, "wb") as file:
         file.write(data)
+        file.flush()
+        os.fsync(file.fileno())
     os.replace(temporary, path)
+    fsync_dir(path.parent)
 
 
 def _save(cert_path: Path, key_path: Path,
