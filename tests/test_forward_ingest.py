@@ -16,6 +16,7 @@ import trio
 import trio.testing
 
 from mwdlogd.storage.chunk_ids import PeerChunkIds
+from mwdlogd.storage.journal import Journal
 
 from conftest import Running, make_config, start_app
 from forward_client import KEY, RawForward, needs_node, node_send, packed, send_one
@@ -283,6 +284,27 @@ async def test_a_failing_chunk_id_log_does_not_refuse_what_the_journal_holds(
         nursery.cancel_scope.cancel()  # kill -9: no drain
     assert "mwdlogd_forward_duplicate_chunks_total 2.0" in metrics
     ids_dir.unlink()
+    async with trio.open_nursery() as nursery:
+        running = await start_app(nursery, config)
+        assert await flushed_ids(running) == {NGINX_FILE: ["r0", "r1"]}
+        nursery.cancel_scope.cancel()
+
+
+async def test_recovery_replays_one_copy_of_a_resend_journaled_twice(tmp_path: Path,
+                                                                      pki: Path) -> None:
+    """Two journal records with the same resend key (a resend journaled again, e.g. by
+    a version that refused a batch it had journaled): the restart stores one copy."""
+    config = make_config(tmp_path, pki, buffer={"flush_interval": "1h", "timekey_wait": "1h"})
+    message = packed("nginx.access", engine_records(2), chunk="twice==\n")
+    async with trio.open_nursery() as nursery:
+        first = await start_app(nursery, config)
+        assert await send_one(first.addresses.forward, client_context(pki), message) == \
+            {"ack": "twice==\n"}
+        nursery.cancel_scope.cancel()  # kill -9: no drain
+    journal = Journal(tmp_path / "buffer" / "journal")
+    [(_, payload)] = journal.open()
+    journal.append([payload])
+    journal.close()
     async with trio.open_nursery() as nursery:
         running = await start_app(nursery, config)
         assert await flushed_ids(running) == {NGINX_FILE: ["r0", "r1"]}
