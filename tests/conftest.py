@@ -1,6 +1,6 @@
 from __future__ import annotations
 
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -9,6 +9,7 @@ import pytest
 import trio
 from hypothesis import settings
 
+from mwdlogd import log
 from mwdlogd.app import Addresses, App
 from mwdlogd.certs import init_certs
 from mwdlogd.config import Config, resolve_paths, structure_config, validate
@@ -18,6 +19,15 @@ from helpers import TOKEN
 # CI machines are shared and slow at times: judge properties by their inputs, not timing.
 settings.register_profile("mwdlogd", deadline=None)
 settings.load_profile("mwdlogd")
+
+
+@pytest.fixture(autouse=True)
+def _restore_log_level() -> Iterator[None]:
+    """An in-process reload sets the process-wide `server.log_level`; no test may leave it
+    changed for the next."""
+    level = log.logger.level
+    yield
+    log.logger.setLevel(level)
 
 
 @pytest.fixture(scope="session")
