@@ -307,3 +307,19 @@ def test_invalid_utf8_is_kept_with_its_bytes_in_every_mode(mode: str) -> None:
     assert got.entries == [(1732500000.0, {**TEXT_RECORD, "uri": "/\ufffd\ufffd",
                                            "utf8_invalid": {"/uri": "L8Cv"}})]
     assert got.invalid_utf8 == 1
+
+
+@pytest.mark.parametrize("bin_value", [False, True])
+def test_packed_event_times_whose_bytes_look_like_bin_headers(bin_value: bool) -> None:
+    """EventTime nanoseconds may hold the bytes of a bin header (0xc4-0xc6): text only and
+    text with one bin value both come out as text."""
+    at = msgpack.ExtType(0, bytes.fromhex("6746e9a0") + bytes.fromhex("00c4c5c6"))
+    record: dict[Any, Any] = {"customer_name": "acme", "fqdn": "www.acme.test", "n": 1}
+    if bin_value:
+        record["uri"] = b"/x"
+    entries = b"".join(msgpack.packb([at, record], use_bin_type=True) for _ in range(3))
+    (got,) = events(msgpack.packb(["t", entries], use_bin_type=True))
+    expected = {"customer_name": "acme", "fqdn": "www.acme.test", "n": 1}
+    if bin_value:
+        expected["uri"] = "/x"
+    assert [record for _, record in got.entries] == [expected] * 3

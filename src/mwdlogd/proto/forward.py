@@ -13,7 +13,7 @@ import hmac
 import os
 import struct
 import sys
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from typing import Any, Final
 
 import attrs
@@ -21,7 +21,7 @@ import msgpack
 
 from mwdlogd.errors import MwdlogdError
 from mwdlogd.proto.gzipped import GzipMalformed, GzipTooLarge, gunzip_bounded
-from mwdlogd.proto.text import may_hold_bin, repair_all, strings_as_text
+from mwdlogd.proto.text import BinSeen, may_hold_bin, repair_all, strings_as_text
 
 EVENT_TIME_EXT = 0
 NEED_DATA: Final = object()
@@ -323,12 +323,13 @@ class ForwardConnection:
         elif compressed not in (None, "text"):
             raise ForwardProtocolError("wrong_shape", f"unknown compressed={compressed!r}")
         clean, cap = True, self._max_records
+        seen = None if not may_hold_bin(blob) else BinSeen()
         try:
-            values = _unpack_all(blob, raw=False, max_records=cap) \
-                if not may_hold_bin(blob) else None
+            values = _unpack_all(blob, raw=False, max_records=cap, object_hook=seen)
         except UnicodeDecodeError:
             values = None
-        if values is None:  # bin, or text that is not UTF-8: the slower way
+        if values is None or (seen is not None and seen.seen):
+            # bin, or text that is not UTF-8: the slower way
             values, clean = _records_text(_unpack_all(blob, raw=True, max_records=cap))
         return [self._entry(entry, index) for index, entry in enumerate(values)], clean
 
@@ -354,11 +355,13 @@ def _too_many(count: int, max_records: int) -> ForwardProtocolError:
                                 f"forward.max_records_per_message={max_records}")
 
 
-def _unpack_all(blob: bytes, *, raw: bool, max_records: int) -> list[Any]:
+def _unpack_all(blob: bytes, *, raw: bool, max_records: int,
+                object_hook: Callable[[dict[Any, Any]], Any] | None = None) -> list[Any]:
     """Every entry of a blob, refused as soon as there are more than `max_records`;
     UnicodeDecodeError passes through (only when not `raw`)."""
+    hooks = {"object_hook": object_hook} if object_hook is not None else {}
     unpacker = msgpack.Unpacker(raw=raw, ext_hook=event_time_hook, strict_map_key=False,
-                                max_buffer_size=max(len(blob), 1))
+                                max_buffer_size=max(len(blob), 1), **hooks)
     unpacker.feed(blob)
     values: list[Any] = []
     try:

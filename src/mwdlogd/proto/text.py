@@ -141,3 +141,25 @@ _BIN_MARKERS = (b"\xc4", b"\xc5", b"\xc6")
 
 def may_hold_bin(data: bytes) -> bool:
     return any(marker in data for marker in _BIN_MARKERS)
+
+
+# What a map read with raw=False may hold that could be (or hide) bin.
+_MAYBE_BIN = (bytes, list)
+
+
+class BinSeen:
+    """object_hook for a read with raw=False: notes whether a map holds bin (bytes) or a
+    list, which could hide some. The marker bytes of `may_hold_bin` also occur in other
+    data (every EventTime's nanoseconds, say), so a blob that has them is read the fast
+    way first and read again the slow way only when this saw bin."""
+
+    def __init__(self) -> None:
+        self.seen = False
+
+    def __call__(self, mapping: dict[Any, Any]) -> dict[Any, Any]:
+        if not self.seen:
+            for key, value in mapping.items():
+                if type(key) is not str or type(value) in _MAYBE_BIN:
+                    self.seen = True
+                    break
+        return mapping
