@@ -128,6 +128,7 @@ class ForwardConnection:
         self._fed = 0
         self._recent, self._recent_at = b"", 0  # the last bytes fed, and their offset
         self._head, self._head_at = bytearray(), 0  # the start of the message being read
+        self._framed = False  # skip() has found the end of the next message
 
     def helo(self) -> bytes:
         return bytes(_packer().pack(["HELO", {"nonce": self._nonce, "auth": self._auth_salt,
@@ -153,18 +154,30 @@ class ForwardConnection:
         """Bytes received and not yet made into events (held twice: here and in msgpack)."""
         return len(self._pending)
 
-    def next_event(self) -> Entries | Pong | object:
-        """Entries, a Pong to send, or NEED_DATA; raises ForwardProtocolError."""
+    def ready(self) -> bool:
+        """Whether a whole message is buffered. Framing only (skip() builds no objects and
+        resumes where it stopped), so it is cheap enough for the event loop; decoding the
+        message is `next_event`'s. Raises ForwardProtocolError."""
+        if self._framed:
+            return True
         try:
-            self._unpacker.skip()  # resumes where the last call stopped
+            self._unpacker.skip()
         except msgpack.OutOfData:
             self._refuse_oversized()
-            return NEED_DATA
+            return False
         except msgpack.StackError:
             raise ForwardProtocolError("too_deep", "message nests deeper than msgpack's "
                                                    "1024 levels") from None
         except (ValueError, TypeError, msgpack.UnpackException) as exc:
             raise ForwardProtocolError("malformed_msgpack", str(exc)) from None
+        self._framed = True
+        return True
+
+    def next_event(self) -> Entries | Pong | object:
+        """Entries, a Pong to send, or NEED_DATA; raises ForwardProtocolError."""
+        if not self.ready():
+            return NEED_DATA
+        self._framed = False
         size = self._unpacker.tell() - self._head_at  # where this message started
         data = bytes(self._pending[:size])
         del self._pending[:size]

@@ -120,9 +120,9 @@ class ForwardServer:
         # after authentication alike; waiting for room stops reading (TCP backpressure).
         with self._unread.lease() as unread:
             while True:
-                event = await decode_off_loop(conn.next_event,
-                                              inline=conn.buffered <= INLINE_MESSAGE_BYTES,
-                                              limiter=self._decoder)
+                event = NEED_DATA if not conn.ready() else await decode_off_loop(
+                    conn.next_event, inline=conn.buffered <= INLINE_MESSAGE_BYTES,
+                    limiter=self._decoder)
                 unread.shrink_to(2 * conn.buffered)
                 if event is NEED_DATA:
                     established = conn.established
