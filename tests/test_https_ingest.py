@@ -322,6 +322,7 @@ async def test_health_is_503_when_storage_is_not_writable(server: Running) -> No
     assert code == 503
     status = json.loads(body)
     assert status["status"] == "unavailable" and "cannot create" in status["problem"]
+    assert status["problem"] == "cannot create {storage.root}: File exists"  # not the path
 
 
 async def test_a_line_that_is_not_utf8_costs_nothing(server: Running, pki: Path) -> None:

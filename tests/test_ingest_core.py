@@ -19,14 +19,20 @@ from hypothesis import strategies as st
 
 from mwdlogd.errors import IngestError
 from mwdlogd.pipeline.normalize import Context, normalize_batch
-from mwdlogd.proto.auth import Credential, TokenTable
+from mwdlogd.proto.auth import AuthFailed, Authorizer, Credential, Identity, ThrottleSettings
 from mwdlogd.proto.bodies import gunzip_body, parse_json, parse_msgpack, parse_ndjson
 from mwdlogd.proto.ingest import Accepted, RequestReader, tag_of
 
 from helpers import CAPTURES
 
-TOKENS = TokenTable([Credential("engine", b"abc"), Credential("other", b"0123456789abcdef"),
-                     Credential("acme-only", b"acme-secret", frozenset({"acme"}))])
+AUTHORIZER = Authorizer([Credential("engine", b"abc"), Credential("other", b"0123456789abcdef"),
+                         Credential("acme-only", b"acme-secret", frozenset({"acme"}))],
+                        throttle=ThrottleSettings(failures=0))
+
+
+def authenticate(authorization: bytes | None) -> Identity:
+    return AUTHORIZER.token(authorization, protocol="http", source="test", now=0.0,
+                            subject=None)
 CAPTURED = sorted(p.name for p in CAPTURES.glob("http-*.req-*.bin"))
 
 
@@ -45,7 +51,7 @@ def read(data: bytes, step: int | None = None, limit: int = 10 * 1024 * 1024) ->
     reader = None
     for event in events(data, step):
         if isinstance(event, h11.Request):
-            reader = RequestReader(event, tokens=TOKENS, body_limit=limit)
+            reader = RequestReader(event, authenticate=authenticate, body_limit=limit)
         elif isinstance(event, h11.Data):
             assert reader is not None
             reader.receive_data(event.data)
@@ -82,7 +88,7 @@ def test_fluentd_out_http_captures(name: str, step: int | None) -> None:
     raw = with_token((CAPTURES / name).read_bytes())
     accepted = read(raw, step)
     assert accepted.tag == "nginx.access"
-    assert accepted.credential.name == "engine"
+    assert accepted.identity == Identity("token 'engine'")
     assert [r["seq"] for r in accepted.records] == expected_seqs(raw)
     assert accepted.records[0]["customer"] in {"Müller GmbH", "Société Générale", "Пример ООО"}  # noqa: RUF001
 
@@ -132,13 +138,14 @@ def test_head_is_refused_before_the_body_arrives() -> None:
     event = conn.next_event()
     assert isinstance(event, h11.Request)
     with pytest.raises(IngestError, match=r"Content-Length 1000 > http\.body_size_limit=100"):
-        RequestReader(event, tokens=TOKENS, body_limit=100)
+        RequestReader(event, authenticate=authenticate, body_limit=100)
 
 
 def test_bearer_scheme_is_case_insensitive_and_others_refused() -> None:
-    assert TOKENS.authenticate(b"bearer abc") is not None
-    assert TOKENS.authenticate(b"Basic YWJjOmFiYw==") is None
-    assert TOKENS.authenticate(b"") is None
+    assert authenticate(b"bearer abc").name == "token 'engine'"
+    for refused in (b"Basic YWJjOmFiYw==", b"", b"abc"):
+        with pytest.raises(AuthFailed, match="bearer token is not known"):
+            authenticate(refused)
 
 
 def test_tag_and_time_from_target() -> None:

@@ -77,6 +77,7 @@ def test_backlog_larger_than_the_free_space_makes_progress(
         server.wait_for(r"write_failed .*No space left on device")
         status, health = get_json(server.addresses["health"], "/health")
         assert status == 503 and "failing to write" in health["problem"]
+        assert str(small_root) not in str(health) and "acme" not in str(health)  # no names
         ballast.unlink()
         deadline = time.monotonic() + 30
         while metric(server, WRITES) < 1:  # some members fit in the freed 4 MiB ...

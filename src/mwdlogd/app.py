@@ -18,7 +18,8 @@ from prometheus_client import CONTENT_TYPE_LATEST
 from mwdlogd import log
 from mwdlogd.config import Config, check_tls_files
 from mwdlogd.errors import MwdlogdError, StorageError
-from mwdlogd.live import Live, Settings, merge_reload, token_table
+from mwdlogd.live import Live, Settings, authorizer, merge_reload
+from mwdlogd.proto.auth import FailureThrottle
 from mwdlogd.runtime.budget import Budget
 from mwdlogd.runtime.dedupe import ChunkMemory
 from mwdlogd.runtime.filestore import FileStore
@@ -40,6 +41,7 @@ from mwdlogd.servers.tls import server_context
 from mwdlogd.signals import server_signals
 from mwdlogd.startup import Risk, certificate_warnings
 from mwdlogd.storage.chunk_ids import CHUNK_IDS, ChunkIdLog, PeerChunkIds
+from mwdlogd.storage.files import storage_id
 from mwdlogd.storage.hourly import check_writable
 from mwdlogd.storage.journal import Journal
 from mwdlogd.storage.ledger import Ledger
@@ -89,10 +91,11 @@ class App:
                  wall_clock: Callable[[], float] | None = None,
                  slot: WorkerSlot | None = None,
                  loader: Callable[[], Config] | None = None) -> None:
-        self.live = Live(Settings(config, token_table(config), None))
+        self.telemetry = Telemetry(config.server.hostname)
+        self.live = Live(Settings(config, authorizer(config, FailureThrottle(),
+                                                     self.telemetry.auth_event), None))
         self._loader = loader
         self._slot = slot
-        self.telemetry = Telemetry(config.server.hostname)
         buffer = Path(config.buffer.path)
         ledger = Ledger(slot.ledger_dir if slot else buffer / "ledger",
                         worker=slot.index if slot else 0, fsync=config.buffer.fsync)
@@ -167,7 +170,8 @@ class App:
                       detail="the running config is kept")
             return False
         merged, changed, ignored = merge_reload(self.config, new)
-        self.live.swap(Settings(merged, token_table(merged), context))
+        self.live.swap(Settings(merged, authorizer(
+            merged, self.live.settings.authorizer.failures, self.telemetry.auth_event), context))
         self.pipeline.limit_changed()
         log.set_level(merged.server.log_level)
         log.event(logging.INFO, "reloaded", changed=",".join(changed) or "nothing",
@@ -326,15 +330,25 @@ class App:
         reason (the container health check and `mwdlogd health` read the status)."""
         if request.target.split(b"?")[0] != b"/health":
             return not_found(request, "/health")
-        problems = await self._problems()
+        problems = [self._public(problem) for problem in await self._problems()]
+        # Anyone may ask: no paths (storage_id stands for storage.root), limits or names.
         status: dict[str, object] = {"status": "ok" if not problems else "unavailable",
-                                     "storage_root": self.config.storage.root,
+                                     "storage_id": storage_id(self.config.storage.root),
                                      "open_files": self.router.open_files,
                                      "buffered_bytes": self.tracker.buffered_bytes}
         if problems:
             status["problem"] = "; ".join(problems)
             status["problems"] = problems
         return json_response(503 if problems else 200, status)
+
+    def _public(self, problem: str) -> str:
+        """A problem as /health may show it: the storage and buffer paths named by their
+        keys (the log and `mwdlogd doctor` give them)."""
+        for key in ("storage.root", "buffer.path"):
+            path = self.config.storage.root if key == "storage.root" else self.config.buffer.path
+            for form in {path, os.path.realpath(path)}:
+                problem = problem.replace(form, f"{{{key}}}")
+        return problem
 
     async def _problems(self) -> list[str]:
         problems = []
@@ -349,12 +363,12 @@ class App:
             problems.append(f"journal failing{refusing}: {self.pipeline.journal_problem}")
         if self.pipeline.refusing:
             problems.append(f"buffer full (new batches refused with 503 buffer_full): "
-                            f"{self.tracker.buffered_bytes} bytes not yet written, "
-                            f"buffer.total_limit={self.config.buffer.total_limit}")
+                            f"{self.tracker.buffered_bytes} bytes not yet written, over "
+                            f"buffer.total_limit")
         failing = self.router.failing_writes()
-        if failing:
-            problems.append(f"{len(failing)} hourly files failing to write, retrying: "
-                            f"{failing[0]}")
+        if failing:  # which files (customer and site names) only in the log: write_failed
+            problems.append(f"{len(failing)} hourly files failing to write, retrying "
+                            f"(write_failed in the log)")
         return problems
 
     async def _metrics(self, request: h11.Request) -> Response:

@@ -86,8 +86,9 @@ def _parser() -> argparse.ArgumentParser:
         "tail", parents=[common], help="print records live as the server stores them",
         description="Follows /api/tail on the [monitor] port (on every worker's, port + N, "
         "when server.workers > 1). Pretty and coloured on a terminal, raw JSON lines "
-        "otherwise. The token is --token, $MWDLOGD_TOKEN, or the "
-        "first of auth.tokens in the config.")
+        "otherwise. The token is --token, $MWDLOGD_TOKEN, or the first of auth.tokens "
+        "in the config not bound to certificate subjects; a token restricted to customers "
+        "shows only theirs.")
     tail.add_argument("--customer", help="only this customer_name")
     tail.add_argument("--type", dest="log_type",
                       choices=["nginx", "openappsec", "invalid", "unmatched"],
@@ -103,7 +104,8 @@ def _parser() -> argparse.ArgumentParser:
         description="POSTs /api/flush on the [monitor] port (every worker's, port + N) and "
         "waits until each has written what it had; prints the records and files written as "
         "JSON. Exit 1 if a worker could not be reached or a file could not be written. The "
-        "token is --token, $MWDLOGD_TOKEN, or the first of auth.tokens in the config.")
+        "token is --token, $MWDLOGD_TOKEN, or the first of auth.tokens in the config not "
+        "bound to certificate subjects.")
     flush.add_argument("--token", help="bearer token (default: $MWDLOGD_TOKEN or the config's)")
     flush.add_argument("--server", metavar="HOST:PORT", action="append",
                        help="monitor address (repeatable; default: [monitor] of every worker)")
@@ -220,7 +222,7 @@ def _monitor_access(args: argparse.Namespace, servers: list[str]) -> tuple[str, 
     token = args.token or os.environ.get("MWDLOGD_TOKEN") or ""
     if not (token and servers):  # only then is the config needed
         config = _load(args)
-        token = token or next((t.token for t in config.auth.tokens), "")
+        token = token or next((t.token for t in config.auth.tokens if not t.subjects), "")
         servers = servers or [_local_address(worker_config(config, i).monitor)
                               for i in range(config.server.workers)]
     if not token:

@@ -20,6 +20,7 @@ from cattrs.errors import ClassValidationError, ForbiddenExtraKeysError
 from cattrs.gen import make_dict_structure_fn
 
 from mwdlogd.errors import ConfigError
+from mwdlogd.pipeline.paths import safe_customer
 from mwdlogd.units import parse_duration, parse_size
 
 Size = NewType("Size", int)
@@ -95,6 +96,7 @@ class HttpConfig:
 class ForwardUser:
     username: str
     password: str = attrs.field(repr=False)
+    customers: tuple[str, ...] = ()
 
 
 @attrs.frozen
@@ -109,7 +111,8 @@ class ForwardConfig:
     transport: str = attrs.field(default="tls", metadata=_doc(
         "tls (with [tls] settings, mTLS by default) or tcp (plain; only on trusted networks)"))
     users: tuple[ForwardUser, ...] = attrs.field(default=(), metadata=_doc(
-        "with shared_key: [{ username, password }] required in PING; empty = no user auth"))
+        "with shared_key: [{ username, password, customers = [] }] required in PING; empty = "
+        "no user auth; customers restricts what that user may write (empty = any)"))
     idle_timeout: Duration = attrs.field(default=Duration(300.0), metadata=_doc(
         "close a forward connection idle this long"))
     dedupe_window: Duration = attrs.field(default=Duration(3600.0), metadata=_doc(
@@ -130,12 +133,30 @@ class Token:
     name: str
     token: str = attrs.field(repr=False)
     customers: tuple[str, ...] = ()
+    subjects: tuple[str, ...] = ()
+
+
+@attrs.frozen
+class Client:
+    subject: str
+    customers: tuple[str, ...] = ()
 
 
 @attrs.frozen
 class AuthConfig:
     tokens: tuple[Token, ...] = attrs.field(default=(), metadata=_doc(
-        "bearer tokens: [{ name, token, customers = [] }]; empty customers = any customer"))
+        "bearer tokens: [{ name, token, customers = [], subjects = [] }]; empty customers = "
+        "any customer; subjects = certificate CNs the token is valid with (empty = any)"))
+    clients: tuple[Client, ...] = attrs.field(default=(), metadata=_doc(
+        "[[auth.clients]] subject = certificate CN, customers = what it may write (HTTPS "
+        "and forward); subjects not listed are not restricted"))
+    failure_limit: int = attrs.field(default=5, metadata=_doc(
+        "failed authentications from one address within failure_window that lock it out "
+        "(0 = never)"))
+    failure_window: Duration = attrs.field(default=Duration(10.0), metadata=_doc(
+        "window in which failure_limit failures count"))
+    lockout: Duration = attrs.field(default=Duration(60.0), metadata=_doc(
+        "how long a locked-out address is refused (HTTP 429, forward connection closed)"))
 
 
 @attrs.frozen
@@ -172,9 +193,24 @@ class ListenConfig:
     port: int = 0
 
 
-def _listen(bind: str, port: int, what: str) -> Any:
-    """A listener section's field: its own default address and a doc line."""
-    return attrs.field(factory=lambda: ListenConfig(bind, port), metadata=_doc(what))
+# One class per listener, so a section that sets only its port keeps its own bind (and
+# the other way round): `[monitor] port = 24220` still binds 127.0.0.1.
+@attrs.frozen
+class HealthConfig(ListenConfig):
+    bind: str = "0.0.0.0"
+    port: int = 8889
+
+
+@attrs.frozen
+class MonitorConfig(ListenConfig):
+    bind: str = "127.0.0.1"
+    port: int = 24220
+
+
+@attrs.frozen
+class MetricsConfig(ListenConfig):
+    bind: str = "0.0.0.0"
+    port: int = 24231
 
 
 @attrs.frozen
@@ -186,9 +222,12 @@ class Config:
     auth: AuthConfig = attrs.field(factory=AuthConfig)
     storage: StorageConfig = attrs.field(factory=StorageConfig)
     buffer: BufferConfig = attrs.field(factory=BufferConfig)
-    health: ListenConfig = _listen("0.0.0.0", 8889, "plain HTTP /health")  # noqa: RUF009
-    monitor: ListenConfig = _listen("127.0.0.1", 24220, "monitor agent API")  # noqa: RUF009
-    metrics: ListenConfig = _listen("0.0.0.0", 24231, "Prometheus /metrics")  # noqa: RUF009
+    health: HealthConfig = attrs.field(factory=HealthConfig, metadata=_doc(
+        "plain HTTP /health: status only, no paths or limits"))
+    monitor: MonitorConfig = attrs.field(factory=MonitorConfig, metadata=_doc(
+        "monitor agent API and live tail; keep on loopback"))
+    metrics: MetricsConfig = attrs.field(factory=MetricsConfig, metadata=_doc(
+        "Prometheus /metrics: counters only, no paths or customer names"))
 
 
 def _converter() -> cattrs.Converter:
@@ -405,6 +444,7 @@ def validate(config: Config) -> None:
                           f"{config.server.log_level!r}")
     _validate_tokens(config.auth.tokens)
     _validate_ports(config)
+    _validate_auth(config)
 
 
 def listen_ports(config: Config) -> list[tuple[str, str, int]]:
@@ -449,6 +489,38 @@ def _validate_tokens(tokens: tuple[Token, ...]) -> None:
         if not token.token:
             raise ConfigError(f"{key}.token", "must not be empty")
         seen.add(token.name)
+
+
+def _validate_auth(config: Config) -> None:
+    auth = config.auth
+    named: list[tuple[str, tuple[str, ...]]] = [
+        (f"auth.tokens[{i}].customers", t.customers) for i, t in enumerate(auth.tokens)]
+    named += [(f"auth.clients[{i}].customers", c.customers) for i, c in enumerate(auth.clients)]
+    named += [(f"forward.users[{i}].customers", u.customers)
+              for i, u in enumerate(config.forward.users)]
+    for key, customers in named:
+        for index, customer in enumerate(customers):
+            if not customer or safe_customer(customer) != customer:
+                raise ConfigError(f"{key}[{index}]", f"{customer!r} is not a customer "
+                                  "directory name ([A-Za-z0-9_-], at most 200, not _invalid or "
+                                  "_unmatched); records are matched on it exactly")
+    subjects: set[str] = set()
+    for index, client in enumerate(auth.clients):
+        if not client.subject:
+            raise ConfigError(f"auth.clients[{index}].subject", "must not be empty")
+        if client.subject in subjects:
+            raise ConfigError(f"auth.clients[{index}].subject",
+                              f"duplicate subject {client.subject!r}")
+        subjects.add(client.subject)
+    for index, token in enumerate(auth.tokens):
+        if "" in token.subjects:
+            raise ConfigError(f"auth.tokens[{index}].subjects", "must not hold an empty name")
+    if auth.failure_limit < 0:
+        raise ConfigError("auth.failure_limit", "must be 0 (off) or more")
+    for key, value in (("auth.failure_window", auth.failure_window),
+                       ("auth.lockout", auth.lockout)):
+        if value <= 0:
+            raise ConfigError(key, "must be greater than 0")
 
 
 def resolve_paths(config: Config, base: Path) -> Config:

@@ -18,14 +18,16 @@ class IngestError(MwdlogdError):
     """An HTTP ingest request is refused; carries what the server renders (like h11's hint).
 
     `error` is a short fixed code (it doubles as the metric's reason label), `detail`
-    names the offending input and limit.
+    names the offending input and limit; `retry_after_s` overrides Retry-After.
     """
 
-    def __init__(self, status: int, error: str, detail: str) -> None:
+    def __init__(self, status: int, error: str, detail: str, *,
+                 retry_after_s: int | None = None) -> None:
         super().__init__(f"{status} {error}: {detail}")
         self.status = status
         self.error = error
         self.detail = detail
+        self.retry_after_s = retry_after_s
 
 
 class StorageError(MwdlogdError):

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import secrets
+from collections.abc import Callable
 from typing import Any
 
 import attrs
@@ -50,8 +51,8 @@ def render_default_config() -> str:
         if section.metadata.get("doc"):
             parts.append(f"# {section.metadata['doc']}\n")
         for field in attrs.fields(type(values)):
-            if section.name == "auth":
-                parts.append(_tokens_example(field.metadata["doc"]))
+            if (section.name, field.name) in EXAMPLES:
+                parts.append(EXAMPLES[section.name, field.name](field.metadata["doc"]))
                 continue
             if field.metadata.get("doc"):
                 parts.append(f"# {field.metadata['doc']}\n")
@@ -62,4 +63,15 @@ def render_default_config() -> str:
 def _tokens_example(doc: str) -> str:
     token = secrets.token_urlsafe(24)
     return (f"# {doc}\n"
-            f'tokens = [{{ name = "engine-01", token = "{token}", customers = [] }}]\n')
+            f'tokens = [{{ name = "engine-01", token = "{token}", customers = [], '
+            f'subjects = [] }}]\n')
+
+
+def _clients_example(doc: str) -> str:
+    return (f"# {doc}\n"
+            '# e.g. clients = [{ subject = "engine-01", customers = ["acme"] }]\n'
+            "clients = []\n")
+
+
+EXAMPLES: dict[tuple[str, str], Callable[[str], str]] = {
+    ("auth", "tokens"): _tokens_example, ("auth", "clients"): _clients_example}

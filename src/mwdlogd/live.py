@@ -15,7 +15,7 @@ from typing import Any
 import attrs
 
 from mwdlogd.config import Config
-from mwdlogd.proto.auth import Credential, TokenTable
+from mwdlogd.proto.auth import Authorizer, Credential, FailureThrottle, Report, ThrottleSettings
 
 # Keys read once at start-up (sockets, directories, process layout, metric labels).
 RESTART_ONLY = frozenset({
@@ -28,9 +28,17 @@ RESTART_ONLY = frozenset({
 })
 
 
-def token_table(config: Config) -> TokenTable:
-    return TokenTable([Credential(t.name, t.token.encode(), frozenset(t.customers))
-                       for t in config.auth.tokens])
+def authorizer(config: Config, failures: FailureThrottle, report: Report) -> Authorizer:
+    """The one authorization model for HTTPS, forward and the monitor port (README,
+    Authorization); `failures` carries lockouts over from the previous settings."""
+    auth = config.auth
+    return Authorizer(
+        [Credential(t.name, t.token.encode(), frozenset(t.customers), frozenset(t.subjects))
+         for t in auth.tokens],
+        clients={c.subject: frozenset(c.customers) for c in auth.clients},
+        users={u.username: frozenset(u.customers) for u in config.forward.users},
+        throttle=ThrottleSettings(auth.failure_limit, auth.failure_window, auth.lockout),
+        failures=failures, report=report)
 
 
 @attrs.frozen
@@ -38,7 +46,7 @@ class Settings:
     """One consistent view: the config and what is derived from it."""
 
     config: Config
-    tokens: TokenTable
+    authorizer: Authorizer
     ssl_context: ssl.SSLContext | None  # None: no TLS file was loaded (forward over tcp only)
 
 

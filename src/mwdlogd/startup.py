@@ -51,7 +51,8 @@ def listeners(config: Config) -> list[dict[str, object]]:
         {"key": "metrics", "address": f"{config.metrics.bind}:{config.metrics.port}",
          "protocol": "http", "paths": "/metrics"},
         {"key": "monitor", "address": monitor, "protocol": "http",
-         "paths": "/api/plugins.json,/api/tail,/api/flush", "auth": "bearer token (tail, flush)"},
+         "paths": "/api/plugins.json,/api/tail,/api/flush",
+         "auth": "bearer token (tail, flush, plugin settings)"},
     ]
 
 

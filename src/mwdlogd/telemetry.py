@@ -140,6 +140,12 @@ class Telemetry:
         Gauge("mwdlogd_batches_waiting_for_room", "Forward batches held back (their "
               "connections not read) while the buffer is full", registry=r).set_function(
             lambda: float(self.buffer.waiting_for_room()))
+        self.auth_failures = Counter("mwdlogd_auth_failures", "Failed authentications "
+                                     "(tokens, shared key, forward users)",
+                                     ["protocol", "reason"], registry=r)
+        self.auth_throttled = Counter("mwdlogd_auth_throttled", "Attempts refused "
+                                      "unchecked from addresses locked out after failures",
+                                      ["protocol"], registry=r)
 
     def _output_gauges(self) -> None:
         """fluent-plugin-prometheus' output gauges, read from OutputStats and BufferView."""
@@ -220,6 +226,20 @@ class Telemetry:
         self.handshake_failures.labels(reason).inc()
         self._peer_mistake("forward:handshake", "forward_handshake_failed", peer=peer,
                            reason=reason, client_hostname=hostname)
+
+    def auth_event(self, protocol: str, source: str, reason: str, detail: str) -> None:
+        """A failed authentication (`reason` from a fixed set), an attempt refused while
+        locked out (`throttled`), or the failure that locks an address out (`locked_out`)."""
+        if reason == "throttled":
+            self.auth_throttled.labels(protocol).inc()
+            name = "auth_throttled"
+        elif reason == "locked_out":
+            name = "auth_locked_out"
+        else:
+            self.auth_failures.labels(protocol, reason).inc()
+            name = "auth_failed"
+        self._peer_mistake(f"{protocol}:{name}", name, protocol=protocol, source=source,
+                           reason=reason, detail=detail)
 
     def tls_handshake_failed(self, protocol: str, peer: str, error: str) -> None:
         self.rejected.labels(protocol, "tls_handshake").inc()

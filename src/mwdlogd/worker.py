@@ -20,7 +20,7 @@ import trio
 
 from mwdlogd import log
 from mwdlogd.app import App, WorkerSlot, tune_garbage_collector
-from mwdlogd.config import Config, ListenConfig, load_config
+from mwdlogd.config import Config, MetricsConfig, load_config
 from mwdlogd.errors import MwdlogdError
 from mwdlogd.servers.balance import open_board
 from mwdlogd.signals import hold_reloads
@@ -31,7 +31,7 @@ SHARED_SOCKETS = ("http", "forward", "health")
 
 
 # Where a worker serves its own /metrics for the supervisor to sum (any free port).
-WORKER_METRICS = ListenConfig("127.0.0.1", 0)
+WORKER_METRICS = MetricsConfig("127.0.0.1", 0)
 
 
 def worker_config(config: Config, index: int) -> Config:

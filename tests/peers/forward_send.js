@@ -12,7 +12,7 @@ async function main() {
     eventMode: o.mode,
     flushInterval: o.flushInterval || 0,
   };
-  if (o.ack) options.ack = { ackTimeout: 20000 };
+  if (o.ack) options.ack = { ackTimeout: o.ackTimeout || 20000 };
   if (o.ca) {  // the client reads TLS options from `socket.tls`
     options.socket.tls = { ca: fs.readFileSync(o.ca), servername: "localhost" };
     if (o.cert) {
@@ -28,7 +28,7 @@ async function main() {
   await logger.connect();
   const pending = [];
   for (let n = o.start; n < o.start + o.count; n++) {
-    const record = { id: `node-${n}`, customer_name: "acme", fqdn: "www.acme.test",
+    const record = { id: `node-${n}`, customer_name: o.customer || "acme", fqdn: "www.acme.test",
                      log_type: "nginx", status: 200, msg: "ログ ✓" };
     pending.push(logger.emit(record, new EventTime(1732500000, 500000000)));
   }

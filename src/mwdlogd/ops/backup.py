@@ -54,6 +54,7 @@ from mwdlogd.config import (
 from mwdlogd.errors import ConfigError, MwdlogdError
 from mwdlogd.ops.progress import Progress, human_bytes, plural
 from mwdlogd.storage import ledger
+from mwdlogd.storage.files import storage_id
 
 FORMAT = "mwdlogd-backup 1"
 MANIFEST = "MANIFEST.json"
@@ -373,8 +374,9 @@ def targets(manifest: dict[str, Any], config: Config, config_file: Path) -> dict
 
 def live_server(config: Config) -> str | None:
     """How a server using these files shows it is running, None if none does: its
-    buffer lock is held, or the config's health port answers for the same storage_root
-    (a server on another directory with the same ports is not this one)."""
+    buffer lock is held, or the config's health port answers for the same storage.root
+    (its `storage_id`, a digest of the path: a server on another directory with the same
+    ports is not this one)."""
     lock = Path(config.buffer.path) / LOCK_NAME
     with contextlib.suppress(FileNotFoundError):
         fd = os.open(lock, os.O_RDONLY)
@@ -397,11 +399,11 @@ def live_server(config: Config) -> str | None:
     except OSError:
         return None  # nothing listens there
     try:
-        served = json.loads(answer)["storage_root"]
+        served = json.loads(answer)["storage_id"]
     except (ValueError, KeyError, TypeError):
         return f"{url} answers, but not as mwdlogd; assuming a server uses these files"
-    if os.path.realpath(served) == os.path.realpath(config.storage.root):
-        return f"{url} answers for storage_root {served}"
+    if served == storage_id(config.storage.root):
+        return f"{url} answers for storage_root {config.storage.root}"
     return None  # another server, on other files
 
 

@@ -18,7 +18,7 @@ import h11
 
 from mwdlogd.errors import IngestError
 from mwdlogd.pipeline.normalize import event_time_of
-from mwdlogd.proto.auth import Credential, TokenTable
+from mwdlogd.proto.auth import AuthFailed, Identity
 from mwdlogd.proto.bodies import (
     Parsed,
     Records,
@@ -38,7 +38,7 @@ class Accepted:
 
     tag: str
     records: Records
-    credential: Credential
+    identity: Identity
     default_time: float | None
     lines: Sequence[bytes | None] | None = None  # each record's JSON text, when the body had it
     digest: bytes = b""  # of the target, Content-Type, Content-Encoding and body as sent
@@ -80,23 +80,27 @@ def tag_of(target: bytes) -> tuple[str, float | None]:
     return tag, default_time
 
 
+Authenticate = Callable[[bytes | None], Identity]
+
+
 class RequestReader:
     """Reads one POST: construct with the Request event, feed Data, then `finish()`.
 
-    Raises IngestError as early as the problem is known.
+    `authenticate` turns the Authorization header (None: absent) into the client's
+    Identity or raises AuthFailed (see proto/auth.py). Raises IngestError as early as
+    the problem is known.
     """
 
-    def __init__(self, request: h11.Request, *, tokens: TokenTable, body_limit: int,
+    def __init__(self, request: h11.Request, *, authenticate: Authenticate, body_limit: int,
                  max_records: int = sys.maxsize) -> None:
         if request.method != b"POST":
             raise IngestError(405, "method_not_allowed",
                               f"{request.method.decode()} is not allowed; send POST /<tag>")
-        credential = tokens.authenticate(_header(request, b"authorization") or b"")
-        if credential is None:
-            missing = _header(request, b"authorization") is None
-            raise IngestError(401, "unauthorized", "no Authorization: Bearer header" if missing
-                              else "bearer token is not known")
-        self.credential = credential
+        try:
+            self.identity = authenticate(_header(request, b"authorization"))
+        except AuthFailed as exc:
+            raise IngestError(exc.status, exc.error, exc.detail,
+                              retry_after_s=exc.retry_after_s) from None
         self.tag, self.default_time = tag_of(request.target)
         self._content_type = _text(request, b"content-type")
         self._parse: Callable[[bytes, int], Parsed] = parser_for(self._content_type)
@@ -156,16 +160,13 @@ class RequestReader:
             raise IngestError(400, "empty_body", "request body is empty")
         parsed = self._parse(body, self._max_records)
         self._check_customers(parsed.records)
-        return Accepted(self.tag, parsed.records, self.credential, self.default_time,
+        return Accepted(self.tag, parsed.records, self.identity, self.default_time,
                         parsed.lines, self._digest.digest()[:16],
                         invalid_utf8=parsed.invalid_utf8, times=parsed.times)
 
     def _check_customers(self, records: list[dict[str, Any]]) -> None:
-        if not self.credential.customers:
-            return
-        for index, record in enumerate(records):
-            customer = record.get("customer_name")
-            if not self.credential.allows(customer):
-                raise IngestError(403, "forbidden_customer",
-                                  f"record {index}: token {self.credential.name!r} may not write "
-                                  f"customer_name {customer!r}")
+        forbidden = self.identity.first_forbidden(records)
+        if forbidden is not None:
+            index, customer = forbidden
+            raise IngestError(403, "forbidden_customer",
+                              self.identity.refusal(f"record {index}", customer))

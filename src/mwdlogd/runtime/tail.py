@@ -24,21 +24,29 @@ STREAMS = {INVALID_DIR: "invalid", UNMATCHED_DIR: "unmatched"}
 
 @attrs.frozen
 class TailFilter:
-    """Matches on directory names, so filters use the same safe names as the tree."""
+    """Matches on directory names, so filters use the same safe names as the tree.
+
+    `allowed` is the viewer's identity's customers (None = any; config names are
+    directory names). A restricted viewer sees its customers' directories only, never
+    the `_invalid`/`_unmatched` streams, which hold every customer's mistakes.
+    """
 
     customer: str | None = None
     log_type: str | None = None
     fqdn: str | None = None
     sample: float = 1.0
+    allowed: frozenset[str] | None = None
 
     @classmethod
     def from_query(cls, customer: str | None, log_type: str | None, fqdn: str | None,
-                   sample: float) -> "TailFilter":
+                   sample: float, allowed: frozenset[str] | None = None) -> "TailFilter":
         return cls(safe_customer(customer) if customer else None, log_type or None,
-                   safe_fqdn(fqdn) if fqdn else None, sample)
+                   safe_fqdn(fqdn) if fqdn else None, sample, allowed)
 
     def matches(self, path: str) -> bool:
         parts = path.split("/", 3)
+        if self.allowed is not None and parts[0] not in self.allowed:
+            return False
         if parts[0] in STREAMS:
             return self.customer is None and self.fqdn is None and \
                 self.log_type in (None, STREAMS[parts[0]])

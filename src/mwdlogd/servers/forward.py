@@ -19,6 +19,7 @@ import trio
 from mwdlogd import codec, log
 from mwdlogd.live import Live
 from mwdlogd.pipeline.normalize import Context, normalize_batch
+from mwdlogd.proto.auth import AuthFailed, Identity
 from mwdlogd.proto.forward import NEED_DATA, Entries, ForwardConnection, ForwardProtocolError, Pong
 from mwdlogd.runtime.budget import (
     INLINE_ENTRIES,
@@ -33,7 +34,7 @@ from mwdlogd.servers.acceptor import Acceptor, ConnectionLimits
 from mwdlogd.servers.balance import Balance
 from mwdlogd.servers.http_io import RECEIVE_BYTES
 from mwdlogd.servers.listen import stream_listeners
-from mwdlogd.servers.tls import handshake, peer_name
+from mwdlogd.servers.tls import handshake, peer_host, peer_name, peer_subject
 from mwdlogd.storage.chunk_ids import forward_key
 from mwdlogd.telemetry import Telemetry
 
@@ -43,6 +44,8 @@ UNREAD_SHARE = 0.5
 # Messages are read inline only when tiny (PING, heartbeats): a few hundred bytes of
 # gzip can inflate to 100k entries.
 INLINE_MESSAGE_BYTES = 256
+# PONG failure reasons (in_forward's texts) -> mwdlogd_auth_failures_total's reason.
+PONG_FAILURES = {"shared_key mismatch": "shared_key", "username/password mismatch": "user"}
 
 
 class _Close(Exception):
@@ -92,8 +95,8 @@ class ForwardServer:
                                timeout_s=config.handshake_timeout, telemetry=self._telemetry):
                 peer = peer_name(stream)
                 await self._serve(stream, peer, deadline)
-        except (trio.BrokenResourceError, trio.ClosedResourceError, _Close):
-            pass
+        except (trio.BrokenResourceError, trio.ClosedResourceError, _Close, AuthFailed):
+            pass  # AuthFailed: a locked-out address, closed before HELO (counted)
         except ForwardProtocolError as exc:
             self._telemetry.forward_rejected(peer, exc.reason, exc.detail)
         except BudgetExceeded as exc:
@@ -106,7 +109,8 @@ class ForwardServer:
 
     async def _serve(self, stream: trio.abc.Stream, peer: str, deadline: float) -> None:
         """`deadline`: when the handshake must be over (the PING in, with a shared key)."""
-        config = self._live.config.forward
+        settings = self._live.settings
+        config, authorizer = settings.config.forward, settings.authorizer
         shared_key = config.shared_key.encode() or None
         conn = ForwardConnection(max_message_bytes=config.message_size_limit,
                                  shared_key=shared_key, self_hostname=config.self_hostname,
@@ -114,7 +118,10 @@ class ForwardServer:
                                  max_records=config.max_records_per_message)
         identity = peer.rpartition(":")[0] if "/" not in peer else peer.split("/", 1)[1]
         send_s = config.send_timeout
+        source = peer_host(stream)
+        client = authorizer.certificate(peer_subject(stream))
         if shared_key is not None:
+            authorizer.admit("forward", source, trio.current_time())
             await self._send(stream, conn.helo(), peer, send_s)
         # The connection's unread bytes, charged twice (ours and msgpack's copy) before and
         # after authentication alike; waiting for room stops reading (TCP backpressure).
@@ -138,14 +145,20 @@ class ForwardServer:
                     await unread.grow(2 * len(data), "unfinished forward message")
                     conn.receive_data(data)
                 elif isinstance(event, Pong):
+                    # Again at the answer: connections opened before a lockout get no verdict.
+                    authorizer.admit("forward", source, trio.current_time())
                     await self._send(stream, event.data, peer, send_s)
                     if not event.ok:
                         self._telemetry.forward_handshake_failed(peer, event.reason,
                                                                  event.client_hostname)
+                        authorizer.failed("forward", source, PONG_FAILURES.get(
+                            event.reason, "invalid_ping"), event.reason, trio.current_time())
                         return
                     identity = f"{identity}/{event.username or event.client_hostname}"
+                    if config.users:
+                        client = authorizer.forward_user(client, event.username)
                 elif isinstance(event, Entries):
-                    await self._store(stream, conn, event, peer, identity, send_s)
+                    await self._store(stream, conn, event, peer, identity, send_s, client)
 
     async def _receive(self, stream: trio.abc.Stream, timeout_s: float) -> bytes | None:
         """Next bytes; b"" on EOF and when draining, None at the timeout."""
@@ -166,7 +179,16 @@ class ForwardServer:
         raise _Close
 
     async def _store(self, stream: trio.abc.Stream, conn: ForwardConnection, event: Entries,
-                     peer: str, identity: str, send_s: float) -> None:
+                     peer: str, identity: str, send_s: float, client: Identity) -> None:
+        """Stores and acks the entries; a record for a customer `client` may not write
+        closes the connection without an ack, so nothing of the message is kept and the
+        sender's retry cannot succeed until its configuration changes."""
+        forbidden = client.first_forbidden(record for _, record in event.entries)
+        if forbidden is not None:
+            index, customer = forbidden
+            self._telemetry.forward_rejected(peer, "forbidden_customer", client.refusal(
+                f"entry {index}", customer) + "; message not acked, connection closed")
+            raise _Close
         received_at = time.time()
         if event.invalid_utf8:
             self._telemetry.invalid_utf8_kept("forward", peer, event.tag, event.invalid_utf8)

@@ -18,7 +18,8 @@ from mwdlogd.config import HttpConfig
 from mwdlogd.errors import IngestError
 from mwdlogd.live import Live
 from mwdlogd.pipeline.normalize import Context, Routed, normalize_batch
-from mwdlogd.proto.ingest import Accepted, RequestReader
+from mwdlogd.proto.auth import Authorizer, Identity
+from mwdlogd.proto.ingest import Accepted, Authenticate, RequestReader
 from mwdlogd.runtime.budget import (
     INLINE_BYTES,
     OBJECT_BYTES,
@@ -42,7 +43,7 @@ from mwdlogd.servers.http_io import (
     send_response,
 )
 from mwdlogd.servers.listen import stream_listeners
-from mwdlogd.servers.tls import cert_subject, handshake, peer_name
+from mwdlogd.servers.tls import cert_subject, handshake, peer_host, peer_name, peer_subject
 from mwdlogd.storage.chunk_ids import dedupe_key
 from mwdlogd.telemetry import Telemetry
 
@@ -155,8 +156,9 @@ class HttpsIngestServer:
         room_deadline = trio.current_time() + http.full_wait
         with self._budget.lease() as lease:
             try:
-                reader = RequestReader(request, tokens=settings.tokens,
-                                       body_limit=http.body_size_limit,
+                reader = RequestReader(request, body_limit=http.body_size_limit,
+                                       authenticate=self._authenticate(stream,
+                                                                       settings.authorizer),
                                        max_records=http.max_records_per_request)
                 await self._hold_while_full(http, _declared_length(request), room_deadline)
                 await self._read_body(http, conn, stream, reader, lease)
@@ -260,13 +262,23 @@ class HttpsIngestServer:
                           f"{self._budget.limit} is in use by other requests "
                           f"({self._budget.used} bytes); retry later")
 
+    @staticmethod
+    def _authenticate(stream: trio.SSLStream[trio.SocketStream],
+                      authorizer: Authorizer) -> Authenticate:
+        def authenticate(authorization: bytes | None) -> Identity:
+            return authorizer.token(authorization, protocol="http", source=peer_host(stream),
+                                    now=trio.current_time(), subject=peer_subject(stream))
+        return authenticate
+
     async def _refuse(self, conn: h11.Connection, stream: trio.SSLStream[trio.SocketStream],
                       peer: str, error: IngestError) -> bool:
         """Answer with the error as JSON; close when the body was not read in full."""
         self._telemetry.http_rejected(peer, error.status, error.error, error.detail)
         if conn.our_state not in (h11.IDLE, h11.SEND_RESPONSE):
             return False
-        headers = ((b"retry-after", RETRY_AFTER_S),) if error.status == 503 else ()
+        retry_after = str(error.retry_after_s).encode() if error.retry_after_s else \
+            RETRY_AFTER_S if error.status == 503 else None
+        headers = ((b"retry-after", retry_after),) if retry_after else ()
         body_unread = conn.their_state is not h11.DONE
         sent = await self._send(conn, stream, json_response(
             error.status, {"error": error.error, "detail": error.detail}, headers),
@@ -281,7 +293,7 @@ def _dedupe(http: HttpConfig, accepted: Accepted, client: str) -> Dedupe | None:
     again. None when the window is 0 (off)."""
     if not http.dedupe_window:
         return None
-    key = dedupe_key(b"http", accepted.credential.name.encode(), client.encode(),
+    key = dedupe_key(b"http", accepted.identity.name.encode(), client.encode(),
                      accepted.digest)
     return Dedupe(key, http.dedupe_window)
 

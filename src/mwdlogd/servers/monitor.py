@@ -1,6 +1,8 @@
 """The monitor port: Fluentd's monitor_agent API, the `/api/tail` WebSocket and
 `POST /api/flush` (what `mwdlogd flush` calls: answers once the flush is done, with its
-counts). Tail and flush need a bearer token of `auth.tokens`.
+counts). Tail and flush need a bearer token of `auth.tokens` (the tail shows only its
+customers); the plugins' settings (paths, binds, limits) need one without customer
+restriction. Failures count towards the address's lockout (proto/auth.py).
 
 trio-websocket only takes a raw stream, so the request head is read here with h11 and
 the bytes already read are replayed to it (`_Replay`). Plain requests get one answer and
@@ -19,12 +21,15 @@ import trio_websocket
 
 from mwdlogd import log
 from mwdlogd.live import Live
+from mwdlogd.pipeline.paths import safe_customer
+from mwdlogd.proto.auth import AuthFailed, Identity
 from mwdlogd.runtime.tail import TailFilter, TailHub
 from mwdlogd.servers import monitor_agent
 from mwdlogd.servers.acceptor import serve_streams
 from mwdlogd.servers.http_io import RECEIVE_BYTES, Response, json_response, send_response
 from mwdlogd.servers.listen import address_of, tcp_listener
 from mwdlogd.servers.plain_http import not_found
+from mwdlogd.servers.tls import peer_host
 from mwdlogd.telemetry import Telemetry
 
 HEAD_TIMEOUT_S = 10.0
@@ -101,23 +106,29 @@ class MonitorServer:
     async def _route(self, conn: h11.Connection, stream: trio.SocketStream,
                      request: h11.Request, raw: bytes) -> None:
         path, _, query = request.target.decode("latin-1").partition("?")
-        if path in ("/api/tail", "/api/flush") and \
-                self._live.settings.tokens.authenticate(_bearer(request, query)) is None:
-            await send_response(conn, stream, json_response(401, {
-                "error": "unauthorized",
-                "detail": "send Authorization: Bearer <token> or ?token=<token>"}), close=True)
-            return
+        authorization = _bearer(request, query)
+        identity = None
+        if path in ("/api/tail", "/api/flush") or (path.startswith("/api/plugins")
+                                                   and authorization):
+            try:
+                identity = self._live.settings.authorizer.token(
+                    authorization, protocol="monitor", source=peer_host(stream),
+                    now=trio.current_time(), subject=None)
+            except AuthFailed as exc:
+                await send_response(conn, stream, _refusal(exc), close=True)
+                return
         if path == "/api/tail":
-            await self._serve_tail(stream, raw, query)
+            assert identity is not None
+            await self._serve_tail(conn, stream, raw, query, identity)
             return
         if path == "/api/flush":
             response = await self._serve_flush(request)
-        elif path == "/api/plugins.json":
-            response = Response(200, monitor_agent.as_json(
-                monitor_agent.select(self._plugins(), query)))
-        elif path == "/api/plugins":
-            response = Response(200, monitor_agent.as_ltsv(
-                monitor_agent.select(self._plugins(), query)), b"text/plain; charset=utf-8")
+        elif path in ("/api/plugins.json", "/api/plugins"):
+            found = monitor_agent.select(self._plugins(), query)
+            if identity is None or identity.customers is not None:
+                found = monitor_agent.without_settings(found)
+            response = Response(200, monitor_agent.as_json(found)) if path.endswith(".json") \
+                else Response(200, monitor_agent.as_ltsv(found), b"text/plain; charset=utf-8")
         else:
             response = not_found(request, "/api/plugins.json or /api/tail")
         await send_response(conn, stream, response, close=True)
@@ -129,14 +140,21 @@ class MonitorServer:
         log.event(logging.INFO, "flush_requested", via="/api/flush")
         return json_response(200, await self._flush())
 
-    async def _serve_tail(self, stream: trio.SocketStream, raw: bytes, query: str) -> None:
+    async def _serve_tail(self, conn: h11.Connection, stream: trio.SocketStream, raw: bytes,
+                          query: str, identity: Identity) -> None:
         options = {k: v[-1] for k, v in parse_qs(query).items()}
         try:
             sample = min(1.0, max(0.0, float(options.get("sample", "1"))))
         except ValueError:
             sample = 1.0
-        tail_filter = TailFilter.from_query(options.get("customer"), options.get("log_type"),
-                                            options.get("fqdn"), sample)
+        customer = options.get("customer")
+        if customer and not identity.allows(safe_customer(customer)):
+            await send_response(conn, stream, json_response(403, {
+                "error": "forbidden_customer",
+                "detail": f"{identity.name} may not read customer {customer!r}"}), close=True)
+            return
+        tail_filter = TailFilter.from_query(customer, options.get("log_type"),
+                                            options.get("fqdn"), sample, identity.customers)
         async with trio.open_nursery() as nursery:
             request = await trio_websocket.wrap_server_stream(nursery, _Replay(stream, raw))
             websocket = await request.accept()
@@ -161,11 +179,20 @@ async def _cancel_when_closed(websocket: trio_websocket.WebSocketConnection,
         scope.cancel()
 
 
-def _bearer(request: h11.Request, query: str) -> bytes:
+def _bearer(request: h11.Request, query: str) -> bytes | None:
+    """The Authorization header, else `?token=` as a bearer token; None without either."""
     for name, value in request.headers:
         if name == b"authorization":
             return bytes(value)
     token = parse_qs(query).get("token")
-    return b"Bearer " + token[-1].encode() if token else b""
+    return b"Bearer " + token[-1].encode() if token else None
+
+
+def _refusal(failed: AuthFailed) -> Response:
+    headers = ((b"retry-after", str(failed.retry_after_s).encode()),) \
+        if failed.retry_after_s else ()
+    detail = "send Authorization: Bearer <token> or ?token=<token>" \
+        if failed.reason == "missing_token" else failed.detail
+    return json_response(failed.status, {"error": failed.error, "detail": detail}, headers)
 
 

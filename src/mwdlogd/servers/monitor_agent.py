@@ -65,6 +65,13 @@ def select(found: list[Plugin], query: str) -> list[Plugin]:
     return [{k: v for k, v in p.items() if k not in drop} for p in chosen]
 
 
+def without_settings(found: list[Plugin]) -> list[Plugin]:
+    """What anyone on the monitor port may see: counters and each plugin's `@type` and
+    `@id`; its paths, binds and limits need a token with no customer restriction."""
+    return [{**p, "config": {k: v for k, v in p["config"].items() if k in ("@type", "@id")}}
+            if "config" in p else p for p in found]
+
+
 def as_json(found: list[Plugin]) -> bytes:
     return json.dumps({"plugins": found}).encode() + b"\n"
 

@@ -42,6 +42,21 @@ def peer_name(stream: object) -> str:
         name = f"{host}:{port}"
     except (AttributeError, OSError):
         name = "unknown"
+    subject = peer_subject(stream)
+    return name if subject is None else f"{name}/{subject}"
+
+
+def peer_host(stream: object) -> str:
+    """The peer's IP address: what failed authentications are counted by."""
+    transport = getattr(stream, "transport_stream", stream)
+    try:
+        return str(transport.socket.getpeername()[0])  # type: ignore[attr-defined]
+    except (AttributeError, OSError):
+        return "unknown"
+
+
+def peer_subject(stream: object) -> str | None:
+    """The client certificate's CN, once the handshake is done; None without one."""
     try:
         cert = stream.getpeercert()  # type: ignore[attr-defined]
     except (AttributeError, ValueError, trio.NeedHandshakeError):
@@ -49,8 +64,8 @@ def peer_name(stream: object) -> str:
     for rdn in (cert or {}).get("subject", ()):
         for key, value in rdn:
             if key == "commonName":
-                return f"{name}/{value}"
-    return name
+                return str(value)
+    return None
 
 
 def cert_subject(stream: object) -> str:

@@ -1,9 +1,18 @@
 """Small durable-file helpers shared by the journal and the side logs."""
 
+import hashlib
 import os
 from pathlib import Path
 
 from mwdlogd.errors import StorageError
+
+
+def storage_id(root: str) -> str:
+    """A digest of `root`'s real path: /health shows it instead of the path, so a local
+    tool (restore) can tell whether a server uses these very files without the answer
+    telling anyone where they are."""
+    return hashlib.sha256(os.path.realpath(root).encode("utf-8", "surrogateescape")
+                          ).hexdigest()[:16]
 
 
 def destination(root: str, relpath: str) -> str:
