@@ -160,9 +160,12 @@ class Lease:
 
 # Decoding and normalising more than this many bytes (or entries, or any gzip) runs in a
 # worker thread, so one large request cannot hold the event loop (the GIL is handed back
-# every few ms); less is cheaper inline than a thread hop.
-INLINE_BYTES = 64 * 1024
-INLINE_ENTRIES = 256
+# every few ms). Less runs inline: at about 10 µs a record that holds the loop for at
+# most ~20 ms, while a worker thread costs every request two GIL hand-offs (measured:
+# with 64 KiB / 256 entries, the usual 1000-record batches all went to threads and the
+# server used 17-33% more CPU per record; BENCHMARKS.md).
+INLINE_BYTES = 512 * 1024
+INLINE_ENTRIES = 2048
 T = TypeVar("T")
 
 
