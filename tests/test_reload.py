@@ -9,6 +9,7 @@ import copy
 import functools
 import logging
 import re
+import shutil
 import signal
 import ssl
 import subprocess
@@ -22,7 +23,7 @@ import trio
 import trio.testing
 
 from mwdlogd.app import App
-from mwdlogd.certs import init_certs
+from mwdlogd.certs import Layout, init_certs, renew_server, served_certificate
 from mwdlogd.config import load_config
 
 from conftest import config_raw
@@ -109,6 +110,34 @@ async def test_reload_under_keepalive_load(tmp_path: Path, pki: Path) -> None:
     stored = stored_ids(tmp_path / "logs")
     assert max(stored.values()) == 1
     assert set(stored) == load.acked | {"r9001", "r9003"}
+
+
+async def test_a_certificate_renewed_in_place_is_named_in_the_reload_line(
+        tmp_path: Path, pki: Path) -> None:
+    """`certs renew` changes no config key: the reload line still names the certificate now
+    served (`tls=reloaded tls_cert_sha256=... tls_cert_expires=...`), and it is served."""
+    own = tmp_path / "pki"
+    shutil.copytree(pki, own)
+    raw = config_raw(tmp_path, own)
+    config = write_config(tmp_path / "config.toml", raw)
+    server = ServerProcess(config)
+    try:
+        before = served_certificate(own / "server.crt")
+        renew_server(Layout.in_dir(own), days=20)
+        after = served_certificate(own / "server.crt")
+        assert after != before
+        line = reload(server, config, raw, r" reloaded ")
+        assert "changed=nothing" in line and " tls=reloaded " in line
+        assert (f"tls_cert_sha256={after['tls_cert_sha256']} "
+                f"tls_cert_expires={after['tls_cert_expires']}") in line
+        reply = await post(server.addresses["http"], client_context(own), "/nginx.access",
+                           ndjson(engine_records(1)))
+        assert reply.status == 200
+        server.signal(signal.SIGTERM)
+        assert server.wait() == 0
+    finally:
+        server.stop()
+    assert stored_ids(tmp_path / "logs") == {"r0": 1}
 
 
 async def test_a_new_certificate_is_used_by_new_handshakes_only(
