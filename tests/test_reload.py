@@ -8,11 +8,13 @@ from __future__ import annotations
 import copy
 import functools
 import logging
+import os
 import re
 import shutil
 import signal
 import ssl
 import subprocess
+import sys
 import threading
 import time
 from pathlib import Path
@@ -301,6 +303,38 @@ def test_a_sighup_during_start_up_reloads_once_the_server_runs(tmp_path: Path,
     finally:
         server.signal(signal.SIGTERM)
         assert server.wait() == 0
+
+
+PROBE = """\
+import atexit, signal, sys
+def held(): return signal.SIGHUP in signal.pthread_sigmask(signal.SIG_BLOCK, [])
+class Probe:
+    def find_spec(self, name, path=None, target=None):
+        if name in ("trio", "cryptography") and name not in sys.modules:
+            print(f"probe {name} {held()}", file=sys.stderr)
+sys.meta_path.insert(0, Probe())
+atexit.register(lambda: print(f"probe exit {held()}", file=sys.stderr))
+"""
+
+
+@pytest.mark.parametrize(("command", "config_name", "at_import", "at_exit"), [
+    ("run", "config.toml", "True", "True"), ("check-config", "config.toml", "False", "False"),
+    ("check-config", "run", "True", "False")])  # "run" in argv: held, released by main
+def test_sighup_is_held_before_the_heavy_imports_of_run_only(
+        tmp_path: Path, command: str, config_name: str, at_import: str, at_exit: str) -> None:
+    """The hold starts at the package's first import (importing trio, cryptography and the
+    rest takes ~0.7 s, a window in which SIGHUP would kill the server), for `run` only;
+    a sitecustomize records the mask when trio and cryptography are first imported and at
+    exit."""
+    (tmp_path / "sitecustomize.py").write_text(PROBE)
+    config = tmp_path / config_name
+    config.write_text("[server]\nworkers = 0\n")  # refused at once, after the imports
+    done = subprocess.run([sys.executable, "-m", "mwdlogd", command, "--config", config_name],
+                          capture_output=True, text=True, timeout=60, cwd=tmp_path,
+                          env={**os.environ, "PYTHONPATH": str(tmp_path)})
+    assert done.returncode == 2, done.stderr
+    assert sorted(re.findall(r"^probe (\w+) (\w+)$", done.stderr, re.M)) == [
+        ("cryptography", at_import), ("exit", at_exit), ("trio", at_import)]
 
 
 async def test_a_reload_warns_of_a_certificate_that_expires_soon(
