@@ -155,10 +155,20 @@ def test_a_client_name_cannot_leave_the_directory(tmp_path: Path,
     certs = fresh(tmp_path)
     for bad in ("../evil", "sub/engine", "/tmp/evil", "..", ".hidden", "ca", "server"):
         for action in ("init", "renew"):
-            assert main(["certs", action, "--dir", str(certs), "--client", bad]) == 1, bad
+            assert main(["certs", action, "--dir", str(certs), "--client", bad]) == 2, bad
             assert f"--client {bad!r}:" in capsys.readouterr().err
     assert sorted(p.name for p in tmp_path.rglob("*") if p.is_file()) == sorted(
         ["ca.crt", "ca.key", "server.crt", "server.key", "engine-01.crt", "engine-01.key"])
+
+
+def test_bad_arguments_exit_2_like_argparse_errors(tmp_path: Path) -> None:
+    """A usage error exits 2 whichever check finds it; a failing action exits 1."""
+    certs = fresh(tmp_path)
+    for args in (["renew", "--days", "0"], ["init", "--client", "../x"], ["init", "--hosts", ","],
+                 ["renew", "--client", "ca"]):
+        result = mwdlogd("certs", *args, "--dir", str(certs))
+        assert result.returncode == 2, (args, result.stderr)
+    assert "Exit 2 on a bad argument" in " ".join(mwdlogd("certs", "--help").stdout.split())
 
 
 def test_init_honours_the_config_paths(tmp_path: Path) -> None:

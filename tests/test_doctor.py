@@ -237,12 +237,16 @@ def test_parsers_read_proc_metrics_and_log_lines() -> None:
         'fluentd_output_status_retry_count{plugin_id="hourly_files",type="file"} 3.0\n'
         'fluentd_output_status_num_errors{plugin_id="hourly_files",type="file"} 3.0\n'
         "mwdlogd_failed_records_total 7.0\n"
-        'mwdlogd_rejected_requests_total{protocol="http",reason="unauthorized"} 2.0\n')
+        'mwdlogd_rejected_requests_total{protocol="http",reason="unauthorized"} 2.0\n'
+        'mwdlogd_rejected_requests_total{protocol="http",reason="forbidden_customer"} 4.0\n')
     found = {f.status: f for f in metric_findings(samples, "m:1")}
     assert found["FAIL"].finding.startswith("7 records moved to")
     assert [f.finding for f in metric_findings(samples, "m:1") if f.status == "warn"] == [
         "3 write retries, 3 failed writes since start",
-        "requests refused for their credentials: http unauthorized 2"]
+        "requests refused for their credentials: http unauthorized 2",
+        "4 requests refused with 403 forbidden_customer since start"]
+    assert [f.fix for f in metric_findings(samples, "m:1")][-1].startswith(
+        "a token restricted by `customers = [...]` was used for another customer")
     log = [
         '2026-01-01T00:00:00.000Z ERROR   write_failed path=a/b.log.gz error="[Errno 13] '
         'Permission denied: \'x\'" records=3 retry_in_s=1.0',

@@ -28,6 +28,15 @@ def mwdlogd_flush(config: Path, *extra: str) -> subprocess.CompletedProcess[str]
                            *extra], capture_output=True, text=True, timeout=60)
 
 
+def test_flush_with_the_server_unreachable_counts_no_worker(tmp_path: Path, pki: Path) -> None:
+    """Nothing answered: exit 1 and `"workers": 0`, never a count of workers asked."""
+    raw = config_raw(tmp_path, pki, monitor={"port": free_port()})
+    result = mwdlogd_flush(write_config(tmp_path / "config.toml", raw))
+    assert result.returncode == 1 and "failed" in result.stderr
+    assert json.loads(result.stdout) == {"records": 0, "files": 0, "failed_files": 0,
+                                         "workers": 0}
+
+
 async def test_flush_writes_everything_and_counts_it(tmp_path: Path, pki: Path) -> None:
     raw = config_raw(tmp_path, pki, buffer=NEVER, monitor={"port": free_port()})
     config = write_config(tmp_path / "config.toml", raw)
@@ -51,6 +60,7 @@ async def test_flush_writes_everything_and_counts_it(tmp_path: Path, pki: Path) 
         assert json.loads(again.stdout)["records"] == 0
         refused = mwdlogd_flush(config, "--token", "wrong")
         assert refused.returncode == 1 and "HTTP 401" in refused.stderr
+        assert json.loads(refused.stdout)["workers"] == 0  # nobody flushed
         reply = await post(server.addresses["http"], client_context(pki), "/nginx.access",
                            ndjson(engine_records(2, start=8, time=HOUR_2024)))
         assert reply.status == 200

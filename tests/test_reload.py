@@ -8,10 +8,13 @@ from __future__ import annotations
 import copy
 import functools
 import logging
+import os
 import re
+import shutil
 import signal
 import ssl
 import subprocess
+import sys
 import threading
 import time
 from pathlib import Path
@@ -22,7 +25,7 @@ import trio
 import trio.testing
 
 from mwdlogd.app import App
-from mwdlogd.certs import init_certs
+from mwdlogd.certs import Layout, init_certs, renew_server, served_certificate
 from mwdlogd.config import load_config
 
 from conftest import config_raw
@@ -109,6 +112,34 @@ async def test_reload_under_keepalive_load(tmp_path: Path, pki: Path) -> None:
     stored = stored_ids(tmp_path / "logs")
     assert max(stored.values()) == 1
     assert set(stored) == load.acked | {"r9001", "r9003"}
+
+
+async def test_a_certificate_renewed_in_place_is_named_in_the_reload_line(
+        tmp_path: Path, pki: Path) -> None:
+    """`certs renew` changes no config key: the reload line still names the certificate now
+    served (`tls=reloaded tls_cert_sha256=... tls_cert_expires=...`), and it is served."""
+    own = tmp_path / "pki"
+    shutil.copytree(pki, own)
+    raw = config_raw(tmp_path, own)
+    config = write_config(tmp_path / "config.toml", raw)
+    server = ServerProcess(config)
+    try:
+        before = served_certificate(own / "server.crt")
+        renew_server(Layout.in_dir(own), days=20)
+        after = served_certificate(own / "server.crt")
+        assert after != before
+        line = reload(server, config, raw, r" reloaded ")
+        assert "changed=nothing" in line and " tls=reloaded " in line
+        assert (f"tls_cert_sha256={after['tls_cert_sha256']} "
+                f"tls_cert_expires={after['tls_cert_expires']}") in line
+        reply = await post(server.addresses["http"], client_context(own), "/nginx.access",
+                           ndjson(engine_records(1)))
+        assert reply.status == 200
+        server.signal(signal.SIGTERM)
+        assert server.wait() == 0
+    finally:
+        server.stop()
+    assert stored_ids(tmp_path / "logs") == {"r0": 1}
 
 
 async def test_a_new_certificate_is_used_by_new_handshakes_only(
@@ -272,6 +303,38 @@ def test_a_sighup_during_start_up_reloads_once_the_server_runs(tmp_path: Path,
     finally:
         server.signal(signal.SIGTERM)
         assert server.wait() == 0
+
+
+PROBE = """\
+import atexit, signal, sys
+def held(): return signal.SIGHUP in signal.pthread_sigmask(signal.SIG_BLOCK, [])
+class Probe:
+    def find_spec(self, name, path=None, target=None):
+        if name in ("trio", "cryptography") and name not in sys.modules:
+            print(f"probe {name} {held()}", file=sys.stderr)
+sys.meta_path.insert(0, Probe())
+atexit.register(lambda: print(f"probe exit {held()}", file=sys.stderr))
+"""
+
+
+@pytest.mark.parametrize(("command", "config_name", "at_import", "at_exit"), [
+    ("run", "config.toml", "True", "True"), ("check-config", "config.toml", "False", "False"),
+    ("check-config", "run", "True", "False")])  # "run" in argv: held, released by main
+def test_sighup_is_held_before_the_heavy_imports_of_run_only(
+        tmp_path: Path, command: str, config_name: str, at_import: str, at_exit: str) -> None:
+    """The hold starts at the package's first import (importing trio, cryptography and the
+    rest takes ~0.7 s, a window in which SIGHUP would kill the server), for `run` only;
+    a sitecustomize records the mask when trio and cryptography are first imported and at
+    exit."""
+    (tmp_path / "sitecustomize.py").write_text(PROBE)
+    config = tmp_path / config_name
+    config.write_text("[server]\nworkers = 0\n")  # refused at once, after the imports
+    done = subprocess.run([sys.executable, "-m", "mwdlogd", command, "--config", config_name],
+                          capture_output=True, text=True, timeout=60, cwd=tmp_path,
+                          env={**os.environ, "PYTHONPATH": str(tmp_path)})
+    assert done.returncode == 2, done.stderr
+    assert sorted(re.findall(r"^probe (\w+) (\w+)$", done.stderr, re.M)) == [
+        ("cryptography", at_import), ("exit", at_exit), ("trio", at_import)]
 
 
 async def test_a_reload_warns_of_a_certificate_that_expires_soon(

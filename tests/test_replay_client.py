@@ -19,7 +19,7 @@ from mwdlogd_replay import cli
 from mwdlogd_replay.connection import Target
 from mwdlogd_replay.forward import ForwardClient
 from mwdlogd_replay.records import batches, generate
-from mwdlogd_replay.run import run_replay
+from mwdlogd_replay.run import Stats, run_replay
 from mwdlogd_replay.verify import verify
 
 from conftest import make_config, start_app
@@ -42,6 +42,13 @@ def _unpack(data: bytes) -> list[Any]:
     unpacker = msgpack.Unpacker(raw=False)
     unpacker.feed(data)
     return list(unpacker)
+
+
+def test_ack_percentiles_are_null_below_two_samples() -> None:
+    """One ack has no p50: the summary says null, never 0.0 (which reads as instant acks)."""
+    assert Stats().percentile_ms(0.5) is None
+    assert Stats(latencies=[0.08]).percentile_ms(0.99) is None
+    assert Stats(latencies=[0.01, 0.02, 0.03]).percentile_ms(0.5) == 20.0
 
 
 def test_chunk_ids_are_fixed_per_batch_and_unique_per_message() -> None:

@@ -16,6 +16,7 @@ import trio
 from prometheus_client import CONTENT_TYPE_LATEST
 
 from mwdlogd import log
+from mwdlogd.certs import served_certificate
 from mwdlogd.config import Config, check_tls_files
 from mwdlogd.errors import MwdlogdError, StorageError
 from mwdlogd.live import Live, Settings, authorizer, merge_reload
@@ -164,7 +165,7 @@ class App:
         not load is refused (`reload_failed`, the running config stays); restart-only
         keys that differ are named (`reload_ignored`) and keep their running values."""
         try:
-            new, context, warnings = await trio.to_thread.run_sync(self._load_again)
+            new, context, warnings, served = await trio.to_thread.run_sync(self._load_again)
         except (MwdlogdError, OSError) as exc:
             log.event(logging.ERROR, "reload_failed", error=str(exc),
                       detail="the running config is kept")
@@ -175,7 +176,8 @@ class App:
         self.pipeline.limit_changed()
         log.set_level(merged.server.log_level)
         log.event(logging.INFO, "reloaded", changed=",".join(changed) or "nothing",
-                  tokens=",".join(t.name for t in merged.auth.tokens))
+                  tokens=",".join(t.name for t in merged.auth.tokens), tls="reloaded",
+                  **served)
         if ignored:
             log.event(logging.WARNING, "reload_ignored", keys=",".join(ignored),
                       detail="restart to apply")
@@ -183,14 +185,15 @@ class App:
             log.event(logging.WARNING, warning.event, key=warning.key, problem=warning.problem)
         return True
 
-    def _load_again(self) -> tuple[Config, ssl.SSLContext, list[Risk]]:
-        """The config file and its TLS files, read and checked, and the certificates'
-        expiry warnings (blocking; in a thread)."""
+    def _load_again(self) -> tuple[Config, ssl.SSLContext, list[Risk], dict[str, str]]:
+        """The config file and its TLS files, read and checked, the certificates' expiry
+        warnings and the served certificate's log fields (blocking; in a thread)."""
         if self._loader is None:
             raise MwdlogdError("no config file to reload (config given in memory)")
         new = self._loader()
         check_tls_files(new)
-        return new, server_context(new.tls), certificate_warnings(new)
+        return new, server_context(new.tls), certificate_warnings(new), served_certificate(
+            Path(new.tls.cert))
 
     async def run(self, *, task_status: trio.TaskStatus[Addresses] = trio.TASK_STATUS_IGNORED
                   ) -> None:

@@ -238,6 +238,14 @@ def _days_left(cert: x509.Certificate, now: datetime.datetime | None) -> int:
     return (cert.not_valid_after_utc - (now or datetime.datetime.now(datetime.UTC))).days
 
 
+def served_certificate(path: Path) -> dict[str, str]:
+    """Log fields naming the server certificate a (re)load serves, so the log shows that a
+    renewed file was picked up even when no config key changed."""
+    cert = x509.load_pem_x509_certificate(path.read_bytes())
+    return {"tls_cert_sha256": cert.fingerprint(hashes.SHA256()).hex()[:16],
+            "tls_cert_expires": f"{cert.not_valid_after_utc:%Y-%m-%d}"}
+
+
 def describe(path: Path, now: datetime.datetime | None = None) -> str:
     """`server.crt  CN=logserver  issuer CN=...  expires 2028-... (824 days)  SAN ...`."""
     cert = x509.load_pem_x509_certificate(path.read_bytes())

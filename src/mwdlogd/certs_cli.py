@@ -23,6 +23,7 @@ from mwdlogd.certs import (
 from mwdlogd.config import config_path, load_config
 
 DEFAULT_DAYS_LEFT = 90  # the runbook's monthly check: renew when under three months
+EXIT_USAGE = 2  # a bad argument, the same code argparse uses for its own (`--days 0`)
 
 
 def positive_int(text: str) -> int:
@@ -42,7 +43,9 @@ def register(commands: "argparse._SubParsersAction[argparse.ArgumentParser]",
     certs = commands.add_parser(
         "certs", parents=[common], help="make, renew or check certificates",
         description="Works on the files the config names (tls.cert, tls.key, tls.ca, client "
-        "certificates beside tls.cert) or, with --dir, on DIR/ca.crt, DIR/server.crt, ...")
+        "certificates beside tls.cert) or, with --dir, on DIR/ca.crt, DIR/server.crt, ... "
+        "Exit 2 on a bad argument (--days 0, --client ../x, an empty --hosts) before anything "
+        "is written; 1 when the action fails or finds a problem.")
     actions = certs.add_subparsers(dest="certs_command", required=True, metavar="ACTION")
     dir_help = "work on this directory instead of the config's tls paths"
     make = actions.add_parser(
@@ -102,9 +105,26 @@ def _hosts(text: str) -> list[str]:
     return hosts
 
 
+def _usage_problem(args: argparse.Namespace, layout: Layout) -> str | None:
+    """The first bad --hosts or --client value: a usage error, found before any file is
+    touched, so it exits like argparse's own errors."""
+    try:
+        if getattr(args, "hosts", None) is not None:
+            _hosts(args.hosts)
+        for client in getattr(args, "client", []):
+            check_client_name(client, layout)
+    except ValueError as exc:
+        return str(exc)
+    return None
+
+
 def run(args: argparse.Namespace) -> int:
     try:
-        return ACTIONS[args.certs_command](args, _layout(args))
+        layout = _layout(args)
+        if (problem := _usage_problem(args, layout)) is not None:
+            print(f"mwdlogd certs {args.certs_command}: {problem}", file=sys.stderr)
+            return EXIT_USAGE
+        return ACTIONS[args.certs_command](args, layout)
     except (ValueError, OSError) as exc:
         print(f"mwdlogd certs {args.certs_command}: {exc}", file=sys.stderr)
         return 1
@@ -125,8 +145,6 @@ def _init(args: argparse.Namespace, layout: Layout) -> int:
 
 
 def _renew(args: argparse.Namespace, layout: Layout) -> int:
-    for client in args.client:
-        check_client_name(client, layout)
     hosts = _hosts(args.hosts) if args.hosts is not None else None
     if hosts is not None or not args.client:
         if hosts is None and not layout.cert.is_file():

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import trio
 
-from mwdlogd import __version__, certs_cli, doctor, log, replay, startup
+from mwdlogd import __version__, certs_cli, doctor, log, release_start_up_hold, replay, startup
 from mwdlogd.app import App, tune_garbage_collector
 from mwdlogd.certs import DEFAULT_DAYS, DEFAULT_HOSTS, init_certs
 from mwdlogd.config import (
@@ -277,8 +277,11 @@ COMMANDS = {"run": _run, "check-config": _check_config, "init-config": _init_con
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     if argv[:1] == ["replay"]:  # its own parser: `mwdlogd replay --help`
+        release_start_up_hold()
         return replay.main(argv[1:])
     args = _parser().parse_args(argv)
+    if args.command != "run":
+        release_start_up_hold()
     log.configure()
     try:
         return COMMANDS[args.command](args)

@@ -176,7 +176,7 @@ class BufferConfig:
     chunk_limit: Size = attrs.field(default=Size(256 * 1024**2), metadata=_doc(
         "flush a destination once this many bytes are pending"))
     flush_interval: Duration = attrs.field(default=Duration(10.0), metadata=_doc(
-        "flush pending records at least this often"))
+        "flush pending records this often (plus up to 20% spread)"))
     timekey_wait: Duration = attrs.field(default=Duration(10.0), metadata=_doc(
         "keep an hour's file open this long after the hour ends, for late records"))
     retry_max_interval: Duration = attrs.field(default=Duration(30.0), metadata=_doc(

@@ -50,7 +50,7 @@ ERRORS = 'fluentd_output_status_num_errors{plugin_id="hourly_files",type="file"}
 SLOW_FLUSHES = 'fluentd_output_status_slow_flush_count{plugin_id="hourly_files",type="file"}'
 FAILED_RECORDS = "mwdlogd_failed_records_total"
 REJECTED = re.compile(r'^mwdlogd_rejected_requests_total\{protocol="(\w+)",reason="(\w+)"\}$')
-CREDENTIAL_REFUSALS = {"http unauthorized", "http forbidden_customer", "forward handshake"}
+CREDENTIAL_REFUSALS = {"http unauthorized", "forward handshake"}
 # `time LEVEL event key=value ...`, anywhere in the line (journalctl prefixes its own)
 LOG_LINE = re.compile(r"(\S+) +(?:DEBUG|INFO|WARNING|ERROR|CRITICAL) +(\w+) ?(.*)$")
 LOGFMT_FIELD = re.compile(r'(\w+)=("(?:[^"\\]|\\.)*"|\S+)')
@@ -390,6 +390,12 @@ def metric_findings(samples: dict[str, float], address: str) -> list[Finding]:
                                 ", ".join(f"{k} {v}" for k, v in sorted(refused.items())),
                                 "an Engine sends a token (or shared key) the config does not "
                                 "hold: compare it with auth.tokens / forward.shared_key"))
+    if forbidden := rejected.get("http forbidden_customer"):
+        findings.append(Finding(WARN, check, f"{forbidden} requests refused with 403 "
+                                "forbidden_customer since start",
+                                "a token restricted by `customers = [...]` was used for another "
+                                "customer: check auth.tokens[].customers or the Engine's "
+                                "customer_name"))
     for protocol in ("http", "forward"):
         if count := rejected.get(f"{protocol} tls_handshake"):
             findings.append(Finding(WARN, check, f"{count} failed TLS handshakes on {protocol}",

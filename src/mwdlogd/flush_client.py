@@ -3,8 +3,8 @@ acknowledged to the hourly files, and wait until it has.
 
 POSTs `/api/flush` on each monitor address at once (worker N listens on monitor.port +
 N); each answers after its flush with `{"records", "files", "failed_files", "worker"}`.
-Prints the sum as one JSON line. Unlike a signal sent by process name, it reaches
-exactly the server the config names.
+Prints the sum as one JSON line; `workers` counts the workers that answered. Unlike a
+signal sent by process name, it reaches exactly the server the config names.
 """
 
 import concurrent.futures
@@ -34,6 +34,7 @@ def run_flush(servers: list[str], token: str, timeout_s: float) -> int:
     """0 when every worker flushed with no failed file; 1 otherwise (reasons on stderr)."""
     total = dict.fromkeys(COUNTS, 0)
     failed = False
+    answered = 0
     with concurrent.futures.ThreadPoolExecutor(len(servers)) as pool:
         futures = {server: pool.submit(flush_one, server, token, timeout_s)
                    for server in servers}
@@ -44,9 +45,10 @@ def run_flush(servers: list[str], token: str, timeout_s: float) -> int:
                 print(f"mwdlogd: flush at {server} failed: {exc}", file=sys.stderr)
                 failed = True
                 continue
+            answered += 1
             for key in COUNTS:
                 total[key] += int(answer.get(key, 0))
-    print(json.dumps({**total, "workers": len(servers)}))
+    print(json.dumps({**total, "workers": answered}))
     if total["failed_files"]:
         print(f"mwdlogd: {total['failed_files']} file(s) could not be written; they are "
               "retried (see write_failed in the server log)", file=sys.stderr)

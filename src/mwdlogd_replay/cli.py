@@ -188,8 +188,8 @@ def main(argv: list[str] | None = None, read_defaults: ReadDefaults | None = Non
     summary: dict[str, Any] = {
         "run": args.run, "sent": stats.sent, "acked": len(stats.acked),
         "seconds": round(elapsed, 2), "acked_per_s": round(len(stats.acked) / elapsed),
-        "errors": dict(stats.errors), "ack_p50_ms": round(stats.percentile_ms(0.5), 2),
-        "ack_p99_ms": round(stats.percentile_ms(0.99), 2)}
+        "errors": dict(stats.errors), "ack_p50_ms": stats.percentile_ms(0.5),
+        "ack_p99_ms": stats.percentile_ms(0.99)}
     code = 0 if not stats.errors and len(stats.acked) == stats.sent else 1
     for error, count in stats.errors.most_common():
         print(f"mwdlogd replay: {count} failed attempts: {error}", file=sys.stderr)

@@ -33,10 +33,12 @@ class Stats:
     errors: Counter[str] = attrs.field(factory=Counter)
     latencies: list[float] = attrs.field(factory=list)
 
-    def percentile_ms(self, q: float) -> float:
+    def percentile_ms(self, q: float) -> float | None:
+        """The ack latency at quantile q, in ms rounded to 0.01; None (JSON null) with fewer
+        than two samples, where no percentile exists (0.0 would read as instant acks)."""
         if len(self.latencies) < 2:
-            return 0.0
-        return statistics.quantiles(self.latencies, n=1000)[int(q * 1000) - 1] * 1000
+            return None
+        return round(statistics.quantiles(self.latencies, n=1000)[int(q * 1000) - 1] * 1000, 2)
 
 
 def explain(exc: BaseException, target: Target) -> Failure:
