@@ -33,7 +33,16 @@ from mwdlogd.doctor import (
 )
 
 from conftest import config_raw
-from helpers import TOKEN, client_context, engine_records, free_port, ids_by_file, ndjson, reissue
+from helpers import (
+    TOKEN,
+    client_context,
+    engine_records,
+    free_port,
+    ids_by_file,
+    ndjson,
+    reissue,
+    tmpfs,
+)
 from server_process import ServerProcess, write_config
 
 NEEDS_ROOT = pytest.mark.skipif(os.geteuid() != 0, reason="needs root (mount)")
@@ -153,14 +162,8 @@ def test_a_ca_the_running_server_does_not_match_fails_the_handshake(
 
 @pytest.fixture
 def full_disk(tmp_path: Path) -> Iterator[Path]:
-    mountpoint = tmp_path / "small"
-    mountpoint.mkdir()
-    subprocess.run(["mount", "-t", "tmpfs", "-o", "size=256k", "tmpfs", str(mountpoint)],
-                   check=True)
-    try:
+    with tmpfs(tmp_path / "small", "256k") as mountpoint:
         yield mountpoint
-    finally:
-        subprocess.run(["umount", "-l", str(mountpoint)], check=False)
 
 
 def post(address: str, certs: Path, records: list[dict[str, Any]]) -> int:

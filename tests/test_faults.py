@@ -22,7 +22,7 @@ from pathlib import Path
 import pytest
 
 from conftest import config_raw
-from helpers import client_context, read_tree
+from helpers import client_context, read_tree, tmpfs
 from load_client import Load
 from server_process import ServerProcess, write_config
 
@@ -34,14 +34,8 @@ NO_DAC = ["setpriv", "--bounding-set=-dac_override,-dac_read_search",
 
 @pytest.fixture
 def small_disk(tmp_path: Path) -> Iterator[Path]:
-    mountpoint = tmp_path / "small"
-    mountpoint.mkdir()
-    subprocess.run(["mount", "-t", "tmpfs", "-o", "size=256k", "tmpfs", str(mountpoint)],
-                   check=True)
-    try:
+    with tmpfs(tmp_path / "small", "256k") as mountpoint:
         yield mountpoint
-    finally:
-        subprocess.run(["umount", "-l", str(mountpoint)], check=False)
 
 
 def grow(mountpoint: Path) -> None:

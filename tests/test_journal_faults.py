@@ -19,7 +19,15 @@ from pathlib import Path
 import pytest
 
 from conftest import config_raw
-from helpers import client_context, engine_records, get_json, ndjson, post_sync, read_tree
+from helpers import (
+    client_context,
+    engine_records,
+    get_json,
+    ndjson,
+    post_sync,
+    read_tree,
+    tmpfs,
+)
 from load_client import Load
 from server_process import ServerProcess, write_config
 
@@ -199,14 +207,8 @@ def test_journal_directory_read_only_no_crash_then_recovers(tmp_path: Path, pki:
 @pytest.fixture
 def small_buffer(tmp_path: Path) -> Iterator[Path]:
     """The buffer directory on a 4 MiB tmpfs: the journal fills it within seconds."""
-    mountpoint = tmp_path / "buffer"
-    mountpoint.mkdir()
-    subprocess.run(["mount", "-t", "tmpfs", "-o", "size=4m", "tmpfs", str(mountpoint)],
-                   check=True)
-    try:
+    with tmpfs(tmp_path / "buffer", "4m") as mountpoint:
         yield mountpoint
-    finally:
-        subprocess.run(["umount", "-l", str(mountpoint)], check=False)
 
 
 @needs_root

@@ -16,7 +16,15 @@ from pathlib import Path
 import pytest
 
 from conftest import config_raw
-from helpers import client_context, engine_records, get_json, ndjson, post_sync, read_tree
+from helpers import (
+    client_context,
+    engine_records,
+    get_json,
+    ndjson,
+    post_sync,
+    read_tree,
+    tmpfs,
+)
 from server_process import ServerProcess, write_config
 
 pytestmark = pytest.mark.skipif(os.geteuid() != 0, reason="needs root (mount)")
@@ -26,14 +34,8 @@ REQUESTS = 12  # of about 1 MiB of barely compressible records each: ~6 MB of gz
 
 @pytest.fixture
 def small_root(tmp_path: Path) -> Iterator[Path]:
-    mountpoint = tmp_path / "logs"
-    mountpoint.mkdir()
-    subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={DISK}", "tmpfs", str(mountpoint)],
-                   check=True)
-    try:
+    with tmpfs(tmp_path / "logs", DISK) as mountpoint:
         yield mountpoint
-    finally:
-        subprocess.run(["umount", "-l", str(mountpoint)], check=False)
 
 
 def fill(directory: Path) -> Path:
