@@ -186,10 +186,10 @@ class JournalHold:
         self.entered, self.release = threading.Event(), threading.Event()
         real_append = journal.append
 
-        def held_append(payloads: list[bytes]) -> list[int]:
+        def held_append(payloads: list[bytes], spans: list[int] | None = None) -> list[int]:
             self.entered.set()
             self.release.wait(30)
-            return list(real_append(payloads))
+            return list(real_append(payloads, spans))
 
         journal.append = held_append
 

@@ -107,8 +107,8 @@ class DieAfterFsync:
         self.appended, self.release = threading.Event(), threading.Event()
         real_append = journal.append
 
-        def append(payloads: list[bytes]) -> list[int]:
-            ids = list(real_append(payloads))
+        def append(payloads: list[bytes], spans: list[int] | None = None) -> list[int]:
+            ids = list(real_append(payloads, spans))
             self.appended.set()
             self.release.wait(30)
             return ids

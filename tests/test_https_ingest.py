@@ -143,9 +143,13 @@ BIG = 10 * 1024 * 1024
     (b"\x1f\x8b\x08\x00garbage", {"headers": {"Content-Encoding": "gzip"}}, 400,
      "malformed_body"),
     (b"\xc1", {"content_type": "application/msgpack"}, 400, "malformed_body"),
-    (b"x" * (BIG + 1), {}, 413, "body_too_large"),
-    (gzip.compress(b"{}" + b" " * (BIG + 10)), {"headers": {"Content-Encoding": "gzip"}}, 413,
+    (b"x" * (BIG + 1), {"content_type": "application/json"}, 413, "body_too_large"),
+    (b"x" * (BIG + 1), {}, 413, "line_too_long"),  # ndjson past the limit is streamed
+    (gzip.compress(b"{}" + b" " * (BIG + 10)), {"headers": {"Content-Encoding": "gzip"},
+                                                "content_type": "application/json"}, 413,
      "body_too_large"),
+    (gzip.compress(b"{}" + b" " * (BIG + 10)), {"headers": {"Content-Encoding": "gzip"}}, 413,
+     "line_too_long"),
     (b'{"customer_name": "other", "fqdn": "x"}', {"token": "acme-token-0123456789"}, 403,
      "forbidden_customer"),
 ])
@@ -170,7 +174,7 @@ async def test_gzip_bomb_is_refused_by_inflated_size(server: Running, pki: Path)
     bomb = gzip.compress(b"\n" * (64 * 1024 * 1024))
     assert len(bomb) < 200_000
     reply = await post(server.addresses.http, client_context(pki), "/nginx.access", bomb,
-                       headers={"Content-Encoding": "gzip"})
+                       headers={"Content-Encoding": "gzip"}, content_type="application/json")
     assert (reply.status, reply.json()["error"]) == (413, "body_too_large")
     assert await stored(server) == {}
 

@@ -110,7 +110,8 @@ class App:
                                  total_limit=lambda: self.config.buffer.total_limit,
                                  limiter=trio.CapacityLimiter(1),
                                  fsync_seconds=self.telemetry.journal_sync,
-                                 peers=PeerChunkIds(list(slot.peer_chunk_ids)) if slot else None)
+                                 peers=PeerChunkIds(list(slot.peer_chunk_ids)) if slot else None,
+                                 spool_dir=buffer / "spool")
         store = FileStore(root=config.storage.root, failed_dir=buffer / "failed",
                           ledger=ledger, limiter=trio.CapacityLimiter(FILE_IO_THREADS))
         extra = {"wall_clock": wall_clock} if wall_clock else {}
@@ -120,7 +121,7 @@ class App:
         self.router = Router(store=store, settings=lambda: writer_settings(self.config),
                              timekey_wait_s=lambda: self.config.buffer.timekey_wait,
                              telemetry=self.telemetry, tracker=self.tracker, tail=self.tail,
-                             **extra)
+                             spool_dir=buffer / "spool", **extra)
         self.telemetry.buffer = BufferView(
             total_bytes=lambda: self.tracker.buffered_bytes,
             stage_bytes=self.router.pending_bytes, queue_length=self.router.pending_files,

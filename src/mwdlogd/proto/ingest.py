@@ -9,7 +9,7 @@ import hashlib
 import itertools
 import re
 import sys
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import AsyncIterator, Callable, Iterable, Sequence
 from typing import Any
 from urllib.parse import parse_qs, unquote
 
@@ -25,6 +25,7 @@ from mwdlogd.proto.bodies import (
     check_encoding,
     gunzip_body,
     media_type,
+    parse_ndjson,
     parser_for,
     records_at_most,
 )
@@ -92,7 +93,7 @@ class RequestReader:
     """
 
     def __init__(self, request: h11.Request, *, authenticate: Authenticate, body_limit: int,
-                 max_records: int = sys.maxsize) -> None:
+                 max_records: int = sys.maxsize, stream_limit: int = 0) -> None:
         if request.method != b"POST":
             raise IngestError(405, "method_not_allowed",
                               f"{request.method.decode()} is not allowed; send POST /<tag>")
@@ -108,6 +109,12 @@ class RequestReader:
         self.limit = body_limit
         self._max_records = max_records
         self._body = bytearray()
+        self._received = 0
+        # An ndjson body declared larger than body_limit (up to stream_limit) is streamed:
+        # the caller slices it as it comes (proto.streamed) instead of `receive_data`
+        # keeping it, and decodes each slice with `decode`.
+        self.stream_limit = stream_limit if self._parse is parse_ndjson else 0
+        self.streamed = False
         self._check_length(request)
         # What a byte-identical resend has in common with its first copy (HTTP dedupe).
         self._digest = hashlib.sha256()  # the fastest hashlib has here (SHA extensions)
@@ -121,13 +128,23 @@ class RequestReader:
             chunked = (_header(request, b"transfer-encoding") or b"").lower() == b"chunked"
             if not chunked:
                 raise IngestError(411, "length_required", "send Content-Length (or chunked)")
+        elif int(length) > max(self.limit, self.stream_limit):
+            raise IngestError(413, "body_too_large", f"Content-Length {int(length)} > "
+                              f"http.body_size_limit={self.limit}" + (
+                                  f" and http.stream_body_limit={self.stream_limit} (ndjson)"
+                                  if self.stream_limit else ""))
         elif int(length) > self.limit:
-            raise IngestError(413, "body_too_large",
-                              f"Content-Length {int(length)} > http.body_size_limit={self.limit}")
+            self.streamed = True
 
     def receive_data(self, data: bytes) -> None:
-        self._body += data
+        self._received += len(data)
         self._digest.update(data)
+        if self.streamed:
+            if self._received > self.stream_limit:
+                raise IngestError(413, "body_too_large",
+                                  f"body over http.stream_body_limit={self.stream_limit} bytes")
+            return
+        self._body += data
         if len(self._body) > self.limit:
             raise IngestError(413, "body_too_large",
                               f"body over http.body_size_limit={self.limit} bytes")
@@ -135,7 +152,19 @@ class RequestReader:
     @property
     def received(self) -> int:
         """Body bytes read so far (before gunzip)."""
-        return len(self._body)
+        return self._received
+
+    async def pieces(self) -> AsyncIterator[bytes]:
+        """The body read so far, in pieces (to stream a body read whole after all)."""
+        view = memoryview(self._body)
+        for start in range(0, len(view), 1024 * 1024):
+            yield bytes(view[start:start + 1024 * 1024])
+        self._body = bytearray()
+
+    @property
+    def digest(self) -> bytes:
+        """Of the target, Content-Type, Content-Encoding and the body read so far."""
+        return self._digest.digest()[:16]
 
     def finish(self) -> Accepted:
         return self.decode(self.inflate())
@@ -161,7 +190,7 @@ class RequestReader:
         parsed = self._parse(body, self._max_records)
         self._check_customers(parsed.records)
         return Accepted(self.tag, parsed.records, self.identity, self.default_time,
-                        parsed.lines, self._digest.digest()[:16],
+                        parsed.lines, self.digest,
                         invalid_utf8=parsed.invalid_utf8, times=parsed.times)
 
     def _check_customers(self, records: list[dict[str, Any]]) -> None:

@@ -9,6 +9,7 @@ the next one (group commit).
 import logging
 import time
 from collections.abc import Callable, Iterable
+from pathlib import Path
 from typing import Any
 
 import attrs
@@ -25,6 +26,7 @@ from mwdlogd.runtime.tracker import BatchTracker
 from mwdlogd.storage.chunk_ids import ChunkIdLog, PeerChunkIds, legacy_key
 from mwdlogd.storage.journal import Journal
 from mwdlogd.storage.ledger import NONE, Ledger
+from mwdlogd.storage.spool import PieceMeta, SpoolSet, read_pieces, remove_unnamed, spool_path
 
 # Batches waiting for the journal; they share one fsync, so this bounds a group's size.
 PIPELINE_QUEUE = 64
@@ -64,34 +66,62 @@ class Group:
 
 @attrs.define
 class Submission:
+    """A batch. A streamed request's batch holds no groups itself: its records are the
+    pieces of a spool file, one journal id each (`batch_id` is the last of them)."""
+
     tag: str
     groups: list[Group]
     batch_id: int = -1
     dedupe_key: bytes | None = None  # a resend key (storage.chunk_ids.dedupe_key)
     error: Refused | None = None
     done: trio.Event = attrs.field(factory=trio.Event)
+    spool: str | None = None  # the spool file's name
+    pieces: list[PieceMeta] = attrs.field(factory=list)
+    skip: dict[str, int] = attrs.field(factory=dict)  # replay: path -> ids its file holds
 
     @property
     def count(self) -> int:
-        return sum(g.count for g in self.groups)
+        return sum(g.count for g in self.groups) + sum(p.count for p in self.pieces)
 
     @property
     def size(self) -> int:
         """Bytes of records: what the batch counts against buffer.total_limit."""
-        return sum(len(g.data) for g in self.groups)
+        return sum(len(g.data) for g in self.groups) + sum(p.size for p in self.pieces)
+
+    @property
+    def span(self) -> int:
+        """Journal ids the batch takes."""
+        return len(self.pieces) if self.spool is not None else 1
+
+    @property
+    def first_id(self) -> int:
+        return self.batch_id - self.span + 1
+
+    def track(self, tracker: BatchTracker) -> None:
+        """Open the batch's ids (a piece whose groups are all in their files is not)."""
+        if self.spool is None:
+            tracker.open(self.batch_id, len(self.groups), self.size)
+            return
+        for index, piece in enumerate(self.pieces):
+            if piece.groups:
+                tracker.open(self.first_id + index, piece.groups, piece.size)
 
     def payload(self) -> bytes:
         groups = [[g.path, g.hour, g.count, g.data] for g in self.groups]
-        return bytes(msgpack.packb([self.tag, groups, self.dedupe_key],
+        pieces = [[p.groups, p.size, p.count] for p in self.pieces]
+        return bytes(msgpack.packb([self.tag, groups, self.dedupe_key, self.spool, pieces],
                                    unicode_errors="surrogateescape"))
 
     @classmethod
     def from_payload(cls, batch_id: int, payload: bytes) -> "Submission":
-        tag, groups, dedupe_key = msgpack.unpackb(payload, unicode_errors="surrogateescape")
+        tag, groups, dedupe_key, *streamed = msgpack.unpackb(
+            payload, unicode_errors="surrogateescape")
         kept = [Group(path, hour, data, count) for path, hour, count, data in groups]
         if isinstance(dedupe_key, str):  # journaled by a version that kept ids as text
             dedupe_key = legacy_key(dedupe_key)
-        return cls(tag, kept, batch_id, dedupe_key)
+        spool, pieces = streamed or (None, [])
+        return cls(tag, kept, batch_id, dedupe_key, spool=spool,
+                   pieces=[PieceMeta(*p) for p in pieces])
 
 
 @attrs.frozen
@@ -127,8 +157,9 @@ class Pipeline:
     def __init__(self, *, journal: Journal, ledger: Ledger, chunk_ids: ChunkIdLog,
                  memory: ChunkMemory, tracker: BatchTracker, total_limit: Callable[[], int],
                  limiter: trio.CapacityLimiter, fsync_seconds: Histogram,
-                 peers: PeerChunkIds | None = None) -> None:
+                 peers: PeerChunkIds | None = None, spool_dir: Path | None = None) -> None:
         self._journal = journal
+        self.spools = SpoolSet(spool_dir or journal.directory.parent / "spool")
         self._ledger = ledger
         self._chunk_ids = chunk_ids
         self._memory = memory
@@ -173,9 +204,16 @@ class Pipeline:
         anything. While the buffer is full this waits up to `room_wait_s` (math.inf:
         as long as it takes) for room before refusing; a `dedupe` key already durable
         makes this a duplicate that is not stored."""
+        return await self.commit_submission(group_routed(tag, routed), dedupe=dedupe,
+                                            room_wait_s=room_wait_s)
+
+    async def commit_submission(self, submission: Submission, *, dedupe: Dedupe | None = None,
+                                room_wait_s: float = 0.0) -> Committed:
+        """`commit` of a batch already made (a streamed request's, naming its sealed spool
+        file: the caller deletes the file unless this returns as not a duplicate)."""
         room_deadline = trio.current_time() + room_wait_s
         if dedupe is None:
-            return await self._commit(group_routed(tag, routed), room_deadline)
+            return await self._commit(submission, room_deadline)
         if self._peers is not None and not self._memory.is_durable(dedupe):
             for at, keys in await trio.to_thread.run_sync(self._peers.read_new,
                                                           limiter=self._peer_limiter):
@@ -190,7 +228,6 @@ class Pipeline:
         self._memory.begin(dedupe.key)
         durable = False
         try:
-            submission = group_routed(tag, routed)
             submission.dedupe_key = dedupe.key
             committed = await self._commit(submission, room_deadline)
             durable = True
@@ -264,9 +301,9 @@ class Pipeline:
         """Cut files back to before unfinished appends; queue what the journal still owes."""
         replay, report = await trio.to_thread.run_sync(
             _recover, self._journal, self._ledger, self._chunk_ids, self._memory, root,
-            limiter=self._limiter)
+            self.spools, limiter=self._limiter)
         for submission in replay:
-            self._tracker.open(submission.batch_id, len(submission.groups), submission.size)
+            submission.track(self._tracker)
         self._tracker.next_id = self._journal.next_id
         self._replay = replay
         log.event(logging.INFO, "recovered", **report)
@@ -300,13 +337,14 @@ class Pipeline:
         what goes on to the router, in arrival order."""
         batches = [m for m in group if isinstance(m, Submission)]
         payloads = [s.payload() for s in batches]
+        spans = [s.span for s in batches]
         watermark = self._tracker.watermark()
         keys = [s.dedupe_key for s in batches if s.dedupe_key is not None]
         started = trio.current_time()
         try:
             ids, problem = await trio.to_thread.run_sync(
-                _append_and_release, self._journal, self._chunk_ids, payloads, keys,
-                watermark, limiter=self._limiter)
+                _append_and_release, self._journal, self._chunk_ids, self.spools, payloads,
+                spans, keys, watermark, limiter=self._limiter)
         except MwdlogdError as exc:
             self._journal_health(str(exc), refused=len(batches))
             for submission in batches:
@@ -318,7 +356,9 @@ class Pipeline:
             self._fsync_seconds.observe(trio.current_time() - started)
         for submission, batch_id in zip(batches, ids, strict=True):
             submission.batch_id = batch_id
-            self._tracker.open(batch_id, len(submission.groups), submission.size)
+            submission.track(self._tracker)
+            if submission.spool is not None:
+                self.spools.last_ids[submission.spool] = batch_id
             submission.done.set()
         return group
 
@@ -338,7 +378,7 @@ class Pipeline:
         """Delete journal segments that are wholly written (after the final flush)."""
         try:
             _, problem = await trio.to_thread.run_sync(
-                _append_and_release, self._journal, self._chunk_ids, [], [],
+                _append_and_release, self._journal, self._chunk_ids, self.spools, [], [], [],
                 self._tracker.watermark(), True, limiter=self._limiter)
         except MwdlogdError as exc:
             problem = str(exc)
@@ -347,9 +387,9 @@ class Pipeline:
                       detail="written-out segments stay; the next start skips their batches")
 
 
-def _append_and_release(journal: Journal, chunk_ids: ChunkIdLog, payloads: list[bytes],
-                        keys: list[bytes], watermark: int, final: bool = False
-                        ) -> tuple[list[int], str | None]:
+def _append_and_release(journal: Journal, chunk_ids: ChunkIdLog, spools: SpoolSet,
+                        payloads: list[bytes], spans: list[int], keys: list[bytes],
+                        watermark: int, final: bool = False) -> tuple[list[int], str | None]:
     """The batches' ids (raises StorageError when they were not journaled), and what else
     is failing: segments that could not be deleted or chunk ids not logged.
 
@@ -357,18 +397,18 @@ def _append_and_release(journal: Journal, chunk_ids: ChunkIdLog, payloads: list[
     released before one more try: a full disk is freed by the batches that fill it."""
     problem = None
     try:
-        _release(journal, chunk_ids, watermark, final)
+        _release(journal, chunk_ids, spools, watermark, final)
     except StorageError as exc:
         problem = str(exc)
     ids = []
     if payloads:
         try:
-            ids = journal.append(payloads)
+            ids = journal.append(payloads, spans)
         except StorageError:
             if not journal.releasable(watermark, final=True):
                 raise
-            _release(journal, chunk_ids, watermark, final=True)
-            ids = journal.append(payloads)
+            _release(journal, chunk_ids, spools, watermark, final=True)
+            ids = journal.append(payloads, spans)
     try:
         chunk_ids.append(keys, time.time())
     except StorageError as exc:  # the journal holds the keys too: recovery finds them
@@ -376,21 +416,25 @@ def _append_and_release(journal: Journal, chunk_ids: ChunkIdLog, payloads: list[
     return ids, problem or journal.release_problem
 
 
-def _release(journal: Journal, chunk_ids: ChunkIdLog, watermark: int, final: bool) -> None:
+def _release(journal: Journal, chunk_ids: ChunkIdLog, spools: SpoolSet, watermark: int,
+             final: bool) -> None:
     if journal.releasable(watermark, final=final) or journal.lost:
         chunk_ids.sync()  # the ids must be on disk before the batches holding them go
         journal.release(watermark, final=final)
+    spools.remove_below(min(journal.oldest_id, watermark))
     journal.check()
 
 
 def _recover(journal: Journal, ledger: Ledger, chunk_ids: ChunkIdLog, memory: ChunkMemory,
-             root: str) -> tuple[list[Submission], dict[str, Any]]:
+             root: str, spools: SpoolSet | None = None
+             ) -> tuple[list[Submission], dict[str, Any]]:
     """The journal's batches minus what their files already hold (per the ledger, which
     also cuts back unfinished appends as each file is looked at); the resend keys still
     in the window go to `memory` (nothing else uses it before recovery ends). A key found
     only in the journal (the process died before its chunk id log entry reached the
     disk) is logged again, so it outlives the journal segment."""
     now = time.time()
+    spools = spools or SpoolSet(journal.directory.parent / "spool")
     keys = chunk_ids.open(now, memory.remember)
     committed: dict[str, int] = {}
 
@@ -410,14 +454,40 @@ def _recover(journal: Journal, ledger: Ledger, chunk_ids: ChunkIdLog, memory: Ch
                 continue
             seen.add(submission.dedupe_key)
             journal_keys.append(submission.dedupe_key)
+        if submission.spool is not None:
+            spools.last_ids[submission.spool] = batch_id
+            _recover_spooled(submission, spools, holds)
         submission.groups = [g for g in submission.groups if batch_id > holds(g.path)]
-        if submission.groups:
+        if submission.groups or any(p.groups for p in submission.pieces):
             replay.append(submission)
             records += submission.count
+    orphans = remove_unnamed(spools.directory, set(spools.last_ids))
     memory.remember(journal_keys, now)
     chunk_ids.append(journal_keys, now)
     swept = ledger.sweep(LEDGER_KEEP_S)
     return replay, {"files_checked": len(committed), "ledger_states_swept": swept,
                     "batches_replayed": len(replay), "records_replayed": records,
                     "duplicate_batches_skipped": duplicates,
+                    "uncommitted_spool_files_removed": orphans,
                     "chunk_ids_remembered": keys + len(journal_keys)}
+
+
+def _recover_spooled(submission: Submission, spools: SpoolSet,
+                     holds: Callable[[str], int]) -> None:
+    """Count what of each piece its files do not hold yet (the router skips the rest)."""
+    pieces = []
+    path = spool_path(spools.directory, submission.spool or "")
+    try:
+        for index, groups in enumerate(read_pieces(path)):
+            batch_id = submission.first_id + index
+            left = [g for g in groups if batch_id > holds(g[0])]
+            pieces.append(PieceMeta(len(left), sum(len(g[3]) for g in left),
+                                    sum(g[2] for g in left)))
+            for group_path, *_ in groups:
+                submission.skip.setdefault(group_path, holds(group_path))
+    except StorageError as exc:
+        log.event(logging.ERROR, "spool_lost", error=str(exc), batch_id=submission.batch_id,
+                  records=submission.count, detail="a committed streamed request's spool "
+                  "file is missing or damaged; its records not yet in their files are lost")
+        pieces = []
+    submission.pieces = pieces + [PieceMeta(0, 0, 0)] * (len(submission.pieces) - len(pieces))

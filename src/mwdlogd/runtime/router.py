@@ -2,7 +2,8 @@
 
 import math
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from pathlib import Path
 
 import attrs
 import trio
@@ -13,6 +14,7 @@ from mwdlogd.runtime.pipeline import FlushAll, Message, Submission
 from mwdlogd.runtime.tail import TailHub
 from mwdlogd.runtime.tracker import BatchTracker
 from mwdlogd.runtime.writer import Chunk, DestinationWriter, Store, WriterSettings
+from mwdlogd.storage.spool import GroupTuple, read_pieces, spool_path
 from mwdlogd.telemetry import Telemetry
 
 HOUR_S = 3600
@@ -41,7 +43,10 @@ class Router:
     def __init__(self, *, store: Store, settings: Callable[[], WriterSettings],
                  timekey_wait_s: Callable[[], float],
                  telemetry: Telemetry, tracker: BatchTracker, tail: TailHub | None = None,
-                 wall_clock: Callable[[], float] = time.time) -> None:
+                 wall_clock: Callable[[], float] = time.time,
+                 spool_dir: Path | None = None) -> None:
+        self._spool_dir = spool_dir
+        self._spool_reader = trio.CapacityLimiter(1)
         self._tail = tail
         self._store = store
         self._tracker = tracker
@@ -108,12 +113,34 @@ class Router:
         marker.done.set()
 
     async def _route(self, submission: Submission) -> None:
+        if submission.spool is not None:
+            await self._route_spooled(submission)
+            return
         for group in submission.groups:
-            self._telemetry.batch_routed(log_type_of(group.path), group.count)
-            if self._tail is not None:
-                self._tail.publish(group.path, group.data)
-            chunk = Chunk(submission.tag, submission.batch_id, group.data, group.count)
-            await self._writer(group.path, group.hour).submit(chunk)
+            await self._route_group(submission.tag, submission.batch_id,
+                                    (group.path, group.hour, group.count, group.data))
+
+    async def _route_group(self, tag: str, batch_id: int, group: GroupTuple) -> None:
+        path, hour, count, data = group
+        self._telemetry.batch_routed(log_type_of(path), count)
+        if self._tail is not None:
+            self._tail.publish(path, data)
+        await self._writer(path, hour).submit(Chunk(tag, batch_id, data, count))
+
+    async def _route_spooled(self, submission: Submission) -> None:
+        """A streamed request's pieces, read from its spool file one at a time (the
+        writers' queues hold the router back, so memory stays bounded)."""
+        assert self._spool_dir is not None and submission.spool is not None
+        pieces: Iterator[list[GroupTuple]] = read_pieces(
+            spool_path(self._spool_dir, submission.spool))
+        for index, meta in enumerate(submission.pieces):
+            groups = await trio.to_thread.run_sync(next, pieces, limiter=self._spool_reader)
+            if not meta.groups:
+                continue
+            batch_id = submission.first_id + index
+            for group in groups:
+                if batch_id > submission.skip.get(group[0], -1):
+                    await self._route_group(submission.tag, batch_id, group)
 
     def _writer(self, path: str, hour: int) -> DestinationWriter:
         entry = self._writers.get(path)

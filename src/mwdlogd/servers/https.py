@@ -9,6 +9,7 @@ import logging
 import socket
 import ssl
 import time
+from collections.abc import AsyncIterator
 
 import h11
 import trio
@@ -20,6 +21,7 @@ from mwdlogd.live import Live
 from mwdlogd.pipeline.normalize import Context, Routed, normalize_batch
 from mwdlogd.proto.auth import Authorizer, Identity
 from mwdlogd.proto.ingest import Accepted, Authenticate, RequestReader
+from mwdlogd.proto.streamed import NdjsonSlicer
 from mwdlogd.runtime.budget import (
     INLINE_BYTES,
     OBJECT_BYTES,
@@ -30,7 +32,14 @@ from mwdlogd.runtime.budget import (
     decoded_cost,
 )
 from mwdlogd.runtime.dedupe import Dedupe
-from mwdlogd.runtime.pipeline import Pipeline, Refused, ShuttingDown
+from mwdlogd.runtime.pipeline import (
+    Committed,
+    Pipeline,
+    Refused,
+    ShuttingDown,
+    Submission,
+    group_routed,
+)
 from mwdlogd.servers.acceptor import Acceptor, ConnectionLimits
 from mwdlogd.servers.balance import Balance
 from mwdlogd.servers.http_io import (
@@ -45,6 +54,7 @@ from mwdlogd.servers.http_io import (
 from mwdlogd.servers.listen import stream_listeners
 from mwdlogd.servers.tls import cert_subject, handshake, peer_host, peer_name, peer_subject
 from mwdlogd.storage.chunk_ids import dedupe_key
+from mwdlogd.storage.spool import SpoolWriter
 from mwdlogd.telemetry import Telemetry
 
 # After refusing a body we did not read, keep reading (and discarding) briefly so the
@@ -159,11 +169,25 @@ class HttpsIngestServer:
                 reader = RequestReader(request, body_limit=http.body_size_limit,
                                        authenticate=self._authenticate(stream,
                                                                        settings.authorizer),
-                                       max_records=http.max_records_per_request)
+                                       max_records=http.max_records_per_request,
+                                       stream_limit=http.stream_body_limit)
                 await self._hold_while_full(http, _declared_length(request), room_deadline)
+                if reader.streamed:
+                    return await self._serve_streamed(
+                        conn, stream, reader, peer, client, received_at,
+                        self._live_body(http, conn, stream, reader))
                 await self._read_body(http, conn, stream, reader, lease)
-                accepted, routed = await self._decode(reader, lease, received_at,
-                                                      room_deadline)
+                try:
+                    accepted, routed = await self._decode(reader, lease, received_at,
+                                                          room_deadline)
+                except IngestError as exc:
+                    if exc.error != "body_too_large" or not reader.gzip \
+                            or not reader.stream_limit:
+                        raise
+                    # gzip ndjson inflating past body_size_limit: stream what was read
+                    lease.shrink_to(reader.received)
+                    return await self._serve_streamed(conn, stream, reader, peer, client,
+                                                      received_at, reader.pieces())
                 if accepted.invalid_utf8:
                     self._telemetry.invalid_utf8_kept("http", peer, accepted.tag,
                                                       accepted.invalid_utf8)
@@ -181,15 +205,124 @@ class HttpsIngestServer:
             commit_started = trio.current_time()
             try:
                 committed = await self._pipeline.commit(
-                    accepted.tag, routed, dedupe=_dedupe(http, accepted, client),
+                    accepted.tag, routed,
+                    dedupe=_dedupe(http, accepted.identity.name, client, accepted.digest),
                     room_wait_s=max(0.0, room_deadline - commit_started))
             except Refused as exc:
                 return await self._refuse(conn, stream, peer,
                                           IngestError(503, exc.reason, str(exc)))
-        self._telemetry.http_accepted(accepted.tag, len(routed),
-                                      trio.current_time() - commit_started, committed.duplicate)
-        answer = {"records": len(routed), **({"duplicate": True} if committed.duplicate else {})}
+        return await self._answer(conn, stream, accepted.tag, len(routed), committed,
+                                  trio.current_time() - commit_started)
+
+    async def _answer(self, conn: h11.Connection, stream: trio.SSLStream[trio.SocketStream],
+                      tag: str, records: int, committed: Committed, latency_s: float) -> bool:
+        self._telemetry.http_accepted(tag, records, latency_s, committed.duplicate)
+        answer = {"records": records,
+                  **({"duplicate": True} if committed.duplicate else {})}
         return await self._send(conn, stream, json_response(200, answer), close=self.draining)
+
+    async def _serve_streamed(self, conn: h11.Connection,
+                              stream: trio.SSLStream[trio.SocketStream], reader: RequestReader,
+                              peer: str, client: str, received_at: float,
+                              body: AsyncIterator[bytes]) -> bool:
+        """A large ndjson body: each slice is decoded, normalised and spooled as it
+        arrives; the spool file is committed (one journal record naming it) once the
+        whole body is in it and fsynced. Anything short of that deletes the file, so a
+        refused request keeps nothing."""
+        http = self._live.config.http
+        fsync = self._live.config.buffer.fsync
+        spool = await trio.to_thread.run_sync(SpoolWriter, self._pipeline.spools.directory)
+        keep, refusal = False, None
+        try:
+            invalid = await self._spool_body(http, body, reader, spool, received_at)
+            if invalid:
+                self._telemetry.invalid_utf8_kept("http", peer, reader.tag, invalid)
+            await trio.to_thread.run_sync(spool.seal, fsync)
+            commit_started = trio.current_time()
+            submission = Submission(reader.tag, [], spool=spool.name, pieces=spool.pieces)
+            committed = await self._pipeline.commit_submission(
+                submission, dedupe=_dedupe(http, reader.identity.name, client, reader.digest),
+                room_wait_s=http.full_wait)
+            keep = not committed.duplicate
+        except Refused as exc:
+            refusal = IngestError(503, exc.reason, str(exc))
+        except codec.TooDeep:
+            refusal = IngestError(400, "too_deep",
+                                  f"a record nests deeper than {codec.MAX_DEPTH} levels")
+        except BudgetExceeded as exc:
+            refusal = IngestError(413, "memory_budget", str(exc))
+        except IngestError as exc:
+            refusal = exc
+        except h11.RemoteProtocolError as exc:
+            refusal = IngestError(exc.error_status_hint, "bad_http", str(exc))
+        finally:  # before any answer: a refused request has left nothing behind
+            with trio.CancelScope(shield=True):
+                await trio.to_thread.run_sync(spool.close if keep else spool.discard)
+        if refusal is not None:
+            return await self._refuse(conn, stream, peer, refusal)
+        return await self._answer(conn, stream, reader.tag, submission.count, committed,
+                                  trio.current_time() - commit_started)
+
+    async def _live_body(self, http: HttpConfig, conn: h11.Connection,
+                         stream: trio.SSLStream[trio.SocketStream],
+                         reader: RequestReader) -> AsyncIterator[bytes]:
+        """The body's bytes as they arrive (counted and hashed by `reader`).
+        `http.request_timeout` bounds each wait for more, not the whole body (256 MiB
+        takes a while on a slow link)."""
+        while True:
+            event = None
+            with trio.move_on_after(http.request_timeout):
+                event = await read_event(conn, stream)
+            if isinstance(event, h11.EndOfMessage):
+                return
+            if not isinstance(event, h11.Data):
+                raise IngestError(408, "request_timeout", f"no body bytes for "
+                                  f"http.request_timeout={http.request_timeout}s")
+            reader.receive_data(event.data)
+            yield event.data
+
+    async def _spool_body(self, http: HttpConfig, body: AsyncIterator[bytes],
+                          reader: RequestReader, spool: SpoolWriter,
+                          received_at: float) -> int:
+        """Spool each slice of the body; the records kept with invalid UTF-8."""
+        slicer = NdjsonSlicer(gzip=reader.gzip, limit=http.stream_body_limit,
+                              line_limit=http.body_size_limit)
+        records = invalid = 0
+        with self._budget.lease() as lease:
+            async for data in body:
+                for piece in slicer.feed(data):
+                    count, bad = await self._spool_slice(reader, piece, spool, lease,
+                                                         received_at)
+                    records, invalid = records + count, invalid + bad
+            for piece in slicer.end():
+                count, bad = await self._spool_slice(reader, piece, spool, lease, received_at)
+                records, invalid = records + count, invalid + bad
+        if not records:
+            raise IngestError(400, "empty_body", "request body is empty")
+        return invalid
+
+    async def _spool_slice(self, reader: RequestReader, piece: bytes, spool: SpoolWriter,
+                           lease: Lease, received_at: float) -> tuple[int, int]:
+        """Decode, normalise and spool one slice under the memory budget; its records
+        and those of them with invalid UTF-8."""
+        deadline = trio.current_time() + self._live.config.http.full_wait
+        await self._reserve(lease, decoded_cost(reader.records_at_most(piece), len(piece)),
+                            "decoded slice", deadline)
+        hostname = self._live.config.server.hostname
+
+        def work() -> tuple[int, int]:
+            accepted = reader.decode(piece)
+            ctx = Context(accepted.tag, received_at, accepted.default_time or received_at,
+                          hostname)
+            routed = normalize_batch(accepted.with_text(), ctx)
+            groups = group_routed(accepted.tag, routed).groups
+            spool.add([(g.path, g.hour, g.count, g.data) for g in groups])
+            return len(routed), accepted.invalid_utf8
+
+        try:
+            return await trio.to_thread.run_sync(work, limiter=self._decoder)
+        finally:
+            lease.shrink_to(0)
 
     async def _hold_while_full(self, http: HttpConfig, size: int, deadline: float) -> None:
         """While the buffer has no room for about `size` bytes, leave the body unread (the
@@ -288,13 +421,12 @@ class HttpsIngestServer:
         return sent
 
 
-def _dedupe(http: HttpConfig, accepted: Accepted, client: str) -> Dedupe | None:
+def _dedupe(http: HttpConfig, identity: str, client: str, digest: bytes) -> Dedupe | None:
     """Who sent which bytes: a resend of them within http.dedupe_window is not stored
     again. None when the window is 0 (off)."""
     if not http.dedupe_window:
         return None
-    key = dedupe_key(b"http", accepted.identity.name.encode(), client.encode(),
-                     accepted.digest)
+    key = dedupe_key(b"http", identity.encode(), client.encode(), digest)
     return Dedupe(key, http.dedupe_window)
 
 

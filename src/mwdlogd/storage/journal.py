@@ -133,15 +133,20 @@ class Journal:
                                f"{self._lost}; refusing batches until every batch it held "
                                f"is in its hourly file")
 
-    def append(self, payloads: list[bytes]) -> list[int]:
+    def append(self, payloads: list[bytes], spans: list[int] | None = None) -> list[int]:
         """Write the batches, then fsync once for all of them (group commit); their ids.
 
+        A batch spanning n ids (a streamed request's pieces, in a spool file) takes the
+        next n and is framed with the last of them, which is the id returned for it.
         Raises StorageError without keeping anything of them."""
         self.check()
         if self._active is None:
             self._reopen()
         assert self._active is not None
-        ids = list(range(self.next_id, self.next_id + len(payloads)))
+        ids, next_id = [], self.next_id
+        for span in spans or [1] * len(payloads):
+            next_id += span
+            ids.append(next_id - 1)
         data = b"".join(framing.frame(MAGIC, i, p) for i, p in zip(ids, payloads, strict=True))
         try:
             self._check_room(len(data))
@@ -157,7 +162,7 @@ class Journal:
                 os.ftruncate(self._fd, self._active.size)
             raise StorageError(str(self._active.path), "append journal",
                                exc.strerror or str(exc)) from exc
-        self.next_id += len(payloads)
+        self.next_id = next_id
         self._active.last_id = ids[-1]
         self._active.size += len(data)
         if self._active.size >= self._segment_bytes:
@@ -191,6 +196,12 @@ class Journal:
             raise StorageError(str(self.directory), "create journal directory",
                                exc.strerror or str(exc)) from exc
         self._seal()
+
+    @property
+    def oldest_id(self) -> int:
+        """No batch below this id is in the journal's files any more."""
+        first = self._sealed[0] if self._sealed else self._active
+        return int(first.path.name.removesuffix(SUFFIX)) if first else self.next_id
 
     def releasable(self, watermark: int, *, final: bool = False) -> bool:
         """Would `release` delete anything?"""
