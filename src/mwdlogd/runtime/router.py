@@ -1,5 +1,6 @@
 """Routes each batch to the writer of every hourly file it touches; retires closed hours."""
 
+import logging
 import math
 import time
 from collections.abc import Callable, Iterator
@@ -8,6 +9,8 @@ from pathlib import Path
 import attrs
 import trio
 
+from mwdlogd import log
+from mwdlogd.errors import StorageError
 from mwdlogd.pipeline.paths import INVALID_DIR, UNMATCHED_DIR
 from mwdlogd.runtime.channels import Wake, receive_until
 from mwdlogd.runtime.pipeline import FlushAll, Message, Submission
@@ -134,13 +137,27 @@ class Router:
         pieces: Iterator[list[GroupTuple]] = read_pieces(
             spool_path(self._spool_dir, submission.spool))
         for index, meta in enumerate(submission.pieces):
-            groups = await trio.to_thread.run_sync(next, pieces, limiter=self._spool_reader)
+            batch_id = submission.first_id + index
+            try:
+                groups = await trio.to_thread.run_sync(next, pieces,
+                                                       limiter=self._spool_reader)
+            except StorageError as exc:  # removed under the running server
+                self._spool_lost(submission, index, str(exc))
+                return
             if not meta.groups:
                 continue
-            batch_id = submission.first_id + index
             for group in groups:
                 if batch_id > submission.skip.get(group[0], -1):
                     await self._route_group(submission.tag, batch_id, group)
+
+    def _spool_lost(self, submission: Submission, index: int, error: str) -> None:
+        """Say what was lost, and release its ids so the journal does not wait for them."""
+        left = submission.pieces[index:]
+        log.event(logging.ERROR, "spool_lost", error=error, batch_id=submission.batch_id,
+                  records=sum(p.count for p in left), detail="a committed streamed "
+                  "request's spool file is gone or damaged; these records are lost")
+        for offset, meta in enumerate(left):
+            self._tracker.written([submission.first_id + index + offset] * meta.groups)
 
     def _writer(self, path: str, hour: int) -> DestinationWriter:
         entry = self._writers.get(path)
