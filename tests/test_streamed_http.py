@@ -17,7 +17,9 @@ from typing import Any
 import pytest
 import trio
 
-from mwdlogd.errors import StorageError
+from mwdlogd.errors import IngestError, StorageError
+from mwdlogd.proto.streamed import NdjsonSlicer
+from mwdlogd.storage.journal import Journal
 
 from conftest import Running, config_raw, make_config, start_app
 from helpers import (
@@ -61,6 +63,44 @@ def spool_files(buffer: Path) -> list[Path]:
 async def flushed(running: Running) -> list[str]:
     await running.app.flush("test")
     return stored_ids(running.root)
+
+
+@pytest.mark.parametrize("use_gzip", [False, True])
+def test_slices_are_whole_lines_whatever_the_reads(use_gzip: bool) -> None:
+    body, _ = big_body(2, random_pad=True)
+    half = len(body) // 2
+    wire = gzip.compress(body[:half]) + gzip.compress(body[half:]) if use_gzip else body
+    slicer = NdjsonSlicer(gzip=use_gzip, limit=len(body), line_limit=4096,
+                          slice_bytes=64 * 1024)
+    slices, offset, step = [], 0, 1
+    while offset < len(wire):  # reads of every size from 1 byte up
+        slices += slicer.feed(wire[offset:offset + step])
+        offset, step = offset + step, step * 3 % 100_003 + 1
+    slices += slicer.end()
+    assert b"".join(slices) == body
+    assert all(piece.endswith(b"\n") and len(piece) < 64 * 1024 + 100_003 + 4096
+               for piece in slices)
+
+
+def test_a_cut_gzip_body_and_one_inflating_too_far_are_refused() -> None:
+    body, _ = big_body(1)
+    cut = NdjsonSlicer(gzip=True, limit=len(body), line_limit=4096)
+    cut.feed(gzip.compress(body)[:-20])
+    with pytest.raises(IngestError, match="truncated"):
+        cut.end()
+    bomb = NdjsonSlicer(gzip=True, limit=len(body) - 1, line_limit=4096)
+    with pytest.raises(IngestError, match="stream_body_limit"):
+        bomb.feed(gzip.compress(body))
+
+
+def test_a_spooled_batch_takes_one_journal_id_per_piece(tmp_path: Path) -> None:
+    journal = Journal(tmp_path / "journal", fsync=False)
+    journal.open()
+    assert journal.append([b"a", b"spool of 5 pieces", b"b"], [1, 5, 1]) == [0, 5, 6]
+    journal.close()
+    again = Journal(tmp_path / "journal", fsync=False)
+    assert [i for i, _ in again.open()] == [0, 5, 6]
+    assert (again.next_id, again.oldest_id) == (7, 0)
 
 
 @pytest.mark.parametrize("kind", ["plain", "gzip", "gzip_inflating_past_the_limit"])
