@@ -24,6 +24,8 @@ from mwdlogd.storage.journal import Journal
 from conftest import Running, config_raw, make_config, start_app
 from helpers import (
     Connection,
+    JournalHold,
+    Reply,
     client_context,
     ids_by_file,
     post,
@@ -167,6 +169,34 @@ async def test_a_journal_failure_stores_nothing_and_the_resend_once(
     again = await post(running.addresses.http, client_context(pki), "/nginx.access", body)
     assert (again.status, again.json()) == (200, {"records": len(ids)})
     assert await flushed(running) == sorted(ids)
+
+
+async def test_a_spool_file_deleted_under_the_server_is_reported_and_released(
+        nursery: trio.Nursery, tmp_path: Path, pki: Path,
+        caplog: pytest.LogCaptureFixture) -> None:
+    running = await start_app(nursery, make_config(tmp_path, pki))
+    hold = JournalHold(running.app.journal)
+    body, ids = big_body(12)
+    replies: list[Reply] = []
+
+    async def send() -> None:
+        replies.append(await post(running.addresses.http, client_context(pki),
+                                  "/nginx.access", body))
+
+    async with trio.open_nursery() as clients:
+        clients.start_soon(send)
+        await hold.wait_entered()  # sealed, its commit record being appended
+        (spool,) = spool_files(tmp_path / "buffer")
+        spool.unlink()  # an operator deleting the buffer directory's files
+        hold.release.set()
+    assert [(r.status, r.json()) for r in replies] == [(200, {"records": len(ids)})]
+    assert await flushed(running) == []
+    assert "spool_lost" in caplog.text and f"records={len(ids)}" in caplog.text
+    assert running.app.tracker.buffered_bytes == 0  # its ids were released
+    after = await post(running.addresses.http, client_context(pki), "/nginx.access",
+                       b'{"id": "after", "customer_name": "acme", "fqdn": "www.acme.test"}')
+    assert after.status == 200
+    assert await flushed(running) == ["after"]
 
 
 async def test_a_body_inflating_past_the_stream_limit_is_refused(
