@@ -108,9 +108,10 @@ class Submission:
 
     def payload(self) -> bytes:
         groups = [[g.path, g.hour, g.count, g.data] for g in self.groups]
-        pieces = [[p.groups, p.size, p.count] for p in self.pieces]
-        return bytes(msgpack.packb([self.tag, groups, self.dedupe_key, self.spool, pieces],
-                                   unicode_errors="surrogateescape"))
+        fields = [self.tag, groups, self.dedupe_key]
+        if self.spool is not None:  # other batches stay readable by earlier versions
+            fields += [self.spool, [[p.groups, p.size, p.count] for p in self.pieces]]
+        return bytes(msgpack.packb(fields, unicode_errors="surrogateescape"))
 
     @classmethod
     def from_payload(cls, batch_id: int, payload: bytes) -> "Submission":
