@@ -551,3 +551,22 @@ def test_kill_9_mid_stream(site: Site, cache: Path, tmp_path: Path, case: str) -
         peer.stop()
     site.stop()
     check_landed(site.root, expected)
+
+
+def test_fluentd_out_http_chunk_over_the_body_limit(site: Site, cache: Path,
+                                                    tmp_path: Path) -> None:
+    """Fluentd's file buffer makes chunks up to 256m: one chunk of ~14 MiB (over
+    http.body_size_limit) is streamed, answered 200 and every record lands once."""
+    block = site.fill(doc_block("fluentd-http"), tmp_path)
+    block = edit(block, "    flush_interval 1s\n    chunk_limit_size 8m\n",
+                 "    flush_interval 20s\n    chunk_limit_size 64m\n")
+    data, expected = json_lines("fbig", 120_000)
+    assert len(data) > 12 * 1024 * 1024
+    fluentd = start_fluentd(cache, fluentd_sources(tmp_path, {"oj": data}) + block, tmp_path)
+    try:
+        wait_stored(site.root, set(expected), peer=fluentd)
+    finally:
+        fluentd.stop()
+    site.stop()
+    check_landed(site.root, expected)
+    assert fluentd.matching(r"\[(error|warn)\]") == []  # no 413, no retry, no backup
