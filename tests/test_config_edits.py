@@ -42,7 +42,8 @@ def mwdlogd(*args: str, cwd: Path | None = None) -> subprocess.CompletedProcess[
      "auth.tokens[0].customers[0]: expected a string, got 1"),
     ('[auth]\ntokens = [{ name = "a", token = "b", customers = { x = 1 } }]',
      'auth.tokens[0].customers: expected an array like ["..."], got a table'),
-    ('auth = "x"', "auth: expected a table like { tokens = ..., clients = ..., ... }, got a string"),
+    ('auth = "x"',
+     "auth: expected a table like { tokens = ..., clients = ..., ... }, got a string"),
     ("http = 5", "http: expected a table like { bind = ..., port = ..., ... }, got an integer"),
     ("health = [1]", "health: expected a table like { bind = ..., port = ..., ... }, "
      "got an array"),
