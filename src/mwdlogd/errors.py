@@ -67,6 +67,20 @@ class ForwardProtocolError(MwdlogdError):
         self.detail = detail
 
 
+class AuthFailed(MwdlogdError):
+    """Authentication refused. `reason` is the metric label, `error` the client's code,
+    `status` the HTTP status to answer with."""
+
+    def __init__(self, reason: str, error: str, status: int, detail: str,
+                 retry_after_s: int | None = None) -> None:
+        super().__init__(f"{error}: {detail}")
+        self.reason = reason
+        self.error = error
+        self.status = status
+        self.detail = detail
+        self.retry_after_s = retry_after_s
+
+
 # --- admission and commit (runtime) ----------------------------------------------------
 
 

@@ -16,8 +16,8 @@ from urllib.parse import parse_qs, unquote
 import attrs
 import h11
 
-from mwdlogd.errors import IngestError
-from mwdlogd.proto.auth import AuthFailed, Identity
+from mwdlogd.errors import AuthFailed, IngestError
+from mwdlogd.proto.auth import Identity
 from mwdlogd.proto.bodies import (
     Parsed,
     Records,

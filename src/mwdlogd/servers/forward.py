@@ -17,10 +17,10 @@ from collections.abc import Callable
 import trio
 
 from mwdlogd import codec, log
-from mwdlogd.errors import BudgetExceeded, ForwardProtocolError, Refused, TooDeep
+from mwdlogd.errors import AuthFailed, BudgetExceeded, ForwardProtocolError, Refused, TooDeep
 from mwdlogd.live import Live
 from mwdlogd.pipeline.normalize import Context, normalize_batch
-from mwdlogd.proto.auth import AuthFailed, Identity
+from mwdlogd.proto.auth import Identity
 from mwdlogd.proto.forward import NEED_DATA, Entries, ForwardConnection, Pong
 from mwdlogd.runtime.budget import (
     INLINE_ENTRIES,
