@@ -238,7 +238,7 @@ class HttpsIngestServer:
             keep = not committed.duplicate
         except Refused as exc:
             refusal = IngestError(503, exc.reason, str(exc))
-        except codec.TooDeep:
+        except TooDeep:
             refusal = IngestError(400, "too_deep",
                                   f"a record nests deeper than {codec.MAX_DEPTH} levels")
         except BudgetExceeded as exc:
