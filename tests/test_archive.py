@@ -19,9 +19,9 @@ from typing import Any
 
 import pytest
 
+from mwdlogd.errors import ArchiveBusy
 from mwdlogd.ops.archive import (
     MANIFEST_NAME,
-    ArchiveBusy,
     Archiver,
     Digest,
     Manifest,

@@ -15,11 +15,11 @@ import pytest
 import trio
 import trio.testing
 
-from mwdlogd.errors import IngestError
+from mwdlogd.errors import BudgetExceeded, ForwardProtocolError, IngestError
 from mwdlogd.pipeline.paths import customer_file
 from mwdlogd.proto.bodies import SLICED_OBJECTS, parse_json, parse_msgpack, parse_ndjson
-from mwdlogd.proto.forward import Entries, ForwardConnection, ForwardProtocolError
-from mwdlogd.runtime.budget import Budget, BudgetExceeded, MemoryBudget
+from mwdlogd.proto.forward import Entries, ForwardConnection
+from mwdlogd.runtime.budget import Budget, MemoryBudget
 from mwdlogd.storage.hourly import MemberBuilder
 
 from conftest import Running

@@ -67,8 +67,14 @@ def finish_and_check(server: ServerProcess, load: Load, root: Path) -> None:
     assert load.acked
 
 
-def fault_config(tmp_path: Path, pki: Path, root: Path, **buffer: str) -> Path:
-    raw = config_raw(tmp_path, pki, storage={"root": str(root)},
+# A full buffer answers 503 at once: with the default http.full_wait each request first
+# waits 20 s for room, which only adds 20 s to every wait_for_status(503).
+ANSWER_503_AT_ONCE = {"full_wait": "0s"}
+
+
+def fault_config(tmp_path: Path, pki: Path, root: Path, *, http: dict[str, str] | None = None,
+                 **buffer: str) -> Path:
+    raw = config_raw(tmp_path, pki, storage={"root": str(root)}, http=http or {},
                      buffer={"flush_interval": "100ms", "retry_max_interval": "200ms",
                              **buffer})
     return write_config(tmp_path / "config.toml", raw)
@@ -76,7 +82,8 @@ def fault_config(tmp_path: Path, pki: Path, root: Path, **buffer: str) -> Path:
 
 def test_disk_full_retries_answers_503_then_everything_lands(
         tmp_path: Path, pki: Path, small_disk: Path) -> None:
-    server = ServerProcess(fault_config(tmp_path, pki, small_disk, total_limit="1MiB"))
+    server = ServerProcess(fault_config(tmp_path, pki, small_disk, total_limit="1MiB",
+                                        http=ANSWER_503_AT_ONCE))
     load = Load(client_context(pki), pad=2000)
     try:
         load.serve(int(server.addresses["http"].rpartition(":")[2]))
@@ -121,14 +128,29 @@ def test_permission_denied_retries_then_lands_when_fixed(tmp_path: Path, pki: Pa
 
 
 OVERLOAD_S = 30.0
-RSS_LIMIT_MB = 200  # documented in README for buffer.total_limit = 16MiB
+MIB = 1024**2
+TOTAL_LIMIT = 16 * MIB  # buffer.total_limit: records acked but not yet written
+# The load writes 54 hourly files (3 customers x 2 log types x 3 fqdns x 3 hours), each
+# with a gzip member open and its compressor (about 256 KiB, storage/hourly.py).
+OPEN_FILES = 54
+COMPRESSOR_BYTES = 256 * 1024
+# What no limit names: allocator high-water, TLS and thread buffers, the requests in flight
+# (3 clients x 40 records of at most 2 KB), the first requests' lazy imports and caches.
+# Measured on top of the two named terms: 66-77 MiB (growth 96-106 MiB in 11 runs,
+# 2026-11-30, most of it while the disk refuses writes); not yet attributed further.
+UNNAMED_MARGIN = 96 * MIB
+GROWTH_LIMIT = TOTAL_LIMIT + OPEN_FILES * COMPRESSOR_BYTES + UNNAMED_MARGIN
 
 
 def test_overload_keeps_memory_bounded_and_loses_nothing(
         tmp_path: Path, pki: Path, small_disk: Path) -> None:
-    """30 s of load at full speed; for the first 20 s the disk takes nothing at all."""
-    server = ServerProcess(fault_config(tmp_path, pki, small_disk, total_limit="16MiB",
-                                        flush_interval="500ms"))
+    """30 s of load at full speed; for the first 20 s the disk takes nothing at all. The
+    server's peak resident set (VmHWM) grows above its idle size (VmRSS once ready) by
+    less than GROWTH_LIMIT."""
+    server = ServerProcess(fault_config(tmp_path, pki, small_disk,
+                                        total_limit=f"{TOTAL_LIMIT // MIB}MiB",
+                                        flush_interval="500ms", http=ANSWER_503_AT_ONCE))
+    idle = proc_status_bytes(server.process.pid, "VmRSS")
     load = Load(client_context(pki), pad=2000)
     try:
         load.serve(int(server.addresses["http"].rpartition(":")[2]))
@@ -136,22 +158,24 @@ def test_overload_keeps_memory_bounded_and_loses_nothing(
         threading.Event().wait(OVERLOAD_S * 2 / 3)  # the offered load's duration
         grow(small_disk)
         threading.Event().wait(OVERLOAD_S / 3)
-        peak_mb = vm_hwm_mb(server.process.pid)
+        peak = proc_status_bytes(server.process.pid, "VmHWM")
         finish_and_check(server, load, small_disk)
     finally:
         load.stop()
         server.stop()
     assert load.statuses[503] > 0
-    print(f"overload: peak RSS {peak_mb:.0f} MB, statuses {dict(load.statuses)}, "
-          f"acked {len(load.acked)}")
-    assert peak_mb < RSS_LIMIT_MB
+    print(f"overload: idle RSS {idle / MIB:.1f} MiB, peak {peak / MIB:.1f} MiB, growth "
+          f"{(peak - idle) / MIB:.1f} MiB (limit {GROWTH_LIMIT / MIB:.0f} MiB), "
+          f"statuses {dict(load.statuses)}, acked {len(load.acked)}")
+    assert peak - idle < GROWTH_LIMIT
 
 
-def vm_hwm_mb(pid: int) -> float:
+def proc_status_bytes(pid: int, field: str) -> int:
+    """A `/proc/PID/status` size field (VmRSS, VmHWM) in bytes."""
     for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-        if line.startswith("VmHWM:"):
-            return int(line.split()[1]) / 1024
-    raise AssertionError("no VmHWM")
+        if line.startswith(f"{field}:"):
+            return int(line.split()[1]) * 1024
+    raise AssertionError(f"no {field} in /proc/{pid}/status")
 
 
 def test_shutdown_timeout_leaves_the_rest_in_the_journal(tmp_path: Path, pki: Path) -> None:

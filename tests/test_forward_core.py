@@ -12,7 +12,8 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from mwdlogd.proto.forward import NEED_DATA, Entries, ForwardConnection, ForwardProtocolError, Pong
+from mwdlogd.errors import ForwardProtocolError
+from mwdlogd.proto.forward import NEED_DATA, Entries, ForwardConnection, Pong
 
 from forward_client import KEY, event_time, packed, ping
 from helpers import CAPTURES
@@ -234,7 +235,8 @@ HOSTILE_STREAMS = {  # name: (start, unit repeated after it)
 # print the growth of the peak resident set (VmHWM) in KiB and what stopped it.
 HOSTILE_FEEDER = """
 import sys, msgpack
-from mwdlogd.proto.forward import NEED_DATA, ForwardConnection, ForwardProtocolError
+from mwdlogd.errors import ForwardProtocolError
+from mwdlogd.proto.forward import NEED_DATA, ForwardConnection
 def hwm():
     return next(int(l.split()[1]) for l in open("/proc/self/status") if l.startswith("VmHWM"))
 head, unit = (bytes.fromhex(line) for line in sys.stdin.read().split("\\n"))

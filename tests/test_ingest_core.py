@@ -17,9 +17,9 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from mwdlogd.errors import IngestError
+from mwdlogd.errors import AuthFailed, IngestError
 from mwdlogd.pipeline.normalize import Context, normalize_batch
-from mwdlogd.proto.auth import AuthFailed, Authorizer, Credential, Identity, ThrottleSettings
+from mwdlogd.proto.auth import Authorizer, Credential, Identity, ThrottleSettings
 from mwdlogd.proto.bodies import gunzip_body, parse_json, parse_msgpack, parse_ndjson
 from mwdlogd.proto.ingest import Accepted, RequestReader, tag_of
 

@@ -75,7 +75,8 @@ class Harness:
 def writer_settings(flush_interval: float = 10.0, chunk_limit: int = 1 << 20,
                     retry_timeout: float = 3600.0, flush_spread: float = 0.0) -> WriterSettings:
     """Flushes exactly on flush_interval unless a test asks for the production spread."""
-    return WriterSettings(flush_interval, chunk_limit, 30.0, retry_timeout,
+    return WriterSettings(flush_interval_s=flush_interval, chunk_limit=chunk_limit,
+                          retry_max_interval_s=30.0, retry_timeout_s=retry_timeout,
                           flush_spread=flush_spread)
 
 

@@ -35,4 +35,5 @@ npm ci --prefix tests/peers --no-audit --no-fund --loglevel=error
 
 echo "== ruff"; .venv/bin/ruff check src tests tools
 echo "== mypy --strict src"; .venv/bin/mypy src
+echo "== lint-imports (layers)"; .venv/bin/lint-imports
 echo "== pytest"; .venv/bin/pytest "$@"

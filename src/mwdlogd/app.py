@@ -78,8 +78,11 @@ class WorkerSlot:
 
 def writer_settings(config: Config) -> WriterSettings:
     buffer = config.buffer
-    return WriterSettings(buffer.flush_interval, buffer.chunk_limit, buffer.retry_max_interval,
-                          buffer.retry_timeout, config.storage.compression)
+    return WriterSettings(flush_interval_s=buffer.flush_interval,
+                          chunk_limit=buffer.chunk_limit,
+                          retry_max_interval_s=buffer.retry_max_interval,
+                          retry_timeout_s=buffer.retry_timeout,
+                          compression=config.storage.compression)
 
 
 class App:

@@ -10,19 +10,14 @@ from typing import Any
 
 import orjson
 
+from mwdlogd.errors import TooDeep
+
 JSONDecodeError = orjson.JSONDecodeError  # a ValueError, as json's is
 
 # Deepest nesting of arrays and objects in a record that is decoded or encoded whole:
 # orjson encodes 254 levels. Deeper is refused with TooDeep, never a recursion traceback.
 # (A JSON line stored as sent may nest up to orjson's decoding limit, 1024 levels.)
 MAX_DEPTH = 254
-
-
-class TooDeep(ValueError):
-    """A value nests arrays/objects deeper than MAX_DEPTH."""
-
-    def __init__(self) -> None:
-        super().__init__(f"nested deeper than {MAX_DEPTH} levels")
 
 
 # orjson turns integers beyond 64 bits into floats (and refuses those past a double's
@@ -54,7 +49,7 @@ def _orjson_loads(data: bytes) -> Any:
         if exc.msg.startswith(_TOO_BIG):
             return _stdlib_loads(data)
         if exc.msg.startswith("depth limit"):
-            raise TooDeep from None
+            raise TooDeep(MAX_DEPTH) from None
         raise
 
 
@@ -74,7 +69,7 @@ def _stdlib_loads(data: bytes) -> Any:
     try:
         return json.loads(data, parse_float=_finite_float, parse_constant=_no_constant)
     except RecursionError:
-        raise TooDeep from None
+        raise TooDeep(MAX_DEPTH) from None
 
 
 def _walk(value: Any) -> bool:
@@ -91,7 +86,7 @@ def _walk(value: Any) -> bool:
         elif not isinstance(item, list):
             continue
         if depth > MAX_DEPTH:
-            raise TooDeep
+            raise TooDeep(MAX_DEPTH)
         stack.extend((v, depth + 1) for v in item)
     return huge
 
@@ -189,7 +184,7 @@ def dumps_line(value: Any) -> bytes:
         line = orjson.dumps(value, default=_jsonable, option=_ORJSON_OPTIONS)
     except TypeError as exc:  # orjson.JSONEncodeError: what only the stdlib path takes
         if "Recursion limit" in str(exc):
-            raise TooDeep from None
+            raise TooDeep(MAX_DEPTH) from None
     else:
         if b"null" not in line or not _nonfinite(value):  # orjson writes NaN as null
             return line
@@ -201,7 +196,7 @@ def dumps_line(value: Any) -> bytes:
         except TypeError:
             text = _encoder.encode(_text_keys(value))
     except RecursionError:  # deeper than orjson's first error showed
-        raise TooDeep from None
+        raise TooDeep(MAX_DEPTH) from None
     return (text + "\n").encode("utf-8", "replace")
 
 

@@ -33,6 +33,7 @@ from cryptography.hazmat.primitives import serialization
 
 from mwdlogd.certs import Layout
 from mwdlogd.config import Config, ListenConfig, config_path, listen_ports, load_config
+from mwdlogd.errors import ClientRefused
 from mwdlogd.telemetry import SLOW_FLUSH_S
 from mwdlogd.worker import worker_buffer
 
@@ -260,11 +261,6 @@ def _client_pair(layout: Layout, cert: str | None, key: str | None) -> tuple[str
         if crt.with_suffix(".key").is_file():
             return str(crt), str(crt.with_suffix(".key"))
     return None
-
-
-class ClientRefused(Exception):
-    """The server refused our client certificate (an alert, or a close right after the
-    handshake)."""
 
 
 def _refusal(exc: ssl.SSLError) -> bool:

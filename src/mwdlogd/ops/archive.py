@@ -39,7 +39,7 @@ import attrs
 
 from mwdlogd import log
 from mwdlogd.config import Config
-from mwdlogd.errors import ConfigError, MwdlogdError
+from mwdlogd.errors import ArchiveBusy, ConfigError, MwdlogdError, StoreError
 from mwdlogd.ops.progress import Progress, human_bytes, plural
 from mwdlogd.storage.files import fsync_dir
 from mwdlogd.storage.ledger import Ledger
@@ -64,10 +64,6 @@ READ_CHUNK = 1 << 20
 
 class _NotAttempted(Exception):
     """An upload not started because the store became unreachable."""
-
-
-class ArchiveBusy(MwdlogdError):
-    """Another archive run holds the manifest."""
 
 
 @attrs.frozen
@@ -294,15 +290,6 @@ class Manifest:
 
 
 # --- the store -------------------------------------------------------------------------
-
-
-class StoreError(MwdlogdError):
-    """An S3 call failed; `unreachable` when no further call can succeed this run."""
-
-    def __init__(self, message: str, *, unreachable: bool = False, code: str = "") -> None:
-        super().__init__(message)
-        self.unreachable = unreachable
-        self.code = code
 
 
 class S3Store:

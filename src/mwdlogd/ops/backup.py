@@ -51,7 +51,7 @@ from mwdlogd.config import (
     structure_config,
     validate,
 )
-from mwdlogd.errors import ConfigError, MwdlogdError
+from mwdlogd.errors import BackupError, ConfigError
 from mwdlogd.ops.progress import Progress, human_bytes, plural
 from mwdlogd.storage import ledger
 from mwdlogd.storage.files import storage_id
@@ -65,10 +65,6 @@ READ_CHUNK = 1 << 20
 HEALTH_TIMEOUT_S = 2.0
 OUT_LIMIT = 4 << 20  # bound on inflated bytes held while checking members
 TAR_LEVEL = 1  # the logs are gzip already: level 1 saves CPU for a few % of size
-
-
-class BackupError(MwdlogdError):
-    """A backup or restore refused or failed; the message names the file or member."""
 
 
 # --- consistency of live files ---------------------------------------------------------

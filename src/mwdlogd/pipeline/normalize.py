@@ -20,11 +20,10 @@ from mwdlogd.pipeline.paths import (
     customer_file,
     stream_file,
 )
+from mwdlogd.proto.times import MAX_EVENT_TIME, event_time_of
 
 LOG_TYPES = {"nginx": "nginx", "openappsec": "openappsec"}
 TAG_LOG_TYPES = {**LOG_TYPES, "waf": "openappsec"}
-# Year 10000 starts here; later times cannot be written as %Y and are refused.
-MAX_EVENT_TIME = 253402300800.0
 
 
 class Routed(NamedTuple):
@@ -62,22 +61,6 @@ def timestamp_bytes(epoch: float) -> bytes:
 
 def format_timestamp(epoch: float) -> str:
     return timestamp_bytes(epoch).decode()
-
-
-def event_time_of(value: object) -> float | None:
-    """A record's `time` as epoch seconds, or None when it is not a usable time."""
-    if type(value) is int or type(value) is float:  # the usual case (bool is not int here)
-        return float(value) if 0 <= value < MAX_EVENT_TIME else None
-    if isinstance(value, bool):
-        return None
-    if isinstance(value, str):
-        try:
-            value = float(value)
-        except ValueError:
-            return None
-    if isinstance(value, int | float) and 0 <= value < MAX_EVENT_TIME:
-        return float(value)
-    return None
 
 
 Extra = tuple[str, str] | None  # ("invalid_reason", why) or ("severity", "info")

@@ -14,7 +14,7 @@ from typing import Any
 
 import attrs
 
-from mwdlogd.errors import MwdlogdError
+from mwdlogd.errors import AuthFailed
 
 Customers = frozenset[str] | None  # None: any customer
 # A refusal quotes at most this much of the customer name it refuses (it comes from the peer).
@@ -77,20 +77,6 @@ class Credential:
     secret: bytes = attrs.field(repr=False)
     customers: frozenset[str] = frozenset()
     subjects: frozenset[str] = frozenset()
-
-
-class AuthFailed(MwdlogdError):
-    """Authentication refused. `reason` is the metric label, `error` the client's code,
-    `status` the HTTP status to answer with."""
-
-    def __init__(self, reason: str, error: str, status: int, detail: str,
-                 retry_after_s: int | None = None) -> None:
-        super().__init__(f"{error}: {detail}")
-        self.reason = reason
-        self.error = error
-        self.status = status
-        self.detail = detail
-        self.retry_after_s = retry_after_s
 
 
 @attrs.frozen

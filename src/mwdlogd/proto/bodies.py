@@ -15,9 +15,9 @@ import attrs
 import msgpack
 
 from mwdlogd import codec
-from mwdlogd.errors import IngestError
+from mwdlogd.errors import GzipMalformed, GzipTooLarge, IngestError, TooDeep
 from mwdlogd.proto.forward import event_time_hook
-from mwdlogd.proto.gzipped import GzipMalformed, GzipTooLarge, gunzip_bounded
+from mwdlogd.proto.gzipped import gunzip_bounded
 from mwdlogd.proto.text import repair, repair_all, strings_as_text
 
 Records = list[dict[str, Any]]
@@ -70,7 +70,7 @@ def _checked(values: list[Any], max_records: int = UNCAPPED) -> Records:
 
 
 def _json_error(what: str, exc: ValueError) -> IngestError:
-    if isinstance(exc, codec.TooDeep):
+    if isinstance(exc, TooDeep):
         return _too_deep(what)
     return IngestError(400, "malformed_body", f"{what} is not valid JSON: {exc}")
 
@@ -86,7 +86,7 @@ def _loads_lenient(data: bytes) -> Any:
         return json.loads(data.decode("utf-8", "surrogateescape"),
                           parse_constant=_refuse_constant)
     except RecursionError:
-        raise codec.TooDeep from None
+        raise TooDeep(codec.MAX_DEPTH) from None
 
 
 def _too_deep(what: str) -> IngestError:
@@ -129,7 +129,7 @@ def parse_ndjson(body: bytes, max_records: int = UNCAPPED) -> Parsed:
             records.append(codec.loads_keeping_text(line))  # normalize keeps `line`
             lines.append(line)
             continue
-        except codec.TooDeep:
+        except TooDeep:
             raise _too_deep(f"line {number}") from None
         except ValueError as exc:
             error = exc

@@ -19,8 +19,8 @@ from typing import Any, Final
 import attrs
 import msgpack
 
-from mwdlogd.errors import MwdlogdError
-from mwdlogd.proto.gzipped import GzipMalformed, GzipTooLarge, gunzip_bounded
+from mwdlogd.errors import ForwardProtocolError, GzipMalformed, GzipTooLarge
+from mwdlogd.proto.gzipped import gunzip_bounded
 from mwdlogd.proto.text import BinSeen, may_hold_bin, repair_all, strings_as_text
 
 EVENT_TIME_EXT = 0
@@ -37,15 +37,6 @@ _LENGTH_PREFIX = {0xD9: 1, 0xDA: 2, 0xDB: 4, 0xC4: 1, 0xC5: 2, 0xC6: 4}
 # are 24 characters (16 bytes, base64) and PING names are host or user names.
 MAX_CHUNK_ID_BYTES = 64
 MAX_PING_NAME_BYTES = 255
-
-
-class ForwardProtocolError(MwdlogdError):
-    """The peer broke the protocol; `reason` is a fixed code (the metric label)."""
-
-    def __init__(self, reason: str, detail: str) -> None:
-        super().__init__(f"{reason}: {detail}")
-        self.reason = reason
-        self.detail = detail
 
 
 @attrs.frozen

@@ -2,13 +2,7 @@
 
 import zlib
 
-
-class GzipTooLarge(ValueError):
-    """The data inflates past the limit (a gzip bomb, or simply too much)."""
-
-
-class GzipMalformed(ValueError):
-    """The data is not whole, valid gzip."""
+from mwdlogd.errors import GzipMalformed, GzipTooLarge
 
 
 def gunzip_bounded(data: bytes, limit: int) -> bytes:

@@ -16,9 +16,8 @@ from urllib.parse import parse_qs, unquote
 import attrs
 import h11
 
-from mwdlogd.errors import IngestError
-from mwdlogd.pipeline.normalize import event_time_of
-from mwdlogd.proto.auth import AuthFailed, Identity
+from mwdlogd.errors import AuthFailed, IngestError
+from mwdlogd.proto.auth import Identity
 from mwdlogd.proto.bodies import (
     Parsed,
     Records,
@@ -29,6 +28,7 @@ from mwdlogd.proto.bodies import (
     parser_for,
     records_at_most,
 )
+from mwdlogd.proto.times import event_time_of
 
 # A gzip ndjson body this many times smaller than body_size_limit on the wire is streamed
 # from the start: Engine logs compress at least this well, so it would inflate past the

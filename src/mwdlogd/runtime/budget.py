@@ -19,7 +19,7 @@ from typing import TypeVar
 
 import trio
 
-from mwdlogd.errors import MwdlogdError
+from mwdlogd.errors import BudgetExceeded
 
 # Charged per decoded record on top of its bytes: the dicts, the normalised copy and its
 # JSON line cost about this much even for `{}` (1.33 M empty objects took +1.33 GB).
@@ -33,16 +33,6 @@ OBJECT_BYTES = 72
 def decoded_cost(records: int, wire_bytes: int) -> int:
     """The charge for `records` decoded from `wire_bytes` bytes of JSON or msgpack."""
     return records * RECORD_COST + wire_bytes * DECODED_PER_BYTE
-
-
-class BudgetExceeded(MwdlogdError):
-    """A charge larger than the whole budget: waiting would never help."""
-
-    def __init__(self, needed: int, limit: int, what: str) -> None:
-        super().__init__(f"{what} needs {needed} bytes of memory, over "
-                         f"server.memory_limit={limit}")
-        self.needed = needed
-        self.limit = limit
 
 
 class MemoryBudget:

@@ -18,7 +18,14 @@ import trio
 from prometheus_client import Histogram
 
 from mwdlogd import log
-from mwdlogd.errors import MwdlogdError, StorageError
+from mwdlogd.errors import (
+    JournalFailed,
+    MwdlogdError,
+    Overloaded,
+    Refused,
+    ShuttingDown,
+    StorageError,
+)
 from mwdlogd.pipeline.normalize import Routed
 from mwdlogd.runtime.channels import Wake, receive_until
 from mwdlogd.runtime.dedupe import ChunkMemory, Dedupe
@@ -34,24 +41,6 @@ PIPELINE_QUEUE = 64
 RELEASE_EVERY_S = 1.0
 # A file's ledger state is kept this long after its last append (DESIGN: late records).
 LEDGER_KEEP_S = 7 * 24 * 3600.0
-
-
-class Refused(MwdlogdError):
-    """The batch was not kept; the client may retry later (HTTP 503)."""
-
-    reason = "refused"
-
-
-class ShuttingDown(Refused):
-    reason = "shutting_down"
-
-
-class Overloaded(Refused):
-    reason = "buffer_full"
-
-
-class JournalFailed(Refused):
-    reason = "journal_failed"
 
 
 @attrs.frozen

@@ -69,8 +69,10 @@ class Member:
     raw_bytes: int
 
 
-@attrs.frozen
+@attrs.frozen(kw_only=True)
 class WriterSettings:
+    """Keyword-only: four numbers of like types are easy to pass in the wrong order."""
+
     flush_interval_s: float
     chunk_limit: int
     retry_max_interval_s: float

@@ -17,19 +17,19 @@ from collections.abc import Callable
 import trio
 
 from mwdlogd import codec, log
+from mwdlogd.errors import AuthFailed, BudgetExceeded, ForwardProtocolError, Refused, TooDeep
 from mwdlogd.live import Live
 from mwdlogd.pipeline.normalize import Context, normalize_batch
-from mwdlogd.proto.auth import AuthFailed, Identity
-from mwdlogd.proto.forward import NEED_DATA, Entries, ForwardConnection, ForwardProtocolError, Pong
+from mwdlogd.proto.auth import Identity
+from mwdlogd.proto.forward import NEED_DATA, Entries, ForwardConnection, Pong
 from mwdlogd.runtime.budget import (
     INLINE_ENTRIES,
     Budget,
-    BudgetExceeded,
     decode_off_loop,
     decoded_cost,
 )
 from mwdlogd.runtime.dedupe import Dedupe
-from mwdlogd.runtime.pipeline import Pipeline, Refused
+from mwdlogd.runtime.pipeline import Pipeline
 from mwdlogd.servers.acceptor import Acceptor, ConnectionLimits
 from mwdlogd.servers.balance import Balance
 from mwdlogd.servers.http_io import RECEIVE_BYTES
@@ -203,7 +203,7 @@ class ForwardServer:
                 routed = await decode_off_loop(lambda: normalize_batch(
                     ((record, at, None) for at, record in event.entries), ctx),
                     inline=len(event.entries) <= INLINE_ENTRIES, limiter=self._decoder)
-            except codec.TooDeep:
+            except TooDeep:
                 raise ForwardProtocolError("too_deep", f"tag {event.tag}: a record nests deeper "
                                                        f"than {codec.MAX_DEPTH} levels") from None
             started = trio.current_time()

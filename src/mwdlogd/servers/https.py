@@ -16,7 +16,7 @@ import trio
 
 from mwdlogd import codec, log
 from mwdlogd.config import HttpConfig
-from mwdlogd.errors import IngestError
+from mwdlogd.errors import BudgetExceeded, IngestError, Refused, ShuttingDown, TooDeep
 from mwdlogd.live import Live
 from mwdlogd.pipeline.normalize import Context, Routed, normalize_batch
 from mwdlogd.proto.auth import Authorizer, Identity
@@ -26,20 +26,12 @@ from mwdlogd.runtime.budget import (
     INLINE_BYTES,
     OBJECT_BYTES,
     Budget,
-    BudgetExceeded,
     Lease,
     decode_off_loop,
     decoded_cost,
 )
 from mwdlogd.runtime.dedupe import Dedupe
-from mwdlogd.runtime.pipeline import (
-    Committed,
-    Pipeline,
-    Refused,
-    ShuttingDown,
-    Submission,
-    group_routed,
-)
+from mwdlogd.runtime.pipeline import Committed, Pipeline, Submission, group_routed
 from mwdlogd.servers.acceptor import Acceptor, ConnectionLimits
 from mwdlogd.servers.balance import Balance
 from mwdlogd.servers.http_io import (
@@ -191,7 +183,7 @@ class HttpsIngestServer:
                 if accepted.invalid_utf8:
                     self._telemetry.invalid_utf8_kept("http", peer, accepted.tag,
                                                       accepted.invalid_utf8)
-            except codec.TooDeep:
+            except TooDeep:
                 return await self._refuse(conn, stream, peer, IngestError(
                     400, "too_deep", f"a record nests deeper than {codec.MAX_DEPTH} levels"))
             except BudgetExceeded as exc:
@@ -246,7 +238,7 @@ class HttpsIngestServer:
             keep = not committed.duplicate
         except Refused as exc:
             refusal = IngestError(503, exc.reason, str(exc))
-        except codec.TooDeep:
+        except TooDeep:
             refusal = IngestError(400, "too_deep",
                                   f"a record nests deeper than {codec.MAX_DEPTH} levels")
         except BudgetExceeded as exc:

@@ -11,11 +11,7 @@ from typing import Any
 import trio
 
 from mwdlogd.config import Config
-from mwdlogd.errors import MwdlogdError
-
-
-class ListenFailed(MwdlogdError):
-    """A port could not be bound; nothing was started."""
+from mwdlogd.errors import ListenFailed
 
 
 def bind_shared(bind: str, port: int) -> socket.socket:

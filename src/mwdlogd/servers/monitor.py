@@ -20,9 +20,10 @@ import trio
 import trio_websocket
 
 from mwdlogd import log
+from mwdlogd.errors import AuthFailed
 from mwdlogd.live import Live
 from mwdlogd.pipeline.paths import safe_customer
-from mwdlogd.proto.auth import AuthFailed, Identity
+from mwdlogd.proto.auth import Identity
 from mwdlogd.runtime.tail import TailFilter, TailHub
 from mwdlogd.servers import monitor_agent
 from mwdlogd.servers.acceptor import serve_streams
