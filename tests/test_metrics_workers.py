@@ -6,9 +6,7 @@ from __future__ import annotations
 import json
 import os
 import re
-import shutil
 import signal
-import subprocess
 import urllib.request
 from pathlib import Path
 from typing import Any
@@ -18,8 +16,8 @@ import trio
 from mwdlogd.metrics_sum import WorkerTotals, sum_expositions, sum_families
 
 from forward_client import packed, send_one
-from helpers import client_context, engine_records, free_port, http_get
-from test_observability import DEPLOY, needs_prometheus, prometheus_query
+from helpers import client_context, engine_records, http_get
+from test_observability import DEPLOY, needs_prometheus, prometheus_query, running_prometheus
 from test_workers import drain, only, start, worker_pids, workers_config
 
 OUT = '{plugin_id="hourly_files",type="file"}'
@@ -145,21 +143,10 @@ async def test_prometheus_sees_every_worker_on_one_endpoint(tmp_path: Path, pki:
 
 async def scrape_with_prometheus(tmp_path: Path, target: str) -> dict[str, Any]:
     """Prometheus with the shipped alerts.yml scraping `target`: what it sees."""
-    shutil.copy(DEPLOY / "prometheus" / "alerts.yml", tmp_path / "alerts.yml")
     alerts = (DEPLOY / "prometheus" / "alerts.yml").read_text()
     buffer_alert = re.search(r"alert: LogServerBufferOver1GiB\n\s+expr: (.+)\n", alerts)
     assert buffer_alert is not None
-    (tmp_path / "prometheus.yml").write_text(
-        "global: {scrape_interval: 1s, evaluation_interval: 1s}\n"
-        "rule_files: [alerts.yml]\n"
-        "scrape_configs:\n  - job_name: mwdlogd\n"
-        f"    static_configs: [{{targets: ['{target}']}}]\n")
-    web = f"127.0.0.1:{free_port()}"
-    process = await trio.lowlevel.open_process(
-        ["prometheus", f"--config.file={tmp_path / 'prometheus.yml'}",
-         f"--storage.tsdb.path={tmp_path / 'tsdb'}", f"--web.listen-address={web}"],
-        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    try:
+    async with running_prometheus(tmp_path, target) as web:
         with trio.fail_after(60):
             buffer = await first_value(web, "fluentd_output_status_buffer_total_bytes")
             # the shipped alert's expression, its threshold lowered to what the test holds
@@ -167,9 +154,6 @@ async def scrape_with_prometheus(tmp_path: Path, target: str) -> dict[str, Any]:
             alert_expr = await first_value(web, expr)
             input_records = await first_value(web, "sum(fluentd_input_status_num_records_total)")
             health = await rules_health(web)
-    finally:
-        process.terminate()
-        await process.wait()
     return {"buffer": buffer, "alert_expr": alert_expr, "input": input_records, "rules": health}
 
 

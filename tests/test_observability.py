@@ -3,12 +3,14 @@ Prometheus scraping the server, the monitor_agent API and the live tail."""
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import re
 import shutil
 import subprocess
 import sys
+from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
@@ -127,22 +129,33 @@ async def prometheus_query(address: str, query: str) -> dict[str, Any]:
     return dict(json.loads(body))
 
 
-@needs_prometheus
-async def test_a_real_prometheus_scrapes_the_server(server: Running, pki: Path,
-                                                    tmp_path: Path) -> None:
-    await known_traffic(server, pki)
+@contextlib.asynccontextmanager
+async def running_prometheus(tmp_path: Path, target: str) -> AsyncIterator[str]:
+    """A real Prometheus with the shipped alerts.yml scraping `target` every second; yields
+    its web address."""
     shutil.copy(DEPLOY / "prometheus" / "alerts.yml", tmp_path / "alerts.yml")
     (tmp_path / "prometheus.yml").write_text(
         "global: {scrape_interval: 1s, evaluation_interval: 1s}\n"
         "rule_files: [alerts.yml]\n"
         "scrape_configs:\n  - job_name: mwdlogd\n"
-        f"    static_configs: [{{targets: ['{server.addresses.metrics}']}}]\n")
+        f"    static_configs: [{{targets: ['{target}']}}]\n")
     web = f"127.0.0.1:{free_port()}"
     process = await trio.lowlevel.open_process(
         ["prometheus", f"--config.file={tmp_path / 'prometheus.yml'}",
          f"--storage.tsdb.path={tmp_path / 'tsdb'}", f"--web.listen-address={web}"],
         stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     try:
+        yield web
+    finally:
+        process.terminate()
+        await process.wait()
+
+
+@needs_prometheus
+async def test_a_real_prometheus_scrapes_the_server(server: Running, pki: Path,
+                                                    tmp_path: Path) -> None:
+    await known_traffic(server, pki)
+    async with running_prometheus(tmp_path, server.addresses.metrics) as web:
         query = 'fluentd_input_status_num_records_total{tag="nginx.access"}'
         result: list[Any] = []
         with trio.fail_after(60):
@@ -159,9 +172,6 @@ async def test_a_real_prometheus_scrapes_the_server(server: Running, pki: Path,
             for target in panel["targets"]:
                 answer = await prometheus_query(web, target["expr"])
                 assert answer["status"] == "success", (target["expr"], answer)
-    finally:
-        process.terminate()
-        await process.wait()
 
 
 async def test_monitor_agent_plugins(server: Running, pki: Path) -> None:
