@@ -172,7 +172,7 @@ async def test_full_buffer_stops_reading_instead_of_refusing(
         await client.send(packed("nginx.access", engine_records(20), chunk="a\n"))
         assert await client.receive() == {"ack": "a\n"}
         await client.send(packed("nginx.access", engine_records(20, start=20), chunk="b\n"))
-        while running.app.pipeline.waiting_for_room == 0:
+        while running.app.admission.waiting_for_room == 0:
             await trio.testing.wait_all_tasks_blocked()
         metrics = running.app.telemetry.exposition().decode()
         assert "mwdlogd_batches_waiting_for_room 1.0" in metrics
@@ -337,7 +337,7 @@ async def test_other_workers_chunk_ids_are_read_by_one_thread_at_a_time(
     entries."""
     running = await forward_app(nursery, tmp_path, pki)
     peers = OverlapCounting([tmp_path / "other-worker"])
-    running.app.pipeline._peers = peers
+    running.app.resends._peers = peers
 
     async def send(n: int) -> None:
         reply = await send_one(running.addresses.forward, client_context(pki), packed(

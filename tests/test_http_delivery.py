@@ -179,7 +179,7 @@ async def held(running: Running) -> None:
     """Returns once a request waits for buffer room (fails after 10 s of real time: the
     test clock stands still)."""
     give_up = time.monotonic() + 10
-    while running.app.pipeline.waiting_for_room == 0:
+    while running.app.admission.waiting_for_room == 0:
         assert time.monotonic() < give_up, "no request is waiting for room"
         await trio.testing.wait_all_tasks_blocked()
 

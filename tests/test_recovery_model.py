@@ -24,8 +24,9 @@ from hypothesis import settings
 from hypothesis import strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, invariant, precondition, rule
 
+from mwdlogd.runtime.batch import Group, Submission
 from mwdlogd.runtime.dedupe import ChunkMemory
-from mwdlogd.runtime.pipeline import Group, Submission, _recover
+from mwdlogd.runtime.recovery import recover
 from mwdlogd.storage import files, hourly, journal, ledger
 from mwdlogd.storage.chunk_ids import ChunkIdLog
 from mwdlogd.storage.hourly import MemberBuilder, append_members
@@ -103,8 +104,8 @@ class DurableCore(RuleBasedStateMachine):
             self.ledger = Ledger(self.dir / "ledger")
             self.chunk_ids = ChunkIdLog(self.dir / "chunk-ids", window_s=3600)
             try:
-                replay, _ = _recover(self.journal, self.ledger, self.chunk_ids,
-                                     ChunkMemory(3600), self.root)
+                replay, _ = recover(self.journal, self.ledger, self.chunk_ids,
+                                    ChunkMemory(3600), self.root)
             except Crash:
                 self._close()
                 self.crashes += 1

@@ -218,14 +218,14 @@ async def test_a_higher_buffer_limit_admits_a_held_forward_batch_at_once(
     client = await RawForward.connect(addresses.forward, client_context(pki))
     await client.send(packed("nginx.access", engine_records(1), chunk="a"))
     assert await client.receive() == {"ack": "a"}
-    for limit in (f"{app.pipeline.buffered_bytes + 10}B", "1MiB"):
+    for limit in (f"{app.admission.buffered_bytes + 10}B", "1MiB"):
         changed = copy.deepcopy(raw)
         changed["buffer"]["total_limit"] = limit
         write_config(path, changed)
         assert await app.reload()
         if limit != "1MiB":
             await client.send(packed("nginx.access", engine_records(1, start=1), chunk="b"))
-            while app.pipeline.waiting_for_room == 0:  # held: its connection not read
+            while app.admission.waiting_for_room == 0:  # held: its connection not read
                 await trio.testing.wait_all_tasks_blocked()
     with trio.fail_after(5):  # it waits for room as long as it takes, so not by a timeout
         assert await client.receive() == {"ack": "b"}

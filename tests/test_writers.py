@@ -11,7 +11,7 @@ import trio
 import trio.testing
 
 from mwdlogd.errors import StorageError
-from mwdlogd.runtime.pipeline import FlushAll, Group, Message, Submission
+from mwdlogd.runtime.batch import FlushAll, Group, Message, Submission
 from mwdlogd.runtime.router import Router
 from mwdlogd.runtime.tracker import BatchTracker
 from mwdlogd.runtime.writer import FLUSH_SPREAD, WriterSettings

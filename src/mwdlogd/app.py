@@ -21,10 +21,12 @@ from mwdlogd.config import Config, check_tls_files
 from mwdlogd.errors import MwdlogdError, StorageError
 from mwdlogd.live import Live, Settings, authorizer, merge_reload
 from mwdlogd.proto.auth import FailureThrottle
+from mwdlogd.runtime.admission import Admission
+from mwdlogd.runtime.batch import FlushAll, Message
 from mwdlogd.runtime.budget import Budget
-from mwdlogd.runtime.dedupe import ChunkMemory
+from mwdlogd.runtime.commit import Committer
+from mwdlogd.runtime.dedupe import ChunkMemory, Resends
 from mwdlogd.runtime.filestore import FileStore
-from mwdlogd.runtime.pipeline import FlushAll, Message, Pipeline
 from mwdlogd.runtime.router import Router
 from mwdlogd.runtime.tail import TailHub
 from mwdlogd.runtime.tracker import BatchTracker
@@ -107,14 +109,14 @@ class App:
         self.tracker = BatchTracker()
         window = max(config.forward.dedupe_window, config.http.dedupe_window)
         chunk_ids = ChunkIdLog(buffer / CHUNK_IDS, window_s=window, fsync=config.buffer.fsync)
-        self.pipeline = Pipeline(journal=self.journal, ledger=ledger, chunk_ids=chunk_ids,
-                                 memory=ChunkMemory(window),
-                                 tracker=self.tracker,
-                                 total_limit=lambda: self.config.buffer.total_limit,
-                                 limiter=trio.CapacityLimiter(1),
-                                 fsync_seconds=self.telemetry.journal_sync,
-                                 peers=PeerChunkIds(list(slot.peer_chunk_ids)) if slot else None,
-                                 spool_dir=buffer / "spool")
+        self.admission = Admission(self.tracker, lambda: self.config.buffer.total_limit)
+        self.resends = Resends(ChunkMemory(window),
+                               PeerChunkIds(list(slot.peer_chunk_ids)) if slot else None)
+        self.committer = Committer(journal=self.journal, ledger=ledger, chunk_ids=chunk_ids,
+                                   resends=self.resends, admission=self.admission,
+                                   tracker=self.tracker, limiter=trio.CapacityLimiter(1),
+                                   journal_synced=self.telemetry.journal_synced,
+                                   spool_dir=buffer / "spool")
         store = FileStore(root=config.storage.root, failed_dir=buffer / "failed",
                           ledger=ledger, limiter=trio.CapacityLimiter(FILE_IO_THREADS))
         extra = {"wall_clock": wall_clock} if wall_clock else {}
@@ -129,7 +131,7 @@ class App:
             total_bytes=lambda: self.tracker.buffered_bytes,
             stage_bytes=self.router.pending_bytes, queue_length=self.router.pending_files,
             timekeys=self.router.timekeys, journal_bytes=lambda: self.journal.size_bytes,
-            waiting_for_room=lambda: self.pipeline.waiting_for_room,
+            waiting_for_room=lambda: self.admission.waiting_for_room,
             limit_bytes=lambda: self.config.buffer.total_limit)
         self._handle_signals = handle_signals
         self._stop = trio.Event()
@@ -153,7 +155,7 @@ class App:
 
     async def flush(self, reason: str) -> FlushAll:
         """Write everything acked so far to its file; says how many records and files."""
-        done = await self.pipeline.flush()
+        done = await self.committer.flush()
         log.event(logging.INFO, "flush_done", reason=reason, records=done.records,
                   files=done.files, failed_files=done.failed_files)
         return done
@@ -177,7 +179,7 @@ class App:
         merged, changed, ignored = merge_reload(self.config, new)
         self.live.swap(Settings(merged, authorizer(
             merged, self.live.settings.authorizer.failures, self.telemetry.auth_event), context))
-        self.pipeline.limit_changed()
+        self.admission.limit_changed()
         log.set_level(merged.server.log_level)
         log.event(logging.INFO, "reloaded", changed=",".join(changed) or "nothing",
                   tokens=",".join(t.name for t in merged.auth.tokens), tls="reloaded",
@@ -221,7 +223,7 @@ class App:
         inherited = self._slot.sockets if self._slot else {}
         owned = bind_listeners(self.config, [name for name in LISTENERS if name not in inherited])
         try:
-            await self.pipeline.recover(self.config.storage.root)
+            await self.committer.recover(self.config.storage.root)
         except BaseException:
             for sock in owned.values():
                 sock.close()
@@ -229,17 +231,18 @@ class App:
         sockets = {**inherited, **owned}
         budget, decoder = self.budget, trio.CapacityLimiter(1)
         self.https = HttpsIngestServer(live=self.live, sock=sockets["http"],
-                                       pipeline=self.pipeline, telemetry=self.telemetry,
+                                       committer=self.committer, admission=self.admission,
+                                       telemetry=self.telemetry,
                                        limits=self.limits, balance=self._balance("http"),
                                        budget=budget, decoder=decoder)
         self.forward = ForwardServer(live=self.live, sock=sockets["forward"],
-                                     pipeline=self.pipeline, telemetry=self.telemetry,
+                                     committer=self.committer, telemetry=self.telemetry,
                                      limits=self.limits, balance=self._balance("forward"),
                                      budget=budget, decoder=decoder)
         async with trio.open_nursery() as nursery:
-            to_router, from_pipeline = trio.open_memory_channel[Message](ROUTER_QUEUE)
-            nursery.start_soon(self._run_router, from_pipeline)
-            await nursery.start(self.pipeline.run, to_router)
+            to_router, from_committer = trio.open_memory_channel[Message](ROUTER_QUEUE)
+            nursery.start_soon(self._run_router, from_committer)
+            await nursery.start(self.committer.run, to_router)
             addresses = Addresses(
                 http=await nursery.start(self._ingest, self.https, self._https_done),
                 forward=await nursery.start(self._ingest, self.forward, self._forward_done),
@@ -283,14 +286,14 @@ class App:
         records_before, members_before = out.written_records, out.write_count
         with trio.move_on_after(timeout) as scope:
             assert self.https is not None and self.forward is not None
-            self.pipeline.stop_waiting()
+            self.admission.stop_waiting()
             self.https.stop_accepting()
             self.forward.stop_accepting()
             await self._https_done.wait()
             await self._forward_done.wait()
-            await self.pipeline.close()
+            await self.committer.close()
             await self._router_done.wait()
-            await self.pipeline.release()
+            await self.committer.release()
         if scope.cancelled_caught or self.tracker.open_batches:
             log.event(logging.WARNING, "shutdown_incomplete", timeout_s=timeout,
                       batches_left_in_journal=self.tracker.open_batches,
@@ -364,11 +367,11 @@ class App:
         root = await trio.to_thread.run_sync(check_writable, self.config.storage.root)
         if root:
             problems.append(root)
-        if self.pipeline.journal_problem:
+        if self.committer.journal_problem:
             refusing = (" (new batches refused with 503 journal_failed)"
-                        if self.pipeline.journal_refusing else "")
-            problems.append(f"journal failing{refusing}: {self.pipeline.journal_problem}")
-        if self.pipeline.refusing:
+                        if self.committer.journal_refusing else "")
+            problems.append(f"journal failing{refusing}: {self.committer.journal_problem}")
+        if self.admission.refusing:
             problems.append(f"buffer full (new batches refused with 503 buffer_full): "
                             f"{self.tracker.buffered_bytes} bytes not yet written, over "
                             f"buffer.total_limit")

@@ -178,6 +178,10 @@ class Telemetry:
             Gauge(f"fluentd_output_status_{name}", help_text, ["plugin_id", "type"],
                   registry=self.registry).labels(*OUTPUT_PLUGIN).set_function(read)
 
+    def journal_synced(self, seconds: float) -> None:
+        """One group commit's journal append + fsync."""
+        self.journal_sync.observe(seconds)
+
     def batch_routed(self, log_type: str, records: int) -> None:
         self.output.emit_count += 1
         self.output.emit_records += records

@@ -11,12 +11,13 @@ per key is a 16-byte digest in a set, and expiry costs nothing per key.
 """
 
 import time
-from collections.abc import Callable
+from collections.abc import AsyncIterator, Callable
+from contextlib import asynccontextmanager
 
 import attrs
 import trio
 
-from mwdlogd.storage.chunk_ids import span_of
+from mwdlogd.storage.chunk_ids import PeerChunkIds, span_of
 
 
 @attrs.frozen
@@ -61,3 +62,44 @@ class ChunkMemory:
         if durable:
             self.remember([key], self._clock())
         self._in_flight.pop(key).set()
+
+
+@attrs.define
+class Claim:
+    """What `Resends.claim` hands out: `duplicate` when the key is durable already (do not
+    store); else the caller sets `durable` once its batch is (the key is then remembered)."""
+
+    duplicate: bool
+    durable: bool = False
+
+
+class Resends:
+    """Claims resend keys for batches being committed: the first copy of a key is
+    stored, a copy arriving meanwhile waits for its outcome, and later copies (also
+    those the other workers made durable, read from their chunk id logs) are duplicates."""
+
+    def __init__(self, memory: ChunkMemory, peers: PeerChunkIds | None = None) -> None:
+        self.memory = memory
+        self._peers = peers
+        self._peer_limiter = trio.CapacityLimiter(1)  # read_new updates its offsets
+
+    @asynccontextmanager
+    async def claim(self, dedupe: Dedupe) -> AsyncIterator[Claim]:
+        if self._peers is not None and not self.memory.is_durable(dedupe):
+            for at, keys in await trio.to_thread.run_sync(self._peers.read_new,
+                                                          limiter=self._peer_limiter):
+                self.memory.remember(keys, at)
+        while not self.memory.is_durable(dedupe):
+            first_copy = self.memory.in_flight(dedupe.key)
+            if first_copy is None:
+                break
+            await first_copy.wait()
+        else:
+            yield Claim(duplicate=True)
+            return
+        claim = Claim(duplicate=False)
+        self.memory.begin(dedupe.key)
+        try:
+            yield claim
+        finally:
+            self.memory.finish(dedupe.key, claim.durable)

@@ -12,8 +12,8 @@ import trio
 from mwdlogd import log
 from mwdlogd.errors import StorageError
 from mwdlogd.pipeline.paths import INVALID_DIR, UNMATCHED_DIR
+from mwdlogd.runtime.batch import FlushAll, Message, Submission
 from mwdlogd.runtime.channels import Wake, receive_until
-from mwdlogd.runtime.pipeline import FlushAll, Message, Submission
 from mwdlogd.runtime.tail import TailHub
 from mwdlogd.runtime.tracker import BatchTracker
 from mwdlogd.runtime.writer import Chunk, DestinationWriter, Store, WriterSettings

@@ -1,7 +1,7 @@
 """Forward-protocol ingest (DESIGN §1): TLS or TCP streams around ForwardConnection.
 
 A short loop per connection: HELO first when a shared key is set, answer PING with
-PONG, read on NEED_DATA, hand entries to the pipeline, write the ack once durable.
+PONG, read on NEED_DATA, hand entries to the committer, write the ack once durable.
 Not reading while a batch waits for buffer room is the TCP backpressure of DESIGN §4.
 Heartbeat connections (connect and close, or a bare handshake) cost a few objects and
 log nothing above debug.
@@ -28,8 +28,8 @@ from mwdlogd.runtime.budget import (
     decode_off_loop,
     decoded_cost,
 )
+from mwdlogd.runtime.commit import Committer
 from mwdlogd.runtime.dedupe import Dedupe
-from mwdlogd.runtime.pipeline import Pipeline
 from mwdlogd.servers.acceptor import Acceptor, ConnectionLimits
 from mwdlogd.servers.balance import Balance
 from mwdlogd.servers.http_io import RECEIVE_BYTES
@@ -56,7 +56,7 @@ class ForwardServer:
     """Each connection takes the forward settings (shared key, users, limits) and TLS
     context current when it opens and keeps them; a reload applies to new connections."""
 
-    def __init__(self, *, live: Live, sock: socket.socket, pipeline: Pipeline,
+    def __init__(self, *, live: Live, sock: socket.socket, committer: Committer,
                  telemetry: Telemetry, limits: ConnectionLimits,
                  balance: Balance | None = None, budget: Budget | None = None,
                  decoder: trio.CapacityLimiter | None = None) -> None:
@@ -65,7 +65,7 @@ class ForwardServer:
         self._decoder = decoder or trio.CapacityLimiter(1)
         self._unread = self._budget.share(UNREAD_SHARE)
         self._sock = sock
-        self._pipeline = pipeline
+        self._committer = committer
         self._telemetry = telemetry
         self._acceptor = Acceptor("forward", telemetry, limits, balance)
 
@@ -208,8 +208,8 @@ class ForwardServer:
                                                        f"than {codec.MAX_DEPTH} levels") from None
             started = trio.current_time()
             try:
-                committed = await self._pipeline.commit(event.tag, routed, dedupe=dedupe,
-                                                        room_wait_s=math.inf)
+                committed = await self._committer.commit(event.tag, routed, dedupe=dedupe,
+                                                         room_wait_s=math.inf)
             except Refused as exc:
                 self._telemetry.forward_rejected(peer, exc.reason, str(exc))
                 raise _Close from exc

@@ -22,6 +22,8 @@ from mwdlogd.pipeline.normalize import Context, Routed, normalize_batch
 from mwdlogd.proto.auth import Authorizer, Identity
 from mwdlogd.proto.ingest import Accepted, Authenticate, RequestReader
 from mwdlogd.proto.streamed import NdjsonSlicer
+from mwdlogd.runtime.admission import Admission
+from mwdlogd.runtime.batch import Committed, Submission, group_routed
 from mwdlogd.runtime.budget import (
     INLINE_BYTES,
     OBJECT_BYTES,
@@ -30,8 +32,8 @@ from mwdlogd.runtime.budget import (
     decode_off_loop,
     decoded_cost,
 )
+from mwdlogd.runtime.commit import Committer
 from mwdlogd.runtime.dedupe import Dedupe
-from mwdlogd.runtime.pipeline import Committed, Pipeline, Submission, group_routed
 from mwdlogd.servers.acceptor import Acceptor, ConnectionLimits
 from mwdlogd.servers.balance import Balance
 from mwdlogd.servers.http_io import (
@@ -59,15 +61,16 @@ class HttpsIngestServer:
     """Limits, tokens and the TLS context are read from `live` for each connection and
     request, so a reload applies to the next ones."""
 
-    def __init__(self, *, live: Live, sock: socket.socket, pipeline: Pipeline,
-                 telemetry: Telemetry, limits: ConnectionLimits,
+    def __init__(self, *, live: Live, sock: socket.socket, committer: Committer,
+                 admission: Admission, telemetry: Telemetry, limits: ConnectionLimits,
                  balance: Balance | None = None, budget: Budget | None = None,
                  decoder: trio.CapacityLimiter | None = None) -> None:
         self._live = live
         self._budget = budget or Budget(live.config.server.memory_limit)
         self._decoder = decoder or trio.CapacityLimiter(1)
         self._sock = sock
-        self._pipeline = pipeline
+        self._committer = committer
+        self._admission = admission
         self._telemetry = telemetry
         self._acceptor = Acceptor("http", telemetry, limits, balance)
 
@@ -196,7 +199,7 @@ class HttpsIngestServer:
                     exc.error_status_hint, "bad_http", str(exc)))
             commit_started = trio.current_time()
             try:
-                committed = await self._pipeline.commit(
+                committed = await self._committer.commit(
                     accepted.tag, routed,
                     dedupe=_dedupe(http, accepted.identity.name, client, accepted.digest),
                     room_wait_s=max(0.0, room_deadline - commit_started))
@@ -223,7 +226,7 @@ class HttpsIngestServer:
         refused request keeps nothing."""
         http = self._live.config.http
         fsync = self._live.config.buffer.fsync
-        spool = await trio.to_thread.run_sync(SpoolWriter, self._pipeline.spools.directory)
+        spool = await trio.to_thread.run_sync(SpoolWriter, self._committer.spools.directory)
         keep, refusal = False, None
         try:
             invalid = await self._spool_body(http, body, reader, spool, received_at)
@@ -232,7 +235,7 @@ class HttpsIngestServer:
             await trio.to_thread.run_sync(spool.seal, fsync)
             commit_started = trio.current_time()
             submission = Submission(reader.tag, [], spool=spool.name, pieces=spool.pieces)
-            committed = await self._pipeline.commit_submission(
+            committed = await self._committer.commit_submission(
                 submission, dedupe=_dedupe(http, reader.identity.name, client, reader.digest),
                 room_wait_s=http.full_wait)
             keep = not committed.duplicate
@@ -320,12 +323,12 @@ class HttpsIngestServer:
         """While the buffer has no room for about `size` bytes, leave the body unread (the
         client waits, as TCP backpressure makes forward clients wait) until there is
         room or `deadline`."""
-        if not await self._pipeline.wait_for_room(size, deadline):
-            if self._pipeline.stopping:
+        if not await self._admission.wait_for_room(size, deadline):
+            if self._admission.stopping:
                 raise IngestError(503, ShuttingDown.reason, "server is shutting down; "
                                   "nothing of this request was kept, retry")
             raise IngestError(503, "buffer_full", f"buffer holds "
-                              f"{self._pipeline.buffered_bytes} bytes, no room for "
+                              f"{self._admission.buffered_bytes} bytes, no room for "
                               f"{size} more within buffer.total_limit for "
                               f"http.full_wait={http.full_wait}s; retry later")
 
