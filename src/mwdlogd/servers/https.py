@@ -1,4 +1,5 @@
-"""HTTPS ingest (DESIGN §1): TLS + h11 around the sans-IO RequestReader.
+"""HTTPS ingest (DESIGN §1): TLS + h11 around the sans-IO RequestReader; what a request
+holds goes to Ingest (runtime/ingest.py), whose outcome or refusal is the answer.
 
 Each connection is one task in this server's handler nursery. `stop_accepting()` closes
 the listeners and idle keep-alive connections; requests in flight finish and are
