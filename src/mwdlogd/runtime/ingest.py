@@ -79,7 +79,7 @@ class Ingest:
         """The commit and how long it took; Refused becomes a 503."""
         started = trio.current_time()
         try:
-            committed = await self._committer.commit_submission(
+            committed = await self._committer.commit(
                 submission, dedupe=dedupe, room_wait_s=room_wait_s)
         except Refused as exc:
             raise IngestError(503, exc.reason, str(exc)) from None
