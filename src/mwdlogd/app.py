@@ -27,6 +27,7 @@ from mwdlogd.runtime.budget import Budget
 from mwdlogd.runtime.commit import Committer
 from mwdlogd.runtime.dedupe import ChunkMemory, Resends
 from mwdlogd.runtime.filestore import FileStore
+from mwdlogd.runtime.ingest import Ingest
 from mwdlogd.runtime.router import Router
 from mwdlogd.runtime.tail import TailHub
 from mwdlogd.runtime.tracker import BatchTracker
@@ -122,6 +123,9 @@ class App:
         extra = {"wall_clock": wall_clock} if wall_clock else {}
         self.budget = Budget(config.server.memory_limit)  # one for both ports
         self.telemetry.memory_budget_used = lambda: self.budget.used
+        self.ingest = Ingest(live=self.live, committer=self.committer,
+                             admission=self.admission, telemetry=self.telemetry,
+                             budget=self.budget, decoder=trio.CapacityLimiter(1))
         self.tail = TailHub(self.telemetry)
         self.router = Router(store=store, settings=lambda: writer_settings(self.config),
                              timekey_wait_s=lambda: self.config.buffer.timekey_wait,
@@ -229,16 +233,12 @@ class App:
                 sock.close()
             raise
         sockets = {**inherited, **owned}
-        budget, decoder = self.budget, trio.CapacityLimiter(1)
         self.https = HttpsIngestServer(live=self.live, sock=sockets["http"],
-                                       committer=self.committer, admission=self.admission,
-                                       telemetry=self.telemetry,
-                                       limits=self.limits, balance=self._balance("http"),
-                                       budget=budget, decoder=decoder)
+                                       ingest=self.ingest, telemetry=self.telemetry,
+                                       limits=self.limits, balance=self._balance("http"))
         self.forward = ForwardServer(live=self.live, sock=sockets["forward"],
-                                     committer=self.committer, telemetry=self.telemetry,
-                                     limits=self.limits, balance=self._balance("forward"),
-                                     budget=budget, decoder=decoder)
+                                     ingest=self.ingest, telemetry=self.telemetry,
+                                     limits=self.limits, balance=self._balance("forward"))
         async with trio.open_nursery() as nursery:
             to_router, from_committer = trio.open_memory_channel[Message](ROUTER_QUEUE)
             nursery.start_soon(self._run_router, from_committer)

@@ -182,6 +182,10 @@ class Telemetry:
         """One group commit's journal append + fsync."""
         self.journal_sync.observe(seconds)
 
+    def tail_messages_dropped(self, count: int) -> None:
+        """Live-tail records a slow viewer did not get."""
+        self.tail_dropped.inc(count)
+
     def batch_routed(self, log_type: str, records: int) -> None:
         self.output.emit_count += 1
         self.output.emit_records += records

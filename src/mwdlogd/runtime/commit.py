@@ -8,16 +8,15 @@ the next one.
 
 import logging
 import time
-from collections.abc import Callable, Iterable
+from collections.abc import Callable
 from pathlib import Path
 
 import trio
 
 from mwdlogd import log
 from mwdlogd.errors import JournalFailed, MwdlogdError, ShuttingDown, StorageError
-from mwdlogd.pipeline.normalize import Routed
 from mwdlogd.runtime.admission import Admission
-from mwdlogd.runtime.batch import Committed, FlushAll, Message, Submission, group_routed
+from mwdlogd.runtime.batch import Committed, FlushAll, Message, Submission
 from mwdlogd.runtime.channels import Wake, receive_until
 from mwdlogd.runtime.dedupe import Dedupe, Resends
 from mwdlogd.runtime.recovery import recover
@@ -55,19 +54,14 @@ class Committer:
         self.journal_problem: str | None = None  # why the journal is failing, for /health
         self.journal_refusing = False  # ... and whether batches are refused for it
 
-    async def commit(self, tag: str, routed: Iterable[Routed], *, dedupe: Dedupe | None = None,
+    async def commit(self, submission: Submission, *, dedupe: Dedupe | None = None,
                      room_wait_s: float = 0.0) -> Committed:
         """Durable once this returns (the ack point). Raises Refused without keeping
         anything. While the buffer is full this waits up to `room_wait_s` (math.inf:
         as long as it takes) for room before refusing; a `dedupe` key already durable
-        makes this a duplicate that is not stored."""
-        return await self.commit_submission(group_routed(tag, routed), dedupe=dedupe,
-                                            room_wait_s=room_wait_s)
-
-    async def commit_submission(self, submission: Submission, *, dedupe: Dedupe | None = None,
-                                room_wait_s: float = 0.0) -> Committed:
-        """`commit` of a batch already made (a streamed request's, naming its sealed spool
-        file: the caller deletes the file unless this returns as not a duplicate)."""
+        makes this a duplicate that is not stored. A streamed request's batch names its
+        sealed spool file: the caller deletes the file unless this returns as not a
+        duplicate."""
         room_deadline = trio.current_time() + room_wait_s
         if dedupe is None:
             return await self._commit(submission, room_deadline)

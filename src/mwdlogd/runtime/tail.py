@@ -125,4 +125,4 @@ class TailHub:
             else:
                 viewer.queued_bytes += len(line)
         if dropped:
-            self._telemetry.tail_dropped.inc(dropped)
+            self._telemetry.tail_messages_dropped(dropped)

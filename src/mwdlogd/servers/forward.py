@@ -1,41 +1,31 @@
 """Forward-protocol ingest (DESIGN §1): TLS or TCP streams around ForwardConnection.
 
 A short loop per connection: HELO first when a shared key is set, answer PING with
-PONG, read on NEED_DATA, hand entries to the committer, write the ack once durable.
+PONG, read on NEED_DATA, hand entries to Ingest, write the ack once durable.
 Not reading while a batch waits for buffer room is the TCP backpressure of DESIGN §4.
 Heartbeat connections (connect and close, or a bare handshake) cost a few objects and
 log nothing above debug.
 """
 
 import logging
-import math
 import socket
 import ssl
-import time
 from collections.abc import Callable
 
 import trio
 
-from mwdlogd import codec, log
-from mwdlogd.errors import AuthFailed, BudgetExceeded, ForwardProtocolError, Refused, TooDeep
+from mwdlogd import log
+from mwdlogd.errors import AuthFailed, BudgetExceeded, ForwardProtocolError, IngestError
 from mwdlogd.live import Live
-from mwdlogd.pipeline.normalize import Context, normalize_batch
 from mwdlogd.proto.auth import Identity
 from mwdlogd.proto.forward import NEED_DATA, Entries, ForwardConnection, Pong
-from mwdlogd.runtime.budget import (
-    INLINE_ENTRIES,
-    Budget,
-    decode_off_loop,
-    decoded_cost,
-)
-from mwdlogd.runtime.commit import Committer
-from mwdlogd.runtime.dedupe import Dedupe
+from mwdlogd.runtime.budget import decode_off_loop
+from mwdlogd.runtime.ingest import Ingest
 from mwdlogd.servers.acceptor import Acceptor, ConnectionLimits
 from mwdlogd.servers.balance import Balance
 from mwdlogd.servers.http_io import RECEIVE_BYTES
 from mwdlogd.servers.listen import stream_listeners
 from mwdlogd.servers.tls import handshake, peer_host, peer_name, peer_subject
-from mwdlogd.storage.chunk_ids import forward_key
 from mwdlogd.telemetry import Telemetry
 
 # Unfinished messages (what idle or slow connections hold) may take at most this part of
@@ -56,16 +46,13 @@ class ForwardServer:
     """Each connection takes the forward settings (shared key, users, limits) and TLS
     context current when it opens and keeps them; a reload applies to new connections."""
 
-    def __init__(self, *, live: Live, sock: socket.socket, committer: Committer,
+    def __init__(self, *, live: Live, sock: socket.socket, ingest: Ingest,
                  telemetry: Telemetry, limits: ConnectionLimits,
-                 balance: Balance | None = None, budget: Budget | None = None,
-                 decoder: trio.CapacityLimiter | None = None) -> None:
+                 balance: Balance | None = None) -> None:
         self._live = live
-        self._budget = budget or Budget(live.config.server.memory_limit)
-        self._decoder = decoder or trio.CapacityLimiter(1)
-        self._unread = self._budget.share(UNREAD_SHARE)
+        self._ingest = ingest
+        self._unread = ingest.budget.share(UNREAD_SHARE)
         self._sock = sock
-        self._committer = committer
         self._telemetry = telemetry
         self._acceptor = Acceptor("forward", telemetry, limits, balance)
 
@@ -99,6 +86,8 @@ class ForwardServer:
             pass  # AuthFailed: a locked-out address, closed before HELO (counted)
         except ForwardProtocolError as exc:
             self._telemetry.forward_rejected(peer, exc.reason, exc.detail)
+        except IngestError as exc:  # refused by ingest: not acked
+            self._telemetry.forward_rejected(peer, exc.error, exc.detail)
         except BudgetExceeded as exc:
             self._telemetry.forward_rejected(peer, "memory_budget", str(exc))
         except Exception:
@@ -129,7 +118,7 @@ class ForwardServer:
             while True:
                 event = NEED_DATA if not conn.ready() else await decode_off_loop(
                     conn.next_event, inline=conn.buffered <= INLINE_MESSAGE_BYTES,
-                    limiter=self._decoder)
+                    limiter=self._ingest.decoder)
                 unread.shrink_to(2 * conn.buffered)
                 if event is NEED_DATA:
                     established = conn.established
@@ -180,40 +169,8 @@ class ForwardServer:
 
     async def _store(self, stream: trio.abc.Stream, conn: ForwardConnection, event: Entries,
                      peer: str, identity: str, send_s: float, client: Identity) -> None:
-        """Stores and acks the entries; a record for a customer `client` may not write
-        closes the connection without an ack, so nothing of the message is kept and the
-        sender's retry cannot succeed until its configuration changes."""
-        forbidden = client.first_forbidden(record for _, record in event.entries)
-        if forbidden is not None:
-            index, customer = forbidden
-            self._telemetry.forward_rejected(peer, "forbidden_customer", client.refusal(
-                f"entry {index}", customer) + "; message not acked, connection closed")
-            raise _Close
-        received_at = time.time()
-        if event.invalid_utf8:
-            self._telemetry.invalid_utf8_kept("forward", peer, event.tag, event.invalid_utf8)
-        ctx = Context(event.tag, received_at, received_at, self._live.config.server.hostname)
-        window = self._live.config.forward.dedupe_window
-        dedupe = (Dedupe(forward_key(identity, event.chunk), window)
-                  if event.chunk is not None and window else None)
-        size = conn.last_message_bytes
-        with self._budget.lease() as records:
-            await records.grow(decoded_cost(len(event.entries), size), "decoded forward entries")
-            try:
-                routed = await decode_off_loop(lambda: normalize_batch(
-                    ((record, at, None) for at, record in event.entries), ctx),
-                    inline=len(event.entries) <= INLINE_ENTRIES, limiter=self._decoder)
-            except TooDeep:
-                raise ForwardProtocolError("too_deep", f"tag {event.tag}: a record nests deeper "
-                                                       f"than {codec.MAX_DEPTH} levels") from None
-            started = trio.current_time()
-            try:
-                committed = await self._committer.commit(event.tag, routed, dedupe=dedupe,
-                                                         room_wait_s=math.inf)
-            except Refused as exc:
-                self._telemetry.forward_rejected(peer, exc.reason, str(exc))
-                raise _Close from exc
-        self._telemetry.forward_accepted(event.tag, committed.records, committed.duplicate,
-                                         trio.current_time() - started)
+        """Stores the entries, then acks them (a refusal closes the connection unacked)."""
+        await self._ingest.forward(event, wire_bytes=conn.last_message_bytes, peer=peer,
+                                   identity=identity, client=client)
         if event.chunk is not None:
             await self._send(stream, conn.ack(event.chunk), peer, send_s)
