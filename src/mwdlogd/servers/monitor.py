@@ -22,7 +22,6 @@ import trio_websocket
 from mwdlogd import log
 from mwdlogd.errors import AuthFailed
 from mwdlogd.live import Live
-from mwdlogd.pipeline.paths import safe_customer
 from mwdlogd.proto.auth import Identity
 from mwdlogd.runtime.tail import TailFilter, TailHub
 from mwdlogd.servers import monitor_agent
@@ -149,13 +148,13 @@ class MonitorServer:
         except ValueError:
             sample = 1.0
         customer = options.get("customer")
-        if customer and not identity.allows(safe_customer(customer)):
+        tail_filter = TailFilter.from_query(customer, options.get("log_type"),
+                                            options.get("fqdn"), sample, identity.customers)
+        if tail_filter.customer is not None and not identity.allows(tail_filter.customer):
             await send_response(conn, stream, json_response(403, {
                 "error": "forbidden_customer",
                 "detail": f"{identity.name} may not read customer {customer!r}"}), close=True)
             return
-        tail_filter = TailFilter.from_query(customer, options.get("log_type"),
-                                            options.get("fqdn"), sample, identity.customers)
         async with trio.open_nursery() as nursery:
             request = await trio_websocket.wrap_server_stream(nursery, _Replay(stream, raw))
             websocket = await request.accept()
