@@ -29,7 +29,7 @@ from mwdlogd.servers.acceptor import serve_streams
 from mwdlogd.servers.http_io import RECEIVE_BYTES, Response, json_response, send_response
 from mwdlogd.servers.listen import address_of, tcp_listener
 from mwdlogd.servers.plain_http import not_found
-from mwdlogd.servers.tls import peer_host
+from mwdlogd.servers.tls import peer_of
 from mwdlogd.telemetry import Telemetry
 
 HEAD_TIMEOUT_S = 10.0
@@ -112,7 +112,7 @@ class MonitorServer:
                                                    and authorization):
             try:
                 identity = self._live.settings.authorizer.token(
-                    authorization, protocol="monitor", source=peer_host(stream),
+                    authorization, protocol="monitor", source=peer_of(stream).host,
                     now=trio.current_time(), subject=None)
             except AuthFailed as exc:
                 await send_response(conn, stream, _refusal(exc), close=True)
