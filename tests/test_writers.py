@@ -11,8 +11,8 @@ import trio
 import trio.testing
 
 from mwdlogd.errors import StorageError
-from mwdlogd.model import Destination
-from mwdlogd.runtime.batch import FlushAll, Group, Message, Submission
+from mwdlogd.model import Destination, Group
+from mwdlogd.runtime.batch import FlushAll, Message, Submission
 from mwdlogd.runtime.router import Router
 from mwdlogd.runtime.tracker import BatchTracker
 from mwdlogd.runtime.writer import FLUSH_SPREAD, WriterSettings
@@ -69,8 +69,8 @@ class Harness:
         data = b"".join(line + b"\n" for line in lines)
         batch_id = self.tracker.next_id
         self.tracker.open(batch_id, 1, len(data))
-        path = Destination(customer, "nginx", "www.acme.test", hour).path
-        await self.send.send(Submission(tag, [Group(path, hour, data, len(lines))], batch_id))
+        destination = Destination(customer, "nginx", "www.acme.test", hour)
+        await self.send.send(Submission(tag, [Group(destination, data, len(lines))], batch_id))
 
     async def flush(self) -> None:
         marker = FlushAll()

@@ -81,6 +81,16 @@ class Destination:
 
 
 @attrs.frozen
+class Group:
+    """A batch's records for one hourly file, as newline-terminated JSON lines: what goes
+    from normalising through the journal (or a spool file) to the file's writer."""
+
+    destination: Destination
+    data: bytes
+    count: int
+
+
+@attrs.frozen
 class Peer:
     """Who is on the other end of a connection, read once from the socket and the TLS
     certificate. `str()` is the `ip:port/CN` text the logs have always shown."""

@@ -28,16 +28,6 @@ class Routed(NamedTuple):
     destination: Destination
     line: bytes
 
-    @property
-    def path(self) -> str:
-        """The file relative to the storage root (for runtime/pipeline.py until its batch
-        types carry the Destination)."""
-        return self.destination.path
-
-    @property
-    def hour(self) -> int:
-        return self.destination.hour
-
 
 @attrs.frozen
 class Context:

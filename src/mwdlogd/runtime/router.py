@@ -11,13 +11,13 @@ import trio
 
 from mwdlogd import log
 from mwdlogd.errors import StorageError
-from mwdlogd.model import Destination
+from mwdlogd.model import Destination, Group
 from mwdlogd.runtime.batch import FlushAll, Message, Submission
 from mwdlogd.runtime.channels import Wake, receive_until
 from mwdlogd.runtime.tail import TailHub
 from mwdlogd.runtime.tracker import BatchTracker
 from mwdlogd.runtime.writer import Chunk, DestinationWriter, Store, WriterSettings
-from mwdlogd.storage.spool import GroupTuple, read_pieces, spool_path
+from mwdlogd.storage.spool import read_pieces, spool_path
 from mwdlogd.telemetry import Telemetry
 
 HOUR_S = 3600
@@ -112,22 +112,20 @@ class Router:
             await self._route_spooled(submission)
             return
         for group in submission.groups:
-            await self._route_group(submission.tag, submission.batch_id,
-                                    (group.path, group.hour, group.count, group.data))
+            await self._route_group(submission.tag, submission.batch_id, group)
 
-    async def _route_group(self, tag: str, batch_id: int, group: GroupTuple) -> None:
-        path, hour, count, data = group
-        destination = Destination.from_path(path, hour)
-        self._telemetry.batch_routed(destination.log_type, count)
+    async def _route_group(self, tag: str, batch_id: int, group: Group) -> None:
+        self._telemetry.batch_routed(group.destination.log_type, group.count)
         if self._tail is not None:
-            self._tail.publish(destination, data)
-        await self._writer(destination).submit(Chunk(tag, batch_id, data, count))
+            self._tail.publish(group.destination, group.data)
+        await self._writer(group.destination).submit(
+            Chunk(tag, batch_id, group.data, group.count))
 
     async def _route_spooled(self, submission: Submission) -> None:
         """A streamed request's pieces, read from its spool file one at a time (the
         writers' queues hold the router back, so memory stays bounded)."""
         assert self._spool_dir is not None and submission.spool is not None
-        pieces: Iterator[list[GroupTuple]] = read_pieces(
+        pieces: Iterator[list[Group]] = read_pieces(
             spool_path(self._spool_dir, submission.spool))
         for index, meta in enumerate(submission.pieces):
             batch_id = submission.first_id + index
@@ -140,7 +138,7 @@ class Router:
             if not meta.groups:
                 continue
             for group in groups:
-                if batch_id > submission.skip.get(group[0], -1):
+                if batch_id > submission.skip.get(group.destination, -1):
                     await self._route_group(submission.tag, batch_id, group)
 
     def _spool_lost(self, submission: Submission, index: int, error: str) -> None:

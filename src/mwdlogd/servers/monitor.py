@@ -99,7 +99,7 @@ class MonitorServer:
                 trio_websocket.ConnectionClosed):
             pass
         except Exception:
-            self._telemetry.handler_failed("monitor", "")
+            self._telemetry.handler_failed("monitor", peer_of(stream))
         finally:
             await trio.aclose_forcefully(stream)
 

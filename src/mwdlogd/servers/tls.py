@@ -54,28 +54,7 @@ def peer_of(stream: object) -> Peer:
                 ",".join(f"{key}={value}" for key, value in subject))
 
 
-def peer_name(stream: object) -> str:
-    """`ip:port`, plus the client certificate's CN when there is one."""
-    return str(peer_of(stream))
-
-
-def peer_host(stream: object) -> str:
-    """The peer's IP address: what failed authentications are counted by."""
-    return peer_of(stream).host
-
-
-def peer_subject(stream: object) -> str | None:
-    """The client certificate's CN, once the handshake is done; None without one."""
-    return peer_of(stream).common_name
-
-
-def cert_subject(stream: object) -> str:
-    """The client certificate's whole subject (`commonName=a,organizationName=b`), "" without
-    one: with the bearer token's name, who a resent HTTP body comes from."""
-    return peer_of(stream).subject
-
-
-async def handshake(stream: trio.abc.Stream, *, protocol: str, peer: str, timeout_s: float,
+async def handshake(stream: trio.abc.Stream, *, protocol: str, peer: Peer, timeout_s: float,
                     telemetry: Telemetry) -> bool:
     """Complete the TLS handshake (plain streams pass). False when it failed: logged and
     counted, except a peer that closes before saying anything (a heartbeat), which is
