@@ -3,14 +3,17 @@ a Peer prints as the logs always showed it."""
 
 from __future__ import annotations
 
+import msgpack
 import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
 from mwdlogd.errors import StorageError
-from mwdlogd.model import Destination, Peer
+from mwdlogd.model import Destination, Group, Peer
 from mwdlogd.pipeline.paths import customer_destination, stream_destination
+from mwdlogd.runtime.batch import Submission
 from mwdlogd.runtime.tail import TailFilter
+from mwdlogd.storage.spool import pack_groups, unpack_groups
 
 HOUR = 1732500000  # 2024-11-25T02:00Z
 
@@ -56,6 +59,21 @@ def test_destinations_are_equal_by_their_fields_and_shared_from_the_cache() -> N
     assert made == Destination("acme", "nginx", "www.acme.test", HOUR)
     assert made != Destination("acme", "nginx", "www.acme.test", HOUR + 3600)
     assert len({made, Destination("acme", "nginx", "www.acme.test", HOUR)}) == 1
+
+
+def test_journal_and_spool_records_keep_paths_as_text() -> None:
+    """The on-disk layout of earlier versions, `[path, hour, count, data]` per group, byte
+    for byte; reading it back gives the same Destinations."""
+    groups = [Group(customer_destination("acme", "nginx", "www.acme.test", HOUR),
+                    b'{"a":1}\n{"a":2}\n', 2),
+              Group(stream_destination("invalid", HOUR), b'{"b":1}\n', 1)]
+    fields = [["acme/nginx/www.acme.test/2024/11/25/02.log.gz", HOUR, 2,
+               b'{"a":1}\n{"a":2}\n'], ["_invalid/2024/11/25/02.log.gz", HOUR, 1, b'{"b":1}\n']]
+    payload = Submission("nginx.access", groups, dedupe_key=b"k").payload()
+    assert payload == msgpack.packb(["nginx.access", fields, b"k"])
+    assert Submission.from_payload(7, payload).groups == groups
+    assert pack_groups(groups) == msgpack.packb(fields)
+    assert unpack_groups(pack_groups(groups)) == groups
 
 
 @pytest.mark.parametrize(("peer", "text", "identity"), [
