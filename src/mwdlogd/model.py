@@ -18,6 +18,7 @@ FQDN_CHARS = "A-Za-z0-9._-"
 LOG_TYPES = frozenset({"nginx", "openappsec"})
 # The two streams of records that have no customer file, and their directories.
 STREAM_DIRS = {"invalid": "_invalid", "unmatched": "_unmatched"}
+_STREAM_NAMES = {directory: name for name, directory in STREAM_DIRS.items()}
 
 _CUSTOMER = re.compile(f"[{CUSTOMER_CHARS}]+")
 _FQDN = re.compile(f"[{FQDN_CHARS}]+")
@@ -58,17 +59,18 @@ class Destination:
 
     @classmethod
     def from_path(cls, path: str, hour: int) -> "Destination":
-        """The Destination a journal or spool record names by its path (the on-disk format
-        keeps paths as text, byte-identical across versions).
+        """The Destination a journal or spool record names by its path: the on-disk format
+        keeps paths as text, byte-identical across versions.
 
-        Parsing back, rather than carrying paths beside Destinations after recovery, keeps
-        one type from normalising to the file; the parse accepts only what `path` would
-        give back exactly, so a damaged name cannot reach the disk. Raises StorageError."""
+        Why parse back rather than keep paths beside Destinations after recovery: then one
+        type goes from normalising to the file, and router, tail and metrics have no second,
+        path-keyed way in. Only a path its Destination gives back exactly is accepted (safe
+        names, a known log type or stream, the record's hour), so a damaged record cannot
+        name a file outside the tree. Raises StorageError."""
         parts = path.split("/")
-        streams = {directory: name for name, directory in STREAM_DIRS.items()}
-        if len(parts) == 5 and parts[0] in streams:
-            destination = cls(None, streams[parts[0]], None, hour)
-        elif len(parts) == 7 and parts[1] in LOG_TYPES and parts[0] not in streams \
+        if len(parts) == 5 and parts[0] in _STREAM_NAMES:
+            destination = cls(None, _STREAM_NAMES[parts[0]], None, hour)
+        elif len(parts) == 7 and parts[1] in LOG_TYPES and parts[0] not in _STREAM_NAMES \
                 and _CUSTOMER.fullmatch(parts[0]) and _FQDN.fullmatch(parts[2]) \
                 and not parts[2].startswith("."):
             destination = cls(parts[0], parts[1], parts[2], hour)
@@ -102,7 +104,8 @@ class Peer:
 
     @property
     def identity(self) -> str:
-        """Whom a forward chunk id belongs to: the certificate's CN, else the address."""
+        """Whom a forward chunk id belongs to: the certificate's CN, else the address
+        (what the `ip:port/CN` text was once parsed back into)."""
         return self.host if self.common_name is None else self.common_name
 
     def __str__(self) -> str:
