@@ -16,7 +16,7 @@ import trio
 import trio.testing
 
 from mwdlogd.errors import BudgetExceeded, ForwardProtocolError, IngestError
-from mwdlogd.pipeline.paths import customer_file
+from mwdlogd.pipeline.paths import customer_destination
 from mwdlogd.proto.bodies import SLICED_OBJECTS, parse_json, parse_msgpack, parse_ndjson
 from mwdlogd.proto.forward import Entries, ForwardConnection
 from mwdlogd.runtime.budget import Budget, MemoryBudget
@@ -155,7 +155,8 @@ def test_name_caches_keep_no_long_names() -> None:
     try:
         for n in range(200):
             name = f"{n}-" + "c" * 1024**2
-            assert customer_file(name, "nginx", "www.acme.test", 0).startswith(f"{n}-ccc")
+            assert customer_destination(name, "nginx", "www.acme.test", 0).path.startswith(
+                f"{n}-ccc")
             del name
         current = tracemalloc.get_traced_memory()[0]
     finally:
@@ -164,9 +165,9 @@ def test_name_caches_keep_no_long_names() -> None:
 
 
 def test_short_names_are_still_cached() -> None:
-    customer_file("acme", "nginx", "www.acme.test", 0)
-    assert customer_file("acme", "nginx", "www.acme.test", 0) is \
-        customer_file("acme", "nginx", "www.acme.test", 0)
+    customer_destination("acme", "nginx", "www.acme.test", 0)
+    assert customer_destination("acme", "nginx", "www.acme.test", 0) is \
+        customer_destination("acme", "nginx", "www.acme.test", 0)
 
 
 def test_a_builder_holds_a_compressor_only_while_a_member_is_open() -> None:

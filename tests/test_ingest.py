@@ -21,6 +21,7 @@ import trio
 
 from mwdlogd.errors import IngestError
 from mwdlogd.live import Live, Settings, authorizer
+from mwdlogd.model import Peer
 from mwdlogd.proto.auth import FailureThrottle, Identity
 from mwdlogd.proto.forward import Entries
 from mwdlogd.proto.ingest import RequestReader
@@ -41,6 +42,7 @@ from helpers import engine_records, ndjson
 
 ENGINE = Identity("engine-01")
 ACME_ONLY = Identity("acme-only", frozenset({"acme"}))
+PEER = Peer("10.0.0.5", 50122)  # a client without a certificate
 
 
 @attrs.frozen
@@ -103,7 +105,7 @@ def http_reader(body: bytes) -> RequestReader:
 
 async def send_http(plane: Plane, body: bytes) -> Outcome:
     with plane.ingest.budget.lease() as lease:
-        return await plane.ingest.http(http_reader(body), lease, peer="test", client="",
+        return await plane.ingest.http(http_reader(body), lease, peer=PEER,
                                        received_at=time.time(),
                                        room_deadline=trio.current_time())
 
@@ -112,11 +114,11 @@ async def test_forward_entries_reach_the_router_once_and_a_resend_is_only_acked(
         nursery: trio.Nursery, tmp_path: Path, pki: Path) -> None:
     p = await plane(nursery, tmp_path, pki)
     message = entries(engine_records(3), chunk="c1")
-    first = await p.ingest.forward(message, wire_bytes=300, peer="test", identity="engine",
+    first = await p.ingest.forward(message, wire_bytes=300, peer=PEER, identity="engine",
                                    client=ENGINE)
     assert first == Committed(3, False)
     assert routed_ids(p) == ["r0", "r1", "r2"]
-    again = await p.ingest.forward(message, wire_bytes=300, peer="test", identity="engine",
+    again = await p.ingest.forward(message, wire_bytes=300, peer=PEER, identity="engine",
                                    client=ENGINE)
     assert again == Committed(0, True)
     assert routed_ids(p) == []
@@ -129,7 +131,7 @@ async def test_a_forbidden_customer_refuses_the_whole_message_and_keeps_nothing(
     p = await plane(nursery, tmp_path, pki)
     records = engine_records(2) + engine_records(1, start=2, customer="globex")
     with pytest.raises(IngestError) as refused:
-        await p.ingest.forward(entries(records, chunk="c1"), wire_bytes=300, peer="test",
+        await p.ingest.forward(entries(records, chunk="c1"), wire_bytes=300, peer=PEER,
                                identity="engine", client=ACME_ONLY)
     assert (refused.value.status, refused.value.error) == (403, "forbidden_customer")
     assert "entry 2" in refused.value.detail

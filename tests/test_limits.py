@@ -17,6 +17,7 @@ from pathlib import Path
 
 import trio
 
+from mwdlogd.model import Destination
 from mwdlogd.runtime.tail import TailFilter, TailHub
 from mwdlogd.telemetry import Telemetry
 
@@ -158,14 +159,14 @@ async def test_stalled_tail_viewers_hold_a_bounded_number_of_bytes() -> None:
     VIEWER_BYTES (4 MiB) of them, not 40 MB."""
     telemetry = Telemetry("t")
     hub = TailHub(telemetry)
-    path = "acme/nginx/www.acme.test/2024/11/25/02.log.gz"
+    destination = Destination("acme", "nginx", "www.acme.test", 1732500000)
     tracemalloc.start()
     try:
         with hub.viewer(TailFilter()) as first, hub.viewer(TailFilter()), \
                 hub.viewer(TailFilter()):
             before = tracemalloc.get_traced_memory()[0]
             for n in range(RECORDS):
-                hub.publish(path, b'{"n":%d,"pad":"' % n + b"x" * RECORD_BYTES + b'"}\n')
+                hub.publish(destination, b'{"n":%d,"pad":"' % n + b"x" * RECORD_BYTES + b'"}\n')
             held = tracemalloc.get_traced_memory()[0] - before
             kept = [await first.__anext__() for _ in range(4)]
     finally:

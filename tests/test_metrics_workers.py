@@ -87,7 +87,7 @@ async def test_summed_counters_do_not_go_down_when_a_worker_is_killed(tmp_path: 
         server.wait_for(r" worker_died index=1 exit_code=-9 ", start=seen)
         missed = samples((await http_get(server.addresses["metrics"], "/metrics"))[1])
         server.wait_for(r" worker_listening .* worker=1$", start=seen)
-        after = samples((await http_get(server.addresses["metrics"], "/metrics"))[1])
+        after = await scrape_once_worker_is_up(server.addresses["metrics"], 1)
         pids = {**pids, **worker_pids(server, seen)}
     finally:
         drain(server)
@@ -96,7 +96,17 @@ async def test_summed_counters_do_not_go_down_when_a_worker_is_killed(tmp_path: 
             assert missed[name] >= value, name
             assert after[name] >= value, name
     assert after[INPUT] == 43
-    assert after['mwdlogd_worker_up{worker="1"}'] == 1
+
+
+async def scrape_once_worker_is_up(metrics: str, index: int) -> dict[str, float]:
+    """The summed samples once the supervisor scrapes worker `index` again: a restarted
+    worker logs worker_listening just before it tells the supervisor its new metrics
+    port, and a scrape in between still asks the dead worker's port (up 0)."""
+    up = f'mwdlogd_worker_up{{worker="{index}"}}'
+    with trio.fail_after(10):
+        while (found := samples((await http_get(metrics, "/metrics"))[1]))[up] != 1:  # noqa: ASYNC110 - another process
+            await trio.sleep(0.05)
+    return found
 
 
 async def send_to(pids: dict[int, int], forward: str, pki: Path, serving: int, first: int,

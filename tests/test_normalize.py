@@ -24,8 +24,9 @@ def run(record: dict[str, Any], ctx: Context = CTX) -> tuple[str, dict[str, Any]
     """Normalise from the dict, and from the record's JSON text: both must agree."""
     (routed,) = normalize_batch([(record, None, None)], ctx)
     (from_text,) = normalize_batch([(record, None, json.dumps(record).encode())], ctx)
-    assert (from_text.path, json.loads(from_text.line)) == (routed.path, json.loads(routed.line))
-    return routed.path, json.loads(routed.line)
+    assert (from_text.destination, json.loads(from_text.line)) == \
+        (routed.destination, json.loads(routed.line))
+    return routed.destination.path, json.loads(routed.line)
 
 
 @pytest.mark.parametrize(("record", "tag", "path"), [
@@ -139,7 +140,7 @@ def test_appending_to_the_text_gives_the_same_record(record: dict[str, Any],
     text = json.dumps(record, separators=spacing, ensure_ascii=bool(len(record) % 2)).encode()
     (plain,) = normalize_batch([(record, None, None)], CTX)
     (spliced,) = normalize_batch([(record, None, text + b" \r")], CTX)
-    assert spliced.path == plain.path
+    assert spliced.destination == plain.destination
     stored = json.loads(spliced.line)
     assert stored == json.loads(plain.line)
     assert spliced.line.endswith(b"}\n") and spliced.line.count(b"\n") == 1

@@ -24,7 +24,8 @@ from hypothesis import settings
 from hypothesis import strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, invariant, precondition, rule
 
-from mwdlogd.runtime.batch import Group, Submission
+from mwdlogd.model import Destination, Group
+from mwdlogd.runtime.batch import Submission
 from mwdlogd.runtime.dedupe import ChunkMemory
 from mwdlogd.runtime.recovery import recover
 from mwdlogd.storage import files, hourly, journal, ledger
@@ -114,7 +115,7 @@ class DurableCore(RuleBasedStateMachine):
         self.pending: dict[str, list[tuple[int, bytes]]] = {path: [] for path in PATHS}
         for submission in replay:
             for group in submission.groups:
-                self.pending[group.path].append((submission.batch_id, group.data))
+                self.pending[group.destination.path].append((submission.batch_id, group.data))
 
     def _crash(self) -> None:
         self.crashes += 1
@@ -129,7 +130,8 @@ class DurableCore(RuleBasedStateMachine):
             mine = [f'{{"n":{self.next_line + k}}}\n' for k in range(count)]
             self.next_line += count
             if mine:
-                groups.append(Group(path, HOUR, "".join(mine).encode(), count))
+                groups.append(Group(Destination.from_path(path, HOUR), "".join(mine).encode(),
+                                    count))
                 lines += [line.strip() for line in mine]
         if not groups:
             return
@@ -143,7 +145,7 @@ class DurableCore(RuleBasedStateMachine):
         self.os.countdown = -1
         self.acked.update(lines)
         for group in groups:
-            self.pending[group.path].append((batch_id, group.data))
+            self.pending[group.destination.path].append((batch_id, group.data))
 
     @precondition(lambda self: any(self.pending.values()))
     @rule(which=st.integers(0, len(PATHS) - 1), die_at=st.integers(0, 8),

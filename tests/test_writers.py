@@ -11,7 +11,8 @@ import trio
 import trio.testing
 
 from mwdlogd.errors import StorageError
-from mwdlogd.runtime.batch import FlushAll, Group, Message, Submission
+from mwdlogd.model import Destination, Group
+from mwdlogd.runtime.batch import FlushAll, Message, Submission
 from mwdlogd.runtime.router import Router
 from mwdlogd.runtime.tracker import BatchTracker
 from mwdlogd.runtime.writer import FLUSH_SPREAD, WriterSettings
@@ -24,7 +25,8 @@ HOUR = 1732500000  # 2024-11-25T02:00Z
 
 
 class MemoryStore:
-    """Holds each append in memory (decompressed); can be told to fail the next N appends."""
+    """Holds each append in memory (decompressed); can be told to fail the next N appends.
+    Each test file is its own customer's, so files go by the customer's name ("a")."""
 
     def __init__(self) -> None:
         self.appends: list[tuple[float, str, bytes]] = []
@@ -37,15 +39,18 @@ class MemoryStore:
     async def finish(self, builder: MemberBuilder, tail: bytes) -> bytes:
         return builder.finish(tail)
 
-    async def append(self, path: str, members: bytes, max_id: int) -> int:
+    async def append(self, destination: Destination, members: bytes, max_id: int) -> int:
         await trio.lowlevel.checkpoint()
+        path = str(destination.customer)
         if self.failures:
             self.failures -= 1
             raise StorageError(path, "append", "No space left on device")
         self.appends.append((trio.current_time(), path, gzip.decompress(members)))
         return len(members)
 
-    async def fail(self, path: str, members: bytes, max_id: int, error: str) -> Path:
+    async def fail(self, destination: Destination, members: bytes, max_id: int,
+                   error: str) -> Path:
+        path = str(destination.customer)
         self.failed.append((path, gzip.decompress(members), error))
         return Path("/failed") / path
 
@@ -60,11 +65,12 @@ class Harness:
         self.store, self.router, self.send, self.tracker = store, router, send, tracker
         self.telemetry, self.wall = telemetry, wall
 
-    async def commit(self, path: str, hour: int, *lines: bytes, tag: str = "t") -> None:
+    async def commit(self, customer: str, hour: int, *lines: bytes, tag: str = "t") -> None:
         data = b"".join(line + b"\n" for line in lines)
         batch_id = self.tracker.next_id
         self.tracker.open(batch_id, 1, len(data))
-        await self.send.send(Submission(tag, [Group(path, hour, data, len(lines))], batch_id))
+        destination = Destination(customer, "nginx", "www.acme.test", hour)
+        await self.send.send(Submission(tag, [Group(destination, data, len(lines))], batch_id))
 
     async def flush(self) -> None:
         marker = FlushAll()

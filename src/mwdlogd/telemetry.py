@@ -14,6 +14,7 @@ import prometheus_client
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
 from mwdlogd import log
+from mwdlogd.model import Peer
 
 prometheus_client.disable_created_metrics()  # type: ignore[no-untyped-call]
 
@@ -202,7 +203,7 @@ class Telemetry:
         self.requests.labels("200").inc()
         self.ack_latency.labels("http").observe(latency_s)
 
-    def http_rejected(self, peer: str, status: int, reason: str, detail: str) -> None:
+    def http_rejected(self, peer: Peer, status: int, reason: str, detail: str) -> None:
         self.requests.labels(str(status)).inc()
         self.rejected.labels("http", reason).inc()
         self._peer_mistake(f"http:{reason}", "request_rejected", peer=peer, status=status,
@@ -224,12 +225,12 @@ class Telemetry:
         stats.emit_count += 1
         stats.emit_records += records
 
-    def forward_rejected(self, peer: str, reason: str, detail: str) -> None:
+    def forward_rejected(self, peer: Peer, reason: str, detail: str) -> None:
         self.rejected.labels("forward", reason).inc()
         self._peer_mistake(f"forward:{reason}", "forward_connection_closed", peer=peer,
                            reason=reason, detail=detail)
 
-    def forward_handshake_failed(self, peer: str, reason: str, hostname: str) -> None:
+    def forward_handshake_failed(self, peer: Peer, reason: str, hostname: str) -> None:
         self.rejected.labels("forward", "handshake").inc()
         self.handshake_failures.labels(reason).inc()
         self._peer_mistake("forward:handshake", "forward_handshake_failed", peer=peer,
@@ -249,7 +250,7 @@ class Telemetry:
         self._peer_mistake(f"{protocol}:{name}", name, protocol=protocol, source=source,
                            reason=reason, detail=detail)
 
-    def tls_handshake_failed(self, protocol: str, peer: str, error: str) -> None:
+    def tls_handshake_failed(self, protocol: str, peer: Peer, error: str) -> None:
         self.rejected.labels(protocol, "tls_handshake").inc()
         self._peer_mistake(f"{protocol}:tls", "tls_handshake_failed", protocol=protocol,
                            peer=peer, error=error)
@@ -274,7 +275,7 @@ class Telemetry:
                              f"{ACCEPT_LOG_INTERVAL_S:g}s, counted in "
                              f"mwdlogd_accept_errors_total")
 
-    def handler_failed(self, protocol: str, peer: str) -> None:
+    def handler_failed(self, protocol: str, peer: Peer) -> None:
         """A connection handler raised (our bug, but a peer may trigger it at will): the
         traceback is logged, rate-limited, from inside the `except` block."""
         self.rejected.labels(protocol, "internal_error").inc()
@@ -312,7 +313,7 @@ class Telemetry:
         log.event(logging.ERROR, "chunk_moved_to_failed", path=path, error=error,
                   records=records, moved_to=moved_to)
 
-    def invalid_utf8_kept(self, protocol: str, peer: str, tag: str, records: int) -> None:
+    def invalid_utf8_kept(self, protocol: str, peer: Peer, tag: str, records: int) -> None:
         """Once per request or message that had such records: they were stored."""
         self.invalid_utf8.labels(protocol).inc(records)
         self._peer_mistake(f"{protocol}:invalid_utf8", "invalid_utf8_kept", protocol=protocol,

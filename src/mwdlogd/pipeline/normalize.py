@@ -13,25 +13,19 @@ from typing import Any, NamedTuple
 import attrs
 
 from mwdlogd import codec
-from mwdlogd.pipeline.paths import (
-    CACHED_CHARS,
-    INVALID_DIR,
-    UNMATCHED_DIR,
-    customer_file,
-    stream_file,
-)
+from mwdlogd.model import LOG_TYPES, Destination
+from mwdlogd.pipeline.paths import CACHED_CHARS, customer_destination, stream_destination
 from mwdlogd.proto.times import MAX_EVENT_TIME, event_time_of
 
-LOG_TYPES = {"nginx": "nginx", "openappsec": "openappsec"}
-TAG_LOG_TYPES = {**LOG_TYPES, "waf": "openappsec"}
+# A tag's first word names the log type too, `waf` being openappsec's.
+TAG_LOG_TYPES = {**{name: name for name in LOG_TYPES}, "waf": "openappsec"}
 
 
 class Routed(NamedTuple):
-    """One normalised record: its file relative to the storage root and its JSON line.
+    """One normalised record: its hourly file and its JSON line.
     (A tuple: one is made per record, and tuples are the cheapest to make.)"""
 
-    path: str
-    hour: int  # epoch second the record's UTC hour starts at
+    destination: Destination
     line: bytes
 
 
@@ -112,26 +106,27 @@ def normalize(record: dict[str, Any], event_time: float | None, ctx: Context,
     if event_time is None:
         reason, event_time = "time is not epoch seconds in range", ctx.received_at
     hour = int(event_time // 3600) * 3600
-    path, extra = _destination(record, ctx.tag, hour, reason)
-    return Routed(path, hour, annotator.line(record, timestamp_bytes(event_time), extra, text))
+    destination, extra = _destination(record, ctx.tag, hour, reason)
+    return Routed(destination,
+                  annotator.line(record, timestamp_bytes(event_time), extra, text))
 
 
 def _destination(record: dict[str, Any], tag: str, hour: int, reason: str | None
-                 ) -> tuple[str, Extra]:
+                 ) -> tuple[Destination, Extra]:
     """The record's file, and the `invalid_reason` or default `severity` it gets."""
     log_type = _log_type(record, tag)
     if reason is None and log_type is None:
-        return stream_file(UNMATCHED_DIR, hour), None
+        return stream_destination("unmatched", hour), None
     customer, fqdn = record.get("customer_name"), record.get("fqdn")
     if reason is None:
         reason = _missing(customer, "customer_name") or _missing(fqdn, "fqdn")
     if reason is not None:
-        return stream_file(INVALID_DIR, hour), ("invalid_reason", reason)
+        return stream_destination("invalid", hour), ("invalid_reason", reason)
     assert log_type is not None and isinstance(customer, str) and isinstance(fqdn, str)
-    path = customer_file(customer, log_type, fqdn, hour)
+    destination = customer_destination(customer, log_type, fqdn, hour)
     if log_type == "openappsec" and "severity" not in record:
-        return path, ("severity", "info")
-    return path, None
+        return destination, ("severity", "info")
+    return destination, None
 
 
 def _json_member(key: str, value: str) -> bytes:
@@ -152,7 +147,7 @@ _cached_member = lru_cache(maxsize=4096)(_encode_member)
 def _log_type(record: dict[str, Any], tag: str) -> str | None:
     declared = record.get("log_type")
     if isinstance(declared, str) and declared in LOG_TYPES:
-        return LOG_TYPES[declared]
+        return declared
     return TAG_LOG_TYPES.get(tag.split(".", 1)[0])
 
 

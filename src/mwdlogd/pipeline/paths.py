@@ -1,21 +1,21 @@
-"""Destination paths under the storage root; no input can name a place outside it."""
+"""Destinations under the storage root from what a record says; no input can name a place
+outside it."""
 
 import hashlib
 import re
-import time
 from functools import lru_cache
 
-INVALID_DIR = "_invalid"
-UNMATCHED_DIR = "_unmatched"
+from mwdlogd.model import CUSTOMER_CHARS, FQDN_CHARS, STREAM_DIRS, Destination
+
 # DESIGN §2: longer names are cut; a hash suffix keeps distinct long names distinct.
 MAX_NAME_BYTES = 200
-_UNSAFE_CUSTOMER = re.compile(r"[^A-Za-z0-9_-]")
-_UNSAFE_FQDN = re.compile(r"[^A-Za-z0-9._-]")
-_RESERVED = {INVALID_DIR, UNMATCHED_DIR}
+_UNSAFE_CUSTOMER = re.compile(f"[^{CUSTOMER_CHARS}]")
+_UNSAFE_FQDN = re.compile(f"[^{FQDN_CHARS}]")
+_RESERVED = set(STREAM_DIRS.values())
 
 
-# Engines send few distinct (customer, type, site, hour) files; caching the path skips the
-# regexes for nearly every record.
+# Engines send few distinct (customer, type, site, hour) files; caching the Destination
+# skips the regexes for nearly every record, and a batch's records share one per file.
 FILE_CACHE = 16384
 # Only names this short are cached: a cache bounded by count holds its keys, and 200
 # customer names of 1 MB kept 464 MB. Real names are far shorter.
@@ -45,26 +45,24 @@ def _bounded(safe: str, original: str) -> str:
     return safe
 
 
-@lru_cache(maxsize=4096)
-def hour_path(hour_start: int) -> str:
-    """`YYYY/MM/DD/HH.log.gz` for the UTC hour that starts at epoch second `hour_start`."""
-    return time.strftime("%Y/%m/%d/%H.log.gz", time.gmtime(hour_start))
-
-
-def customer_file(customer: str, log_type: str, fqdn: str, hour_start: int) -> str:
+def customer_destination(customer: str, log_type: str, fqdn: str, hour_start: int
+                         ) -> Destination:
     """`{customer}/{log_type}/{fqdn}/YYYY/MM/DD/HH.log.gz`, made safe; cached unless a name
     is longer than CACHED_CHARS."""
     if len(customer) + len(fqdn) > CACHED_CHARS:
-        return _customer_file(customer, log_type, fqdn, hour_start)
-    return _cached_customer_file(customer, log_type, fqdn, hour_start)
+        return _customer_destination(customer, log_type, fqdn, hour_start)
+    return _cached_customer_destination(customer, log_type, fqdn, hour_start)
 
 
-def _customer_file(customer: str, log_type: str, fqdn: str, hour_start: int) -> str:
-    return f"{safe_customer(customer)}/{log_type}/{safe_fqdn(fqdn)}/{hour_path(hour_start)}"
+def _customer_destination(customer: str, log_type: str, fqdn: str, hour_start: int
+                          ) -> Destination:
+    return Destination(safe_customer(customer), log_type, safe_fqdn(fqdn), hour_start)
 
 
-_cached_customer_file = lru_cache(maxsize=FILE_CACHE)(_customer_file)
+_cached_customer_destination = lru_cache(maxsize=FILE_CACHE)(_customer_destination)
 
 
-def stream_file(stream_dir: str, hour_start: int) -> str:
-    return f"{stream_dir}/{hour_path(hour_start)}"
+@lru_cache(maxsize=FILE_CACHE)
+def stream_destination(stream: str, hour_start: int) -> Destination:
+    """The `_invalid` or `_unmatched` file of an hour (`stream`: "invalid", "unmatched")."""
+    return Destination(None, stream, None, hour_start)

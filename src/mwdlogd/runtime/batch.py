@@ -1,6 +1,7 @@
 """The batch types that travel from ingest through the journal to the router, and the
 journal record codec (`Submission.payload` / `from_payload`: the on-disk format that
-recovery reads back, also from journals written by earlier versions)."""
+recovery reads back, also from journals written by earlier versions). A batch's records
+are `model.Group`s, one per Destination; only the codec turns those into paths."""
 
 from collections.abc import Iterable
 
@@ -9,20 +10,11 @@ import msgpack
 import trio
 
 from mwdlogd.errors import Refused
+from mwdlogd.model import Destination, Group
 from mwdlogd.pipeline.normalize import Routed
 from mwdlogd.runtime.tracker import BatchTracker
 from mwdlogd.storage.chunk_ids import legacy_key
-from mwdlogd.storage.spool import PieceMeta
-
-
-@attrs.frozen
-class Group:
-    """A batch's records for one hourly file, as newline-terminated JSON lines."""
-
-    path: str
-    hour: int
-    data: bytes
-    count: int
+from mwdlogd.storage.spool import PieceMeta, group_fields, group_from_fields
 
 
 @attrs.define
@@ -38,7 +30,8 @@ class Submission:
     done: trio.Event = attrs.field(factory=trio.Event)
     spool: str | None = None  # the spool file's name
     pieces: list[PieceMeta] = attrs.field(factory=list)
-    skip: dict[str, int] = attrs.field(factory=dict)  # replay: path -> ids its file holds
+    # replay: the ids each file holds already
+    skip: dict[Destination, int] = attrs.field(factory=dict)
 
     @property
     def count(self) -> int:
@@ -68,7 +61,7 @@ class Submission:
                 tracker.open(self.first_id + index, piece.groups, piece.size)
 
     def payload(self) -> bytes:
-        groups = [[g.path, g.hour, g.count, g.data] for g in self.groups]
+        groups = [group_fields(g) for g in self.groups]
         fields = [self.tag, groups, self.dedupe_key]
         if self.spool is not None:  # other batches stay readable by earlier versions
             fields += [self.spool, [[p.groups, p.size, p.count] for p in self.pieces]]
@@ -78,7 +71,7 @@ class Submission:
     def from_payload(cls, batch_id: int, payload: bytes) -> "Submission":
         tag, groups, dedupe_key, *streamed = msgpack.unpackb(
             payload, unicode_errors="surrogateescape")
-        kept = [Group(path, hour, data, count) for path, hour, count, data in groups]
+        kept = [group_from_fields(fields) for fields in groups]
         if isinstance(dedupe_key, str):  # journaled by a version that kept ids as text
             dedupe_key = legacy_key(dedupe_key)
         spool, pieces = streamed or (None, [])
@@ -107,9 +100,9 @@ Message = Submission | FlushAll
 
 
 def group_routed(tag: str, routed: Iterable[Routed]) -> Submission:
-    by_path: dict[str, tuple[int, list[bytes]]] = {}
-    for record in routed:
-        by_path.setdefault(record.path, (record.hour, []))[1].append(record.line)
-    groups = [Group(path, hour, b"".join(lines), len(lines))
-              for path, (hour, lines) in by_path.items()]
+    by_file: dict[Destination, list[bytes]] = {}
+    for destination, line in routed:
+        by_file.setdefault(destination, []).append(line)
+    groups = [Group(destination, b"".join(lines), len(lines))
+              for destination, lines in by_file.items()]
     return Submission(tag, groups)

@@ -4,6 +4,7 @@ from pathlib import Path
 
 import trio
 
+from mwdlogd.model import Destination
 from mwdlogd.storage.failed import move_to_failed
 from mwdlogd.storage.hourly import MemberBuilder, append_members
 from mwdlogd.storage.ledger import Ledger
@@ -28,11 +29,14 @@ class FileStore:
     async def finish(self, builder: MemberBuilder, tail: bytes) -> bytes:
         return await trio.to_thread.run_sync(builder.finish, tail, limiter=self._limiter)
 
-    async def append(self, relpath: str, members: bytes, max_id: int) -> int:
-        return await trio.to_thread.run_sync(append_members, self.root, relpath, members,
-                                             max_id, self._ledger, limiter=self._limiter)
+    async def append(self, destination: Destination, members: bytes, max_id: int) -> int:
+        return await trio.to_thread.run_sync(append_members, self.root, destination.path,
+                                             members, max_id, self._ledger,
+                                             limiter=self._limiter)
 
-    async def fail(self, relpath: str, members: bytes, max_id: int, error: str) -> Path:
-        return await trio.to_thread.run_sync(move_to_failed, self._failed_dir, relpath,
+    async def fail(self, destination: Destination, members: bytes, max_id: int,
+                   error: str) -> Path:
+        return await trio.to_thread.run_sync(move_to_failed, self._failed_dir,
+                                             destination.path,
                                              members, max_id, error, self._ledger, self.root,
                                              limiter=self._limiter)

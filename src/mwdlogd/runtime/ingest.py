@@ -24,6 +24,7 @@ from mwdlogd.errors import (
     TooDeep,
 )
 from mwdlogd.live import Live
+from mwdlogd.model import Peer
 from mwdlogd.pipeline.normalize import Context, Routed, normalize_batch
 from mwdlogd.proto.auth import Identity
 from mwdlogd.proto.forward import Entries
@@ -87,7 +88,7 @@ class Ingest:
 
     # --- forward ---------------------------------------------------------------------
 
-    async def forward(self, event: Entries, *, wire_bytes: int, peer: str, identity: str,
+    async def forward(self, event: Entries, *, wire_bytes: int, peer: Peer, identity: str,
                       client: Identity) -> Committed:
         """Stores one forward message's entries (durable when this returns). A record
         for a customer `client` may not write refuses the whole message (403
@@ -137,7 +138,7 @@ class Ingest:
                               f"http.full_wait={self._live.config.http.full_wait}s; "
                               f"retry later")
 
-    async def http(self, reader: RequestReader, lease: Lease, *, peer: str, client: str,
+    async def http(self, reader: RequestReader, lease: Lease, *, peer: Peer,
                    received_at: float, room_deadline: float) -> Outcome:
         """Stores a request whose body `reader` holds whole (`lease` holds its bytes);
         durable when this returns. A gzip ndjson body that inflates past
@@ -152,7 +153,7 @@ class Ingest:
                     raise
                 lease.shrink_to(reader.received)
                 return await self.http_streamed(reader, reader.pieces(), peer=peer,
-                                                client=client, received_at=received_at)
+                                                received_at=received_at)
         except TooDeep:
             raise IngestError(400, "too_deep", TOO_DEEP) from None
         except BudgetExceeded as exc:
@@ -161,7 +162,8 @@ class Ingest:
             self._telemetry.invalid_utf8_kept("http", peer, accepted.tag, accepted.invalid_utf8)
         committed, latency_s = await self._commit(
             group_routed(accepted.tag, routed),
-            _http_dedupe(http.dedupe_window, accepted.identity.name, client, accepted.digest),
+            _http_dedupe(http.dedupe_window, accepted.identity.name, peer.subject,
+                         accepted.digest),
             max(0.0, room_deadline - trio.current_time()))
         return self._http_accepted(accepted.tag, len(routed), committed, latency_s)
 
@@ -171,7 +173,7 @@ class Ingest:
         return Outcome(records, committed.duplicate)
 
     async def http_streamed(self, reader: RequestReader, body: AsyncIterator[bytes], *,
-                            peer: str, client: str, received_at: float) -> Outcome:
+                            peer: Peer, received_at: float) -> Outcome:
         """A large ndjson body: each slice is decoded, normalised and spooled as it
         arrives; the spool file is committed (one journal record naming it) once the
         whole body is in it and fsynced. Anything short of that deletes the file before
@@ -186,8 +188,8 @@ class Ingest:
             await trio.to_thread.run_sync(spool.seal, self._live.config.buffer.fsync)
             submission = Submission(reader.tag, [], spool=spool.name, pieces=spool.pieces)
             committed, latency_s = await self._commit(
-                submission, _http_dedupe(http.dedupe_window, reader.identity.name, client,
-                                         reader.digest), http.full_wait)
+                submission, _http_dedupe(http.dedupe_window, reader.identity.name,
+                                         peer.subject, reader.digest), http.full_wait)
             keep = not committed.duplicate
         except TooDeep:
             raise IngestError(400, "too_deep", TOO_DEEP) from None
@@ -231,7 +233,7 @@ class Ingest:
             routed = normalize_batch(accepted.with_text(), self._context(
                 accepted.tag, received_at, accepted.default_time))
             groups = group_routed(accepted.tag, routed).groups
-            spool.add([(g.path, g.hour, g.count, g.data) for g in groups])
+            spool.add(groups)
             return len(routed), accepted.invalid_utf8
 
         try:

@@ -9,6 +9,7 @@ from typing import Any
 
 from mwdlogd import log
 from mwdlogd.errors import StorageError
+from mwdlogd.model import Destination
 from mwdlogd.runtime.batch import Submission
 from mwdlogd.runtime.dedupe import ChunkMemory
 from mwdlogd.storage.chunk_ids import ChunkIdLog
@@ -31,13 +32,13 @@ def recover(journal: Journal, ledger: Ledger, chunk_ids: ChunkIdLog, memory: Chu
     now = time.time()
     spools = spools or SpoolSet(journal.directory.parent / "spool")
     keys = chunk_ids.open(now, memory.remember)
-    committed: dict[str, int] = {}
+    committed: dict[Destination, int] = {}
 
-    def holds(path: str) -> int:
-        if path not in committed:
-            with ledger.hold(root, path, create=False) as held:
-                committed[path] = held.committed if held is not None else NONE
-        return committed[path]
+    def holds(destination: Destination) -> int:
+        if destination not in committed:
+            with ledger.hold(root, destination.path, create=False) as held:
+                committed[destination] = held.committed if held is not None else NONE
+        return committed[destination]
 
     replay, records, journal_keys, duplicates = [], 0, [], 0
     seen: set[bytes] = set()
@@ -52,7 +53,8 @@ def recover(journal: Journal, ledger: Ledger, chunk_ids: ChunkIdLog, memory: Chu
         if submission.spool is not None:
             spools.last_ids[submission.spool] = batch_id
             recover_spooled(submission, spools, holds)
-        submission.groups = [g for g in submission.groups if batch_id > holds(g.path)]
+        submission.groups = [g for g in submission.groups
+                             if batch_id > holds(g.destination)]
         if submission.groups or any(p.groups for p in submission.pieces):
             replay.append(submission)
             records += submission.count
@@ -68,18 +70,18 @@ def recover(journal: Journal, ledger: Ledger, chunk_ids: ChunkIdLog, memory: Chu
 
 
 def recover_spooled(submission: Submission, spools: SpoolSet,
-                    holds: Callable[[str], int]) -> None:
+                    holds: Callable[[Destination], int]) -> None:
     """Count what of each piece its files do not hold yet (the router skips the rest)."""
     pieces = []
     path = spool_path(spools.directory, submission.spool or "")
     try:
         for index, groups in enumerate(read_pieces(path)):
             batch_id = submission.first_id + index
-            left = [g for g in groups if batch_id > holds(g[0])]
-            pieces.append(PieceMeta(len(left), sum(len(g[3]) for g in left),
-                                    sum(g[2] for g in left)))
-            for group_path, *_ in groups:
-                submission.skip.setdefault(group_path, holds(group_path))
+            left = [g for g in groups if batch_id > holds(g.destination)]
+            pieces.append(PieceMeta(len(left), sum(len(g.data) for g in left),
+                                    sum(g.count for g in left)))
+            for group in groups:
+                submission.skip.setdefault(group.destination, holds(group.destination))
     except StorageError as exc:
         log.event(logging.ERROR, "spool_lost", error=str(exc), batch_id=submission.batch_id,
                   records=submission.count, detail="a committed streamed request's spool "

@@ -11,29 +11,20 @@ import trio
 
 from mwdlogd import log
 from mwdlogd.errors import StorageError
-from mwdlogd.pipeline.paths import INVALID_DIR, UNMATCHED_DIR
+from mwdlogd.model import Destination, Group
 from mwdlogd.runtime.batch import FlushAll, Message, Submission
 from mwdlogd.runtime.channels import Wake, receive_until
 from mwdlogd.runtime.tail import TailHub
 from mwdlogd.runtime.tracker import BatchTracker
 from mwdlogd.runtime.writer import Chunk, DestinationWriter, Store, WriterSettings
-from mwdlogd.storage.spool import GroupTuple, read_pieces, spool_path
+from mwdlogd.storage.spool import read_pieces, spool_path
 from mwdlogd.telemetry import Telemetry
 
 HOUR_S = 3600
 
 
-def log_type_of(path: str) -> str:
-    """`acme/nginx/...` -> nginx; `_invalid/...` -> invalid; `_unmatched/...` -> unmatched."""
-    first, _, rest = path.partition("/")
-    if first in (INVALID_DIR, UNMATCHED_DIR):
-        return first.lstrip("_")
-    return rest.partition("/")[0]
-
-
 @attrs.define
 class _Open:
-    hour: int
     writer: DestinationWriter
     last_used: float  # wall clock
 
@@ -57,11 +48,11 @@ class Router:
         self._timekey_wait_s = timekey_wait_s
         self._telemetry = telemetry
         self._wall_clock = wall_clock
-        self._writers: dict[str, _Open] = {}
+        self._writers: dict[Destination, _Open] = {}
         self._live: set[DestinationWriter] = set()
-        # The newest live writer of each path, the predecessor of the next one (a scan of
+        # The newest live writer of each file, the predecessor of the next one (a scan of
         # `_live` per new writer made 5,000 sites in one request quadratic: 0.2 s stalls).
-        self._newest: dict[str, DestinationWriter] = {}
+        self._newest: dict[Destination, DestinationWriter] = {}
         self._nursery: trio.Nursery | None = None
 
     async def run(self, receive: trio.MemoryReceiveChannel[Message], *,
@@ -96,11 +87,12 @@ class Router:
 
     def failing_writes(self) -> list[str]:
         """`path: error` of every file whose last write failed and is being retried."""
-        return sorted(f"{w.path}: {w.failing}" for w in self._live if w.failing is not None)
+        return sorted(f"{w.destination.path}: {w.failing}" for w in self._live
+                      if w.failing is not None)
 
     def timekeys(self) -> list[int]:
         """Hours with an open file (Fluentd's buffer_timekeys)."""
-        return sorted({entry.hour for entry in self._writers.values()})
+        return sorted({destination.hour for destination in self._writers})
 
     async def _flush_all(self, marker: FlushAll) -> None:
         """Flush every writer, including those already closing, then signal the marker."""
@@ -120,21 +112,20 @@ class Router:
             await self._route_spooled(submission)
             return
         for group in submission.groups:
-            await self._route_group(submission.tag, submission.batch_id,
-                                    (group.path, group.hour, group.count, group.data))
+            await self._route_group(submission.tag, submission.batch_id, group)
 
-    async def _route_group(self, tag: str, batch_id: int, group: GroupTuple) -> None:
-        path, hour, count, data = group
-        self._telemetry.batch_routed(log_type_of(path), count)
+    async def _route_group(self, tag: str, batch_id: int, group: Group) -> None:
+        self._telemetry.batch_routed(group.destination.log_type, group.count)
         if self._tail is not None:
-            self._tail.publish(path, data)
-        await self._writer(path, hour).submit(Chunk(tag, batch_id, data, count))
+            self._tail.publish(group.destination, group.data)
+        await self._writer(group.destination).submit(
+            Chunk(tag, batch_id, group.data, group.count))
 
     async def _route_spooled(self, submission: Submission) -> None:
         """A streamed request's pieces, read from its spool file one at a time (the
         writers' queues hold the router back, so memory stays bounded)."""
         assert self._spool_dir is not None and submission.spool is not None
-        pieces: Iterator[list[GroupTuple]] = read_pieces(
+        pieces: Iterator[list[Group]] = read_pieces(
             spool_path(self._spool_dir, submission.spool))
         for index, meta in enumerate(submission.pieces):
             batch_id = submission.first_id + index
@@ -147,7 +138,7 @@ class Router:
             if not meta.groups:
                 continue
             for group in groups:
-                if batch_id > submission.skip.get(group[0], -1):
+                if batch_id > submission.skip.get(group.destination, -1):
                     await self._route_group(submission.tag, batch_id, group)
 
     def _spool_lost(self, submission: Submission, index: int, error: str) -> None:
@@ -159,16 +150,16 @@ class Router:
         for offset, meta in enumerate(left):
             self._tracker.written([submission.first_id + index + offset] * meta.groups)
 
-    def _writer(self, path: str, hour: int) -> DestinationWriter:
-        entry = self._writers.get(path)
+    def _writer(self, destination: Destination) -> DestinationWriter:
+        entry = self._writers.get(destination)
         if entry is None:
-            previous = self._newest.get(path)
-            writer = DestinationWriter(path, store=self._store, settings=self._settings,
+            previous = self._newest.get(destination)
+            writer = DestinationWriter(destination, store=self._store, settings=self._settings,
                                        telemetry=self._telemetry, written=self._tracker.written,
                                        predecessor=previous)
-            entry = self._writers[path] = _Open(hour, writer, 0.0)
+            entry = self._writers[destination] = _Open(writer, 0.0)
             self._live.add(writer)
-            self._newest[path] = writer
+            self._newest[destination] = writer
             assert self._nursery is not None
             self._nursery.start_soon(self._run_writer, writer)
         entry.last_used = self._wall_clock()
@@ -179,11 +170,12 @@ class Router:
             await writer.run()
         finally:
             self._live.discard(writer)
-            if self._newest.get(writer.path) is writer:
-                del self._newest[writer.path]
+            if self._newest.get(writer.destination) is writer:
+                del self._newest[writer.destination]
 
     def _close_wall_time(self, entry: _Open) -> float:
-        return max(entry.hour + HOUR_S, entry.last_used) + self._timekey_wait_s()
+        return max(entry.writer.destination.hour + HOUR_S, entry.last_used) \
+            + self._timekey_wait_s()
 
     def _next_close_at(self) -> float:
         """Trio-clock deadline of the next writer to close, or inf."""
@@ -194,7 +186,7 @@ class Router:
 
     async def _close_finished_hours(self) -> None:
         now = self._wall_clock()
-        for path, entry in list(self._writers.items()):
+        for destination, entry in list(self._writers.items()):
             if self._close_wall_time(entry) <= now:
-                del self._writers[path]
+                del self._writers[destination]
                 await entry.writer.close()

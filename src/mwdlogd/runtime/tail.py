@@ -12,19 +12,20 @@ from contextlib import contextmanager
 import attrs
 import trio
 
-from mwdlogd.pipeline.paths import INVALID_DIR, UNMATCHED_DIR, safe_customer, safe_fqdn
+from mwdlogd.model import Destination
+from mwdlogd.pipeline.paths import safe_customer, safe_fqdn
 from mwdlogd.telemetry import Telemetry
 
 # Records a viewer may fall behind by before it starts losing them.
 VIEWER_QUEUE = 1000
 # ... and bytes: 3 stalled viewers and 100 records of 1 MB held 339 MB.
 VIEWER_BYTES = 4 * 1024 * 1024
-STREAMS = {INVALID_DIR: "invalid", UNMATCHED_DIR: "unmatched"}
 
 
 @attrs.frozen
 class TailFilter:
-    """Matches on directory names, so filters use the same safe names as the tree.
+    """Matches a Destination's fields, so names are made safe once, here, as in the tree;
+    `log_type` "invalid" or "unmatched" picks a stream.
 
     `allowed` is the viewer's identity's customers (None = any; config names are
     directory names). A restricted viewer sees its customers' directories only, never
@@ -43,16 +44,14 @@ class TailFilter:
         return cls(safe_customer(customer) if customer else None, log_type or None,
                    safe_fqdn(fqdn) if fqdn else None, sample, allowed)
 
-    def matches(self, path: str) -> bool:
-        parts = path.split("/", 3)
-        if self.allowed is not None and parts[0] not in self.allowed:
-            return False
-        if parts[0] in STREAMS:
-            return self.customer is None and self.fqdn is None and \
-                self.log_type in (None, STREAMS[parts[0]])
-        return ((self.customer is None or parts[0] == self.customer)
-                and (self.log_type is None or parts[1] == self.log_type)
-                and (self.fqdn is None or parts[2] == self.fqdn))
+    def matches(self, destination: Destination) -> bool:
+        if destination.customer is None:  # a stream
+            return self.allowed is None and self.customer is None and self.fqdn is None \
+                and self.log_type in (None, destination.log_type)
+        return ((self.allowed is None or destination.customer in self.allowed)
+                and (self.customer is None or destination.customer == self.customer)
+                and (self.log_type is None or destination.log_type == self.log_type)
+                and (self.fqdn is None or destination.fqdn == self.fqdn))
 
 
 @attrs.define(eq=False)
@@ -102,12 +101,12 @@ class TailHub:
             self._viewers.discard(viewer)
             self._telemetry.tail_viewers = len(self._viewers)
 
-    def publish(self, path: str, data: bytes) -> None:
+    def publish(self, destination: Destination, data: bytes) -> None:
         """One file's records of a batch (newline-terminated JSON lines)."""
         if not self._viewers:
             return
         for viewer in self._viewers:
-            if viewer.filter.matches(path):
+            if viewer.filter.matches(destination):
                 self._offer(viewer, data)
 
     def _offer(self, viewer: _Viewer, data: bytes) -> None:

@@ -14,6 +14,7 @@ import trio
 
 from mwdlogd import log
 from mwdlogd.errors import StorageError
+from mwdlogd.model import Destination
 from mwdlogd.runtime.channels import Wake, receive_until
 from mwdlogd.storage.hourly import MemberBuilder
 from mwdlogd.telemetry import Telemetry
@@ -36,8 +37,9 @@ FLUSH_SPREAD = 0.2
 class Store(Protocol):
     async def compress(self, builder: MemberBuilder, data: bytes) -> None: ...
     async def finish(self, builder: MemberBuilder, tail: bytes) -> bytes: ...
-    async def append(self, relpath: str, members: bytes, max_id: int) -> int: ...
-    async def fail(self, relpath: str, members: bytes, max_id: int, error: str) -> Path: ...
+    async def append(self, destination: Destination, members: bytes, max_id: int) -> int: ...
+    async def fail(self, destination: Destination, members: bytes, max_id: int,
+                   error: str) -> Path: ...
 
 
 @attrs.frozen
@@ -91,10 +93,11 @@ class DestinationWriter:
     `settings` is called at each use, so a reload applies from the next chunk or flush.
     """
 
-    def __init__(self, path: str, *, store: Store, settings: Callable[[], WriterSettings],
-                 telemetry: Telemetry, written: Callable[[Iterable[int]], None],
+    def __init__(self, destination: Destination, *, store: Store,
+                 settings: Callable[[], WriterSettings], telemetry: Telemetry,
+                 written: Callable[[Iterable[int]], None],
                  predecessor: "DestinationWriter | None" = None) -> None:
-        self.path = path
+        self.destination = destination
         self.finished = trio.Event()
         self._store = store
         self._settings = settings
@@ -151,7 +154,7 @@ class DestinationWriter:
         finally:
             self.finished.set()
             if self._batch_ids:
-                log.event(logging.WARNING, "left_in_journal", path=self.path,
+                log.event(logging.WARNING, "left_in_journal", path=self.destination.path,
                           records=sum(self._by_tag.values()),
                           detail="not written before shutdown; recovered at next start")
 
@@ -213,7 +216,7 @@ class DestinationWriter:
             members = self._members[:take]
             started = trio.current_time()
             try:
-                size = await self._store.append(self.path, b"".join(m.data for m in members),
+                size = await self._store.append(self.destination, b"".join(m.data for m in members),
                                                 max(i for m in members for i in m.batch_ids))
             except StorageError as exc:
                 if take > 1:
@@ -228,7 +231,7 @@ class DestinationWriter:
     def _appended(self, members: list[Member], size: int, seconds: float) -> None:
         by_tag: Counter[str] = sum((m.by_tag for m in members), Counter())
         ids = [i for m in members for i in m.batch_ids]
-        self._telemetry.records_written(self.path, by_tag, size, seconds)
+        self._telemetry.records_written(self.destination.path, by_tag, size, seconds)
         self._written(ids)
         self._batch_ids = self._batch_ids[len(ids):]
         self._by_tag -= by_tag
@@ -240,14 +243,14 @@ class DestinationWriter:
         self._failing_since = self._failing_since if self._failing_since is not None else now
         if now - self._failing_since >= self._settings().retry_timeout_s:
             try:
-                moved = await self._store.fail(self.path,
+                moved = await self._store.fail(self.destination,
                                                b"".join(m.data for m in self._members),
                                                max(self._batch_ids), str(exc))
             except StorageError as fail_exc:
                 exc = fail_exc
             else:
-                self._telemetry.chunk_failed(self.path, str(exc), sum(self._by_tag.values()),
-                                             str(moved))
+                self._telemetry.chunk_failed(self.destination.path, str(exc),
+                                             sum(self._by_tag.values()), str(moved))
                 self._written(self._batch_ids)
                 self._members, self._pending_bytes, self._batch_ids = [], 0, []
                 self._by_tag = Counter()
@@ -258,7 +261,8 @@ class DestinationWriter:
                     self._settings().retry_max_interval_s)
         self._deadline = now + delay
         self.failing = str(exc)
-        self._telemetry.write_failed(self.path, str(exc), sum(self._by_tag.values()), delay)
+        self._telemetry.write_failed(self.destination.path, str(exc),
+                                     sum(self._by_tag.values()), delay)
         return False
 
     def _settled(self) -> None:

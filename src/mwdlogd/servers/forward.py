@@ -17,6 +17,7 @@ import trio
 from mwdlogd import log
 from mwdlogd.errors import AuthFailed, BudgetExceeded, ForwardProtocolError, IngestError
 from mwdlogd.live import Live
+from mwdlogd.model import Peer
 from mwdlogd.proto.auth import Identity
 from mwdlogd.proto.forward import NEED_DATA, Entries, ForwardConnection, Pong
 from mwdlogd.runtime.budget import decode_off_loop
@@ -25,7 +26,7 @@ from mwdlogd.servers.acceptor import Acceptor, ConnectionLimits
 from mwdlogd.servers.balance import Balance
 from mwdlogd.servers.http_io import RECEIVE_BYTES
 from mwdlogd.servers.listen import stream_listeners
-from mwdlogd.servers.tls import handshake, peer_host, peer_name, peer_subject
+from mwdlogd.servers.tls import handshake, peer_of
 from mwdlogd.telemetry import Telemetry
 
 # Unfinished messages (what idle or slow connections hold) may take at most this part of
@@ -74,13 +75,13 @@ class ForwardServer:
     async def _handle(self, stream: trio.abc.Stream) -> None:
         """Never raises: an exception reaching serve_listeners would stop the server."""
         self._telemetry.connection_opened("forward")
-        peer = peer_name(stream)
+        peer = peer_of(stream)
         config = self._live.config.forward
         deadline = trio.current_time() + config.handshake_timeout
         try:
             if await handshake(stream, protocol="forward", peer=peer,
                                timeout_s=config.handshake_timeout, telemetry=self._telemetry):
-                peer = peer_name(stream)
+                peer = peer_of(stream)  # with its certificate now
                 await self._serve(stream, peer, deadline)
         except (trio.BrokenResourceError, trio.ClosedResourceError, _Close, AuthFailed):
             pass  # AuthFailed: a locked-out address, closed before HELO (counted)
@@ -96,7 +97,7 @@ class ForwardServer:
             await trio.aclose_forcefully(stream)
             log.event(logging.DEBUG, "forward_connection_closed", peer=peer)
 
-    async def _serve(self, stream: trio.abc.Stream, peer: str, deadline: float) -> None:
+    async def _serve(self, stream: trio.abc.Stream, peer: Peer, deadline: float) -> None:
         """`deadline`: when the handshake must be over (the PING in, with a shared key)."""
         settings = self._live.settings
         config, authorizer = settings.config.forward, settings.authorizer
@@ -105,10 +106,10 @@ class ForwardServer:
                                  shared_key=shared_key, self_hostname=config.self_hostname,
                                  users={u.username: u.password.encode() for u in config.users},
                                  max_records=config.max_records_per_message)
-        identity = peer.rpartition(":")[0] if "/" not in peer else peer.split("/", 1)[1]
+        identity = peer.identity
         send_s = config.send_timeout
-        source = peer_host(stream)
-        client = authorizer.certificate(peer_subject(stream))
+        source = peer.host
+        client = authorizer.certificate(peer.common_name)
         if shared_key is not None:
             authorizer.admit("forward", source, trio.current_time())
             await self._send(stream, conn.helo(), peer, send_s)
@@ -155,7 +156,7 @@ class ForwardServer:
             return bytes(await stream.receive_some(RECEIVE_BYTES))
         return b"" if self._acceptor.draining else None
 
-    async def _send(self, stream: trio.abc.Stream, data: bytes, peer: str,
+    async def _send(self, stream: trio.abc.Stream, data: bytes, peer: Peer,
                     timeout_s: float) -> None:
         """Write within forward.send_timeout (the drain cuts it short too), else close."""
         with self._acceptor.idle(timeout_s):
@@ -168,7 +169,7 @@ class ForwardServer:
         raise _Close
 
     async def _store(self, stream: trio.abc.Stream, conn: ForwardConnection, event: Entries,
-                     peer: str, identity: str, send_s: float, client: Identity) -> None:
+                     peer: Peer, identity: str, send_s: float, client: Identity) -> None:
         """Stores the entries, then acks them (a refusal closes the connection unacked)."""
         await self._ingest.forward(event, wire_bytes=conn.last_message_bytes, peer=peer,
                                    identity=identity, client=client)

@@ -19,6 +19,7 @@ from mwdlogd import log
 from mwdlogd.config import HttpConfig
 from mwdlogd.errors import BudgetExceeded, IngestError
 from mwdlogd.live import Live
+from mwdlogd.model import Peer
 from mwdlogd.proto.auth import Authorizer, Identity
 from mwdlogd.proto.ingest import Authenticate, RequestReader
 from mwdlogd.runtime.budget import Lease
@@ -35,7 +36,7 @@ from mwdlogd.servers.http_io import (
     send_response,
 )
 from mwdlogd.servers.listen import stream_listeners
-from mwdlogd.servers.tls import cert_subject, handshake, peer_host, peer_name, peer_subject
+from mwdlogd.servers.tls import handshake, peer_of
 from mwdlogd.telemetry import Telemetry
 
 # After refusing a body we did not read, keep reading (and discarding) briefly so the
@@ -77,12 +78,12 @@ class HttpsIngestServer:
     async def _handle(self, stream: trio.SSLStream[trio.SocketStream]) -> None:
         """Never raises: an exception reaching serve_listeners would stop the server."""
         self._telemetry.connection_opened("http")
-        peer = peer_name(stream)
+        peer = peer_of(stream)
         try:
             if await handshake(stream, protocol="http", peer=peer,
                                timeout_s=self._live.config.http.request_timeout,
                                telemetry=self._telemetry):
-                peer = peer_name(stream)
+                peer = peer_of(stream)  # with its certificate now
                 await self._serve_connection(stream, peer)
         except (trio.BrokenResourceError, trio.ClosedResourceError):
             log.event(logging.DEBUG, "connection_lost", peer=peer)
@@ -91,14 +92,14 @@ class HttpsIngestServer:
         finally:
             await trio.aclose_forcefully(stream)
 
-    async def _serve_connection(self, stream: trio.SSLStream[trio.SocketStream], peer: str) -> None:
+    async def _serve_connection(self, stream: trio.SSLStream[trio.SocketStream],
+                                peer: Peer) -> None:
         conn = new_connection()
-        client = cert_subject(stream)
         while not self.draining:
             request = await self._next_request(conn, stream, peer)
             if request is None:
                 return
-            answered = await self._serve_request(conn, stream, request, peer, client)
+            answered = await self._serve_request(conn, stream, request, peer)
             if not answered or not reusable(conn):
                 return
             conn.start_next_cycle()
@@ -109,7 +110,7 @@ class HttpsIngestServer:
                                                    f"{self._live.config.http.request_timeout}s")
 
     async def _next_request(self, conn: h11.Connection, stream: trio.SSLStream[trio.SocketStream],
-                            peer: str) -> h11.Request | None:
+                            peer: Peer) -> h11.Request | None:
         """The next request head, or None on EOF, idle timeout or drain. The idle timeout
         runs until the head's first byte, http.request_timeout from then on (a head
         dripped byte by byte gets 408)."""
@@ -133,7 +134,7 @@ class HttpsIngestServer:
         return event if isinstance(event, h11.Request) else None
 
     async def _serve_request(self, conn: h11.Connection, stream: trio.SSLStream[trio.SocketStream],
-                             request: h11.Request, peer: str, client: str) -> bool:
+                             request: h11.Request, peer: Peer) -> bool:
         """Read, judge, commit and answer one request; False when the answer could not be
         sent (the connection is done). `http.request_timeout` bounds reading the body and
         sending the answer, never the wait for the journal: a request that has arrived
@@ -145,7 +146,7 @@ class HttpsIngestServer:
         with self._ingest.budget.lease() as lease:
             try:
                 reader = RequestReader(request, body_limit=http.body_size_limit,
-                                       authenticate=self._authenticate(stream,
+                                       authenticate=self._authenticate(peer,
                                                                        settings.authorizer),
                                        max_records=http.max_records_per_request,
                                        stream_limit=http.stream_body_limit)
@@ -153,10 +154,10 @@ class HttpsIngestServer:
                 if reader.streamed:
                     outcome = await self._ingest.http_streamed(
                         reader, self._live_body(http, conn, stream, reader), peer=peer,
-                        client=client, received_at=received_at)
+                        received_at=received_at)
                 else:
                     await self._read_body(http, conn, stream, reader, lease)
-                    outcome = await self._ingest.http(reader, lease, peer=peer, client=client,
+                    outcome = await self._ingest.http(reader, lease, peer=peer,
                                                       received_at=received_at,
                                                       room_deadline=room_deadline)
             except BudgetExceeded as exc:
@@ -208,15 +209,14 @@ class HttpsIngestServer:
         return False
 
     @staticmethod
-    def _authenticate(stream: trio.SSLStream[trio.SocketStream],
-                      authorizer: Authorizer) -> Authenticate:
+    def _authenticate(peer: Peer, authorizer: Authorizer) -> Authenticate:
         def authenticate(authorization: bytes | None) -> Identity:
-            return authorizer.token(authorization, protocol="http", source=peer_host(stream),
-                                    now=trio.current_time(), subject=peer_subject(stream))
+            return authorizer.token(authorization, protocol="http", source=peer.host,
+                                    now=trio.current_time(), subject=peer.common_name)
         return authenticate
 
     async def _refuse(self, conn: h11.Connection, stream: trio.SSLStream[trio.SocketStream],
-                      peer: str, error: IngestError) -> bool:
+                      peer: Peer, error: IngestError) -> bool:
         """Answer with the error as JSON; close when the body was not read in full."""
         self._telemetry.http_rejected(peer, error.status, error.error, error.detail)
         if conn.our_state not in (h11.IDLE, h11.SEND_RESPONSE):

@@ -22,7 +22,6 @@ import trio_websocket
 from mwdlogd import log
 from mwdlogd.errors import AuthFailed
 from mwdlogd.live import Live
-from mwdlogd.pipeline.paths import safe_customer
 from mwdlogd.proto.auth import Identity
 from mwdlogd.runtime.tail import TailFilter, TailHub
 from mwdlogd.servers import monitor_agent
@@ -30,7 +29,7 @@ from mwdlogd.servers.acceptor import serve_streams
 from mwdlogd.servers.http_io import RECEIVE_BYTES, Response, json_response, send_response
 from mwdlogd.servers.listen import address_of, tcp_listener
 from mwdlogd.servers.plain_http import not_found
-from mwdlogd.servers.tls import peer_host
+from mwdlogd.servers.tls import peer_of
 from mwdlogd.telemetry import Telemetry
 
 HEAD_TIMEOUT_S = 10.0
@@ -100,7 +99,7 @@ class MonitorServer:
                 trio_websocket.ConnectionClosed):
             pass
         except Exception:
-            self._telemetry.handler_failed("monitor", "")
+            self._telemetry.handler_failed("monitor", peer_of(stream))
         finally:
             await trio.aclose_forcefully(stream)
 
@@ -113,7 +112,7 @@ class MonitorServer:
                                                    and authorization):
             try:
                 identity = self._live.settings.authorizer.token(
-                    authorization, protocol="monitor", source=peer_host(stream),
+                    authorization, protocol="monitor", source=peer_of(stream).host,
                     now=trio.current_time(), subject=None)
             except AuthFailed as exc:
                 await send_response(conn, stream, _refusal(exc), close=True)
@@ -149,13 +148,13 @@ class MonitorServer:
         except ValueError:
             sample = 1.0
         customer = options.get("customer")
-        if customer and not identity.allows(safe_customer(customer)):
+        tail_filter = TailFilter.from_query(customer, options.get("log_type"),
+                                            options.get("fqdn"), sample, identity.customers)
+        if tail_filter.customer is not None and not identity.allows(tail_filter.customer):
             await send_response(conn, stream, json_response(403, {
                 "error": "forbidden_customer",
                 "detail": f"{identity.name} may not read customer {customer!r}"}), close=True)
             return
-        tail_filter = TailFilter.from_query(customer, options.get("log_type"),
-                                            options.get("fqdn"), sample, identity.customers)
         async with trio.open_nursery() as nursery:
             request = await trio_websocket.wrap_server_stream(nursery, _Replay(stream, raw))
             websocket = await request.accept()

@@ -18,6 +18,7 @@ from mwdlogd.servers.http_io import (
     send_response,
 )
 from mwdlogd.servers.listen import address_of, tcp_listener
+from mwdlogd.servers.tls import peer_of
 from mwdlogd.telemetry import Telemetry
 
 Handler = Callable[[h11.Request], Awaitable[Response]]
@@ -39,7 +40,7 @@ async def run_plain_http(sock: socket.socket, handler: Handler, *, telemetry: Te
         except (trio.BrokenResourceError, trio.ClosedResourceError, h11.ProtocolError):
             pass
         except Exception:
-            telemetry.handler_failed(protocol, "")
+            telemetry.handler_failed(protocol, peer_of(stream))
 
     task_status.started(address)
     await serve_streams(listeners, serve, protocol=protocol, telemetry=telemetry)

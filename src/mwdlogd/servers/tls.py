@@ -8,6 +8,7 @@ import trio
 from mwdlogd import log
 from mwdlogd.config import TlsConfig
 from mwdlogd.errors import ConfigError
+from mwdlogd.model import Peer
 from mwdlogd.telemetry import Telemetry
 
 # TLS 1.2 suites limited to forward-secret AEAD; TLS 1.3 suites are always AEAD.
@@ -34,52 +35,26 @@ def server_context(tls: TlsConfig) -> ssl.SSLContext:
     return context
 
 
-def peer_name(stream: object) -> str:
-    """`ip:port`, plus the client certificate's CN when there is one."""
+def peer_of(stream: object) -> Peer:
+    """Address, port and client certificate of the other end (the certificate once the
+    handshake is done: call again after it)."""
     transport = getattr(stream, "transport_stream", stream)
     try:
         host, port = transport.socket.getpeername()[:2]  # type: ignore[attr-defined]
-        name = f"{host}:{port}"
     except (AttributeError, OSError):
-        name = "unknown"
-    subject = peer_subject(stream)
-    return name if subject is None else f"{name}/{subject}"
-
-
-def peer_host(stream: object) -> str:
-    """The peer's IP address: what failed authentications are counted by."""
-    transport = getattr(stream, "transport_stream", stream)
-    try:
-        return str(transport.socket.getpeername()[0])  # type: ignore[attr-defined]
-    except (AttributeError, OSError):
-        return "unknown"
-
-
-def peer_subject(stream: object) -> str | None:
-    """The client certificate's CN, once the handshake is done; None without one."""
+        host, port = "unknown", None
     try:
         cert = stream.getpeercert()  # type: ignore[attr-defined]
     except (AttributeError, ValueError, trio.NeedHandshakeError):
         cert = None  # ssl raises ValueError "handshake not done yet" after a failed one
-    for rdn in (cert or {}).get("subject", ()):
-        for key, value in rdn:
-            if key == "commonName":
-                return str(value)
-    return None
+    subject = [(key, str(value)) for rdn in (cert or {}).get("subject", ())
+               for key, value in rdn]
+    common_name = next((value for key, value in subject if key == "commonName"), None)
+    return Peer(str(host), port, common_name,
+                ",".join(f"{key}={value}" for key, value in subject))
 
 
-def cert_subject(stream: object) -> str:
-    """The client certificate's whole subject (`commonName=a,organizationName=b`), "" without
-    one: with the bearer token's name, who a resent HTTP body comes from."""
-    try:
-        cert = stream.getpeercert()  # type: ignore[attr-defined]
-    except (AttributeError, trio.NeedHandshakeError):
-        return ""
-    return ",".join(f"{key}={value}" for rdn in (cert or {}).get("subject", ())
-                    for key, value in rdn)
-
-
-async def handshake(stream: trio.abc.Stream, *, protocol: str, peer: str, timeout_s: float,
+async def handshake(stream: trio.abc.Stream, *, protocol: str, peer: Peer, timeout_s: float,
                     telemetry: Telemetry) -> bool:
     """Complete the TLS handshake (plain streams pass). False when it failed: logged and
     counted, except a peer that closes before saying anything (a heartbeat), which is

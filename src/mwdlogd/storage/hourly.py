@@ -14,7 +14,6 @@ from typing import Any
 from isal import isal_zlib
 
 from mwdlogd.errors import StorageError
-from mwdlogd.storage.files import destination
 from mwdlogd.storage.ledger import Ledger
 
 # storage.compression: zlib level 6 (gzip's default, the smaller files) or igzip level 1
@@ -64,9 +63,9 @@ def append_members(root: str, relpath: str, members: bytes, max_id: int,
     Blocking: call it from a worker thread. On failure the file is cut back to its size
     before (no torn member stays behind) and StorageError names the path and errno text.
     """
-    path = destination(root, relpath)
     with ledger.hold(root, relpath) as held:
         assert held is not None
+        path = held.file
         try:
             os.makedirs(os.path.dirname(path), exist_ok=True)
             fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)

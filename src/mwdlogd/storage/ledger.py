@@ -51,12 +51,15 @@ class FileState:
 
 
 class Held:
-    """One hourly file's state, locked: `begin` before appending, `done` after."""
+    """One hourly file's state, locked: `begin` before appending, `done` after. `file` is
+    the hourly file's absolute path, resolved (and checked to stay under the root) once."""
 
-    def __init__(self, ledger: "Ledger", fd: int, relpath: str, state: FileState) -> None:
+    def __init__(self, ledger: "Ledger", fd: int, relpath: str, file: str,
+                 state: FileState) -> None:
         self._ledger = ledger
         self._fd = fd
         self.relpath = relpath
+        self.file = file
         self.state = state
 
     @property
@@ -75,10 +78,10 @@ class Held:
         self.state.committed[worker] = max(max_id, self.committed)
         self._write(sync=sync)
 
-    def cut_back(self, root: str) -> None:
+    def cut_back(self) -> None:
         """The last appender died mid-append: remove what it left."""
         assert self.state.pending is not None
-        cut = truncate_to(root, self.relpath, self.state.pending)
+        cut = truncate_to(self.file, self.state.pending)
         if cut:  # nothing to cut after a failed append that already cut itself back
             log.event(logging.WARNING, "unfinished_append_cut", path=self.relpath,
                       bytes_cut=cut, detail="an append was interrupted; the journal that "
@@ -109,15 +112,16 @@ class Ledger:
     def hold(self, root: str, relpath: str, *, create: bool = True) -> Iterator[Held | None]:
         """Lock `relpath`'s state, cutting back what a dead appender left; None when the file
         has no state and `create` is False."""
+        file = destination(root, relpath)
         state_path = destination(str(self.directory), relpath + SUFFIX)
         fd = self._open_locked(state_path, create)
         if fd < 0:
             yield None
             return
         try:
-            held = Held(self, fd, relpath, _read_state(fd, state_path))
+            held = Held(self, fd, relpath, file, _read_state(fd, state_path))
             if held.state.pending is not None:
-                held.cut_back(root)
+                held.cut_back()
             yield held
         finally:
             os.close(fd)
@@ -218,9 +222,8 @@ def _remove_if_settled(path: str) -> int:
         os.close(fd)
 
 
-def truncate_to(root: str, relpath: str, size: int) -> int:
+def truncate_to(path: str, size: int) -> int:
     """Cut a file back to `size` (an unfinished append); bytes removed."""
-    path = destination(root, relpath)
     try:
         current = os.path.getsize(path)
     except FileNotFoundError:

@@ -13,18 +13,18 @@ import uuid
 import zlib
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import attrs
 import msgpack
 
 from mwdlogd.errors import StorageError
+from mwdlogd.model import Destination, Group
 from mwdlogd.storage import framing
 from mwdlogd.storage.files import fsync_dir
 
 MAGIC = b"MWS1"
 SUFFIX = ".spool"
-
-GroupTuple = tuple[str, int, int, bytes]  # path, hour, count, newline-terminated JSON lines
 
 
 @attrs.frozen
@@ -36,13 +36,25 @@ class PieceMeta:
     count: int
 
 
-def pack_groups(groups: list[GroupTuple]) -> bytes:
-    return bytes(msgpack.packb([list(g) for g in groups], unicode_errors="surrogateescape"))
+def group_fields(group: Group) -> list[object]:
+    """A Group as spool pieces and journal records store it: `[path, hour, count, data]`."""
+    return [group.destination.path, group.destination.hour, group.count, group.data]
 
 
-def unpack_groups(payload: bytes) -> list[GroupTuple]:
-    return [(path, hour, count, data) for path, hour, count, data in
-            msgpack.unpackb(payload, unicode_errors="surrogateescape")]
+def group_from_fields(fields: list[Any]) -> Group:
+    """The Group `group_fields` stored; StorageError if its path is no Destination's."""
+    path, hour, count, data = fields
+    return Group(Destination.from_path(path, hour), data, count)
+
+
+def pack_groups(groups: list[Group]) -> bytes:
+    return bytes(msgpack.packb([group_fields(g) for g in groups],
+                               unicode_errors="surrogateescape"))
+
+
+def unpack_groups(payload: bytes) -> list[Group]:
+    return [group_from_fields(fields)
+            for fields in msgpack.unpackb(payload, unicode_errors="surrogateescape")]
 
 
 class SpoolWriter:
@@ -60,7 +72,7 @@ class SpoolWriter:
             raise StorageError(str(self.path), "create spool file",
                                exc.strerror or str(exc)) from exc
 
-    def add(self, groups: list[GroupTuple]) -> None:
+    def add(self, groups: list[Group]) -> None:
         data = framing.frame(MAGIC, len(self.pieces), pack_groups(groups))
         try:
             view = memoryview(data)
@@ -69,8 +81,8 @@ class SpoolWriter:
         except OSError as exc:
             raise StorageError(str(self.path), "write spool file",
                                exc.strerror or str(exc)) from exc
-        self.pieces.append(PieceMeta(len(groups), sum(len(g[3]) for g in groups),
-                                     sum(g[2] for g in groups)))
+        self.pieces.append(PieceMeta(len(groups), sum(len(g.data) for g in groups),
+                                     sum(g.count for g in groups)))
 
     def seal(self, fsync: bool) -> None:
         """Every piece on disk, and the file's name in its directory."""
@@ -92,7 +104,7 @@ class SpoolWriter:
         self.path.unlink(missing_ok=True)
 
 
-def read_pieces(path: Path) -> Iterator[list[GroupTuple]]:
+def read_pieces(path: Path) -> Iterator[list[Group]]:
     """The pieces of a sealed spool file in order, one read at a time; StorageError when
     the file is missing or damaged (it was fsynced before its commit record)."""
     try:
