@@ -187,3 +187,34 @@ async def test_drain_gives_up_at_shutdown_timeout_and_says_what_is_left(
     assert outcomes[0].startswith("shutdown_started timeout_s=10.0")
     assert outcomes[1].startswith("shutdown_incomplete timeout_s=10.0 batches_left_in_journal=1")
     assert len(outcomes) == 2
+
+
+async def test_cancelling_run_cannot_cut_the_final_flush_short(
+        mock_clock: MockClock, tmp_path: Path, pki: Path,
+        caplog: pytest.LogCaptureFixture) -> None:
+    """Once the accept plane is done and the commit task closed, the storage plane runs
+    dry under a shielded deadline: cancelling `run` then (an enclosing nursery failing, a
+    second signal) waits for the final flush instead of leaving it to recovery."""
+    caplog.set_level(logging.INFO, logger="mwdlogd")
+    async with trio.open_nursery() as running:
+        server = await memory_server(running, tmp_path, pki)
+        connection = await server.http()
+        with trio.fail_after(PATIENCE_S):
+            reply = await connection.post("/nginx.access",
+                                          ndjson(engine_records(3, time=HOUR_2024)))
+            assert reply.status == 200  # acked, waiting in its writer for flush_interval
+            committer_closed = trio.Event()
+            close = server.app.pipeline.close
+
+            async def close_and_tell() -> None:
+                await close()
+                committer_closed.set()
+
+            server.app.pipeline.close = close_and_tell  # type: ignore[method-assign]
+            server.app.request_stop()
+            await committer_closed.wait()
+        running.cancel_scope.cancel()
+    assert server.app.stopped.is_set()
+    assert ids_by_file(server.root) == {NGINX_FILE: ["r0", "r1", "r2"]}
+    assert any(r.getMessage().startswith("shutdown_complete records=3 files=1")
+               for r in caplog.records)
