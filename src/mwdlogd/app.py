@@ -251,11 +251,11 @@ class App:
                                      limits=self.limits, balance=self._balance("forward"))
         drain: Drain | None = None
         try:
-            async with trio.open_nursery() as services:
+            async with trio.open_nursery() as services:  # health, metrics, monitor, signals
                 side = await self._start_services(services, listeners)
-                async with trio.open_nursery() as storage:
+                async with trio.open_nursery() as storage:  # commit task, router, writers
                     await storage.start(self._run_storage)
-                    async with trio.open_nursery() as accept:
+                    async with trio.open_nursery() as accept:  # HTTPS and forward ingest
                         addresses = Addresses(http=await accept.start(self.https.run),
                                               forward=await accept.start(self.forward.run),
                                               **side)
@@ -265,7 +265,7 @@ class App:
                         drain = self._begin_drain()
                         accept.cancel_scope.deadline = drain.deadline
                     await self.committer.close()  # nothing commits any more
-                    storage.cancel_scope.shield = True
+                    storage.cancel_scope.shield = True  # the final flush
                     storage.cancel_scope.deadline = drain.deadline
                 drain.flushed = not storage.cancel_scope.cancelled_caught
                 services.cancel_scope.cancel()
