@@ -17,8 +17,10 @@ import trio
 import trio.testing
 from trio.testing import MockClock
 
+from mwdlogd.servers.plain_http import IDLE_TIMEOUT_S
+
 from forward_client import KEY, packed, ping
-from helpers import engine_records, ids_by_file, ndjson, request_bytes
+from helpers import Connection, engine_records, ids_by_file, ndjson, request_bytes
 from memory_net import MemoryServer, memory_server
 
 HOUR_2024 = 1732500000.5  # 2024-11-25T02:00:00.500Z
@@ -134,6 +136,24 @@ async def test_a_forward_client_that_never_reads_its_ack_is_closed_at_send_timeo
             "acme/nginx/www.acme.test/2024/11/25/02.log.gz": ["r0", "r1"]}
     rejected = server.app.telemetry.rejected.labels("forward", "send_timeout")
     assert rejected._value.get() == 1
+
+
+async def test_health_keeps_a_probe_connection_alive_until_its_idle_timeout(
+        mock_clock: MockClock, nursery: trio.Nursery, tmp_path: Path, pki: Path) -> None:
+    """Two probes on one connection (the second a HEAD: headers only), then the
+    connection closes after plain_http.IDLE_TIMEOUT_S without a request."""
+    server = await memory_server(nursery, tmp_path, pki)
+    connection = Connection(await server.listeners["health"].connect())  # type: ignore[arg-type]
+    with trio.fail_after(PATIENCE_S):
+        await connection.send_raw(b"GET /health HTTP/1.1\r\nHost: x\r\n\r\n")
+        reply = await connection.reply()
+        assert (reply.status, reply.json()["status"]) == (200, "ok")
+        await connection.send_raw(b"HEAD /health HTTP/1.1\r\nHost: x\r\n\r\n")
+        head = await connection.stream.receive_some(65536)
+        assert head.startswith(b"HTTP/1.1 200 ") and head.endswith(b"\r\n\r\n")
+        answered = trio.current_time()
+        assert await connection.stream.receive_some(100) == b""
+        assert trio.current_time() - answered == pytest.approx(IDLE_TIMEOUT_S)
 
 
 async def test_drain_stops_accepting_finishes_the_request_in_flight_then_returns(
