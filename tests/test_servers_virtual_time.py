@@ -224,13 +224,13 @@ async def test_cancelling_run_cannot_cut_the_final_flush_short(
                                           ndjson(engine_records(3, time=HOUR_2024)))
             assert reply.status == 200  # acked, waiting in its writer for flush_interval
             committer_closed = trio.Event()
-            close = server.app.pipeline.close
+            close = server.app.committer.close
 
             async def close_and_tell() -> None:
                 await close()
                 committer_closed.set()
 
-            server.app.pipeline.close = close_and_tell  # type: ignore[method-assign]
+            server.app.committer.close = close_and_tell  # type: ignore[method-assign]
             server.app.request_stop()
             await committer_closed.wait()
         running.cancel_scope.cancel()
