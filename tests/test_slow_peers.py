@@ -1,5 +1,6 @@
-"""Slow and stuck peers on real sockets: every phase has a deadline, so a peer that drips
-bytes or never reads cannot hold a connection, nor make a drain wait."""
+"""Stuck peers on real sockets: a peer that never reads (TCP backpressure, a full socket
+buffer) cannot hold a connection, nor make a drain wait. Dripped heads and PINGs, each
+deadline to the virtual millisecond: test_servers_virtual_time."""
 
 from __future__ import annotations
 
@@ -8,57 +9,10 @@ import time
 from pathlib import Path
 
 import msgpack
-import pytest
 import trio
 
 from conftest import Running, make_config, start_app
-from forward_client import KEY, RawForward, ping
-from helpers import Connection, all_records, client_context, ids_by_file, request_bytes
-
-DRIP_S = 0.05  # between two bytes of a dripped head or PING
-
-
-async def drip(stream: trio.abc.Stream, data: bytes) -> None:
-    for byte in data:
-        await stream.send_all(bytes([byte]))
-        await trio.sleep(DRIP_S)
-
-
-async def test_dripped_http_head_gets_408_at_request_timeout(
-        nursery: trio.Nursery, tmp_path: Path, pki: Path) -> None:
-    running = await start_app(nursery, make_config(
-        tmp_path, pki, http={"request_timeout": "1s", "idle_timeout": "60s"}))
-    connection = await Connection.open(running.addresses.http, client_context(pki))
-    head = request_bytes("/nginx.access", b'{"customer_name":"acme","fqdn":"a.test"}\n',
-                         headers={"X-Padding": "p" * 400})
-    started = trio.current_time()
-    async with trio.open_nursery() as dripping:
-        dripping.start_soon(drip, connection.stream, head)  # 25 s of head at this pace
-        with trio.fail_after(10):
-            reply = await connection.reply()
-        dripping.cancel_scope.cancel()
-    assert reply.status == 408 and reply.json()["error"] == "request_timeout"
-    assert trio.current_time() - started < 5
-    await connection.aclose()
-    await running.app.flush("test")
-    assert all_records(running.root) == []
-
-
-async def test_dripped_forward_ping_hits_the_handshake_deadline(
-        nursery: trio.Nursery, tmp_path: Path, pki: Path) -> None:
-    running = await start_app(nursery, make_config(
-        tmp_path, pki, forward={"shared_key": KEY, "handshake_timeout": "1s"}))
-    client = await RawForward.connect(running.addresses.forward, client_context(pki))
-    helo = await client.receive()
-    with trio.fail_after(10):
-        async with trio.open_nursery() as dripping:
-            dripping.start_soon(drip, client.stream, ping(helo))  # never finishes in time
-            with pytest.raises(EOFError):
-                await client.receive()
-            dripping.cancel_scope.cancel()
-    await client.aclose()
-    rejected = running.app.telemetry.rejected.labels("forward", "handshake_timeout")
-    assert rejected._value.get() == 1
+from helpers import ids_by_file
 
 
 def forward_message(n: int) -> bytes:

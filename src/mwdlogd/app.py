@@ -7,7 +7,7 @@ import os
 import signal
 import socket
 import ssl
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from pathlib import Path
 
 import attrs
@@ -38,7 +38,7 @@ from mwdlogd.servers.balance import Balance
 from mwdlogd.servers.forward import ForwardServer
 from mwdlogd.servers.http_io import Response, json_response
 from mwdlogd.servers.https import HttpsIngestServer
-from mwdlogd.servers.listen import bind_listeners
+from mwdlogd.servers.listen import StreamListener, bind_listeners, stream_listeners
 from mwdlogd.servers.monitor import MonitorServer
 from mwdlogd.servers.plain_http import Handler, not_found, run_plain_http
 from mwdlogd.servers.tls import server_context
@@ -79,6 +79,17 @@ class WorkerSlot:
     load_board: mmap.mmap  # every worker's connection counts (servers/balance.py)
 
 
+@attrs.define
+class Drain:
+    """One shutdown, from `shutdown_started` to the line that says how it ended."""
+
+    timeout_s: float
+    deadline: float  # trio time by which in-flight requests and the final flush are done
+    records_before: int
+    members_before: int
+    flushed: bool = False  # the storage plane ran dry before the deadline
+
+
 def writer_settings(config: Config) -> WriterSettings:
     buffer = config.buffer
     return WriterSettings(flush_interval_s=buffer.flush_interval,
@@ -92,12 +103,15 @@ class App:
     """One server instance. `run` reports its Addresses once every listener is up.
 
     `loader` reads the config file again for a reload (SIGHUP); without one (tests that
-    build a Config in memory) a reload is refused."""
+    build a Config in memory) a reload is refused. `listeners`, one per name of LISTENERS,
+    replace binding the config's addresses (tests hand memory listeners: plain streams,
+    no TLS)."""
 
     def __init__(self, config: Config, *, handle_signals: bool = False,
                  wall_clock: Callable[[], float] | None = None,
                  slot: WorkerSlot | None = None,
-                 loader: Callable[[], Config] | None = None) -> None:
+                 loader: Callable[[], Config] | None = None,
+                 listeners: Mapping[str, StreamListener] | None = None) -> None:
         self.telemetry = Telemetry(config.server.hostname)
         self.live = Live(Settings(config, authorizer(config, FailureThrottle(),
                                                      self.telemetry.auth_event), None))
@@ -138,10 +152,8 @@ class App:
             waiting_for_room=lambda: self.admission.waiting_for_room,
             limit_bytes=lambda: self.config.buffer.total_limit)
         self._handle_signals = handle_signals
+        self._listeners = listeners
         self._stop = trio.Event()
-        self._router_done = trio.Event()
-        self._https_done = trio.Event()
-        self._forward_done = trio.Event()
         self.stopped = trio.Event()
         self.https: HttpsIngestServer | None = None
         self.forward: ForwardServer | None = None
@@ -217,6 +229,12 @@ class App:
                 os.close(lock)
 
     async def _run(self, task_status: trio.TaskStatus[Addresses]) -> None:
+        """The nursery tree of DESIGN §5. Side services (health, metrics, monitor,
+        signals) live from start to the very end; inside them the storage plane (commit
+        task, router, writers) outlives the accept plane (the ingest servers) that feeds
+        it. The drain closes the accept plane and lets it finish its requests, closes the
+        commit task, then lets the storage plane run dry (the final flush) under a
+        shielded deadline, so cancelling `run` cannot cut the flush short."""
         for key, path in (("storage.root", self.config.storage.root),
                           ("buffer.path", self.config.buffer.path)):
             problem = await trio.to_thread.run_sync(check_writable, path)
@@ -224,6 +242,44 @@ class App:
                 raise StorageError(path, f"open {key}", problem)
         self.live.swap(attrs.evolve(self.live.settings, ssl_context=server_context(
             self.config.tls)))
+        listeners = await self._listen_and_recover()
+        self.https = HttpsIngestServer(live=self.live, listener=listeners["http"],
+                                       ingest=self.ingest, telemetry=self.telemetry,
+                                       limits=self.limits, balance=self._balance("http"))
+        self.forward = ForwardServer(live=self.live, listener=listeners["forward"],
+                                     ingest=self.ingest, telemetry=self.telemetry,
+                                     limits=self.limits, balance=self._balance("forward"))
+        drain: Drain | None = None
+        try:
+            async with trio.open_nursery() as services:  # health, metrics, monitor, signals
+                side = await self._start_services(services, listeners)
+                async with trio.open_nursery() as storage:  # commit task, router, writers
+                    await storage.start(self._run_storage)
+                    async with trio.open_nursery() as accept:  # HTTPS and forward ingest
+                        addresses = Addresses(http=await accept.start(self.https.run),
+                                              forward=await accept.start(self.forward.run),
+                                              **side)
+                        self._log_listening(addresses)
+                        task_status.started(addresses)
+                        await self._stop.wait()
+                        drain = self._begin_drain()
+                        accept.cancel_scope.deadline = drain.deadline
+                    await self.committer.close()  # nothing commits any more
+                    storage.cancel_scope.shield = True  # the final flush
+                    storage.cancel_scope.deadline = drain.deadline
+                drain.flushed = not storage.cancel_scope.cancelled_caught
+                services.cancel_scope.cancel()
+        finally:
+            if drain is not None:
+                self._end_drain(drain)
+            self.stopped.set()
+
+    async def _listen_and_recover(self) -> dict[str, StreamListener]:
+        """Bind what is not inherited (ListenFailed names the key), then recover the
+        journal, so a taken port fails before a long recovery; the listeners."""
+        if self._listeners is not None:
+            await self.committer.recover(self.config.storage.root)
+            return dict(self._listeners)
         inherited = self._slot.sockets if self._slot else {}
         owned = bind_listeners(self.config, [name for name in LISTENERS if name not in inherited])
         try:
@@ -232,39 +288,51 @@ class App:
             for sock in owned.values():
                 sock.close()
             raise
-        sockets = {**inherited, **owned}
-        self.https = HttpsIngestServer(live=self.live, sock=sockets["http"],
-                                       ingest=self.ingest, telemetry=self.telemetry,
-                                       limits=self.limits, balance=self._balance("http"))
-        self.forward = ForwardServer(live=self.live, sock=sockets["forward"],
-                                     ingest=self.ingest, telemetry=self.telemetry,
-                                     limits=self.limits, balance=self._balance("forward"))
-        async with trio.open_nursery() as nursery:
-            to_router, from_committer = trio.open_memory_channel[Message](ROUTER_QUEUE)
-            nursery.start_soon(self._run_router, from_committer)
-            await nursery.start(self.committer.run, to_router)
-            addresses = Addresses(
-                http=await nursery.start(self._ingest, self.https, self._https_done),
-                forward=await nursery.start(self._ingest, self.forward, self._forward_done),
-                health=await nursery.start(self._plain_http, sockets["health"], self._health,
-                                           "health"),
-                metrics=await nursery.start(self._plain_http, sockets["metrics"],
-                                            self._metrics, "metrics"),
-                monitor=await nursery.start(MonitorServer(
-                    sock=sockets["monitor"], tail=self.tail, live=self.live,
-                    plugins=lambda: monitor_agent.plugins(self.config, self.telemetry),
-                    flush=self._flush_for_monitor, telemetry=self.telemetry).run))
-            if self._handle_signals:
-                await nursery.start(self._watch_signals)
-            log.event(logging.INFO, "listening" if self._slot is None else "worker_listening",
-                      http=addresses.http, forward=addresses.forward,
-                      health=addresses.health, metrics=addresses.metrics,
-                      monitor=addresses.monitor, storage=self.config.storage.root)
-            task_status.started(addresses)
-            await self._stop.wait()
-            await self._drain()
-            nursery.cancel_scope.cancel()
-        self.stopped.set()
+        return stream_listeners({**inherited, **owned},
+                                forward_tls=self.config.forward.transport == "tls",
+                                context=self._ssl_context)
+
+    def _ssl_context(self) -> ssl.SSLContext:
+        """The TLS context for the next handshake (a reload swaps it)."""
+        context = self.live.settings.ssl_context
+        assert context is not None  # loaded in _run before anything listens
+        return context
+
+    async def _start_services(self, services: trio.Nursery,
+                              listeners: Mapping[str, StreamListener]) -> dict[str, str]:
+        """Health, metrics, monitor and the signal handler; the servers' addresses."""
+        monitor = MonitorServer(
+            listener=listeners["monitor"], tail=self.tail, live=self.live,
+            plugins=lambda: monitor_agent.plugins(self.config, self.telemetry),
+            flush=self._flush_for_monitor, telemetry=self.telemetry)
+        side = {"health": await services.start(self._plain_http, listeners["health"],
+                                                self._health, "health"),
+                "metrics": await services.start(self._plain_http, listeners["metrics"],
+                                                 self._metrics, "metrics"),
+                "monitor": await services.start(monitor.run)}
+        if self._handle_signals:
+            await services.start(self._watch_signals)
+        return side
+
+    async def _run_storage(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED
+                           ) -> None:
+        """The storage plane: the commit task journals batches (group commit, fsync) and
+        passes them to the router, which feeds one writer task per destination. Once
+        `committer.close()` the commit task ends the router's channel and the router
+        closes every writer, each flushing what it holds; then the journal segments
+        written out are deleted."""
+        to_router, from_committer = trio.open_memory_channel[Message](ROUTER_QUEUE)
+        async with trio.open_nursery() as plane:
+            plane.start_soon(self.router.run, from_committer)
+            await plane.start(self.committer.run, to_router)
+            task_status.started()
+        await self.committer.release()
+
+    def _log_listening(self, addresses: Addresses) -> None:
+        log.event(logging.INFO, "listening" if self._slot is None else "worker_listening",
+                  http=addresses.http, forward=addresses.forward,
+                  health=addresses.health, metrics=addresses.metrics,
+                  monitor=addresses.monitor, storage=self.config.storage.root)
 
     def _balance(self, listener: str) -> Balance | None:
         slot = self._slot
@@ -272,47 +340,34 @@ class App:
             return None
         return Balance(slot.load_board, listener, slot.index, self.config.server.workers)
 
-    async def _run_router(self, receive: trio.MemoryReceiveChannel[Message]) -> None:
-        try:
-            await self.router.run(receive)
-        finally:
-            self._router_done.set()
-
-    async def _drain(self) -> None:
+    def _begin_drain(self) -> Drain:
+        """Stop accepting: the listeners close, idle connections go, requests in flight
+        finish; commits waiting for buffer room give up (nothing of them was kept)."""
+        assert self.https is not None and self.forward is not None
         timeout = self.config.server.shutdown_timeout
         log.event(logging.INFO, "shutdown_started", timeout_s=timeout,
                   open_files=self.router.open_files)
         out = self.telemetry.output
-        records_before, members_before = out.written_records, out.write_count
-        with trio.move_on_after(timeout) as scope:
-            assert self.https is not None and self.forward is not None
-            self.admission.stop_waiting()
-            self.https.stop_accepting()
-            self.forward.stop_accepting()
-            await self._https_done.wait()
-            await self._forward_done.wait()
-            await self.committer.close()
-            await self._router_done.wait()
-            await self.committer.release()
-        if scope.cancelled_caught or self.tracker.open_batches:
-            log.event(logging.WARNING, "shutdown_incomplete", timeout_s=timeout,
+        drain = Drain(timeout, trio.current_time() + timeout, out.written_records,
+                      out.write_count)
+        self.admission.stop_waiting()
+        self.https.stop_accepting()
+        self.forward.stop_accepting()
+        return drain
+
+    def _end_drain(self, drain: Drain) -> None:
+        """The drain's outcome line: complete only when the storage plane ran dry and no
+        acked batch is left for the next start's recovery."""
+        if not drain.flushed or self.tracker.open_batches:
+            log.event(logging.WARNING, "shutdown_incomplete", timeout_s=drain.timeout_s,
                       batches_left_in_journal=self.tracker.open_batches,
                       bytes_left_in_journal=self.tracker.buffered_bytes,
                       detail="recovered from the journal at the next start")
         else:
+            out = self.telemetry.output
             log.event(logging.INFO, "shutdown_complete",
-                      records=out.written_records - records_before,
-                      files=out.write_count - members_before)
-
-    @staticmethod
-    async def _ingest(server: HttpsIngestServer | ForwardServer, done: trio.Event, *,
-                      task_status: trio.TaskStatus[str]) -> None:
-        """An ingest server's task; it returns once its last connection has closed after
-        stop_accepting, and `done` tells the drain so."""
-        try:
-            await server.run(task_status=task_status)
-        finally:
-            done.set()
+                      records=out.written_records - drain.records_before,
+                      files=out.write_count - drain.members_before)
 
     async def _watch_signals(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED
                              ) -> None:
@@ -330,9 +385,9 @@ class App:
                         log.event(logging.INFO, "signal", name=signal.Signals(signum).name)
                         self.request_stop()
 
-    async def _plain_http(self, sock: socket.socket, handler: Handler, protocol: str, *,
+    async def _plain_http(self, listener: StreamListener, handler: Handler, protocol: str, *,
                           task_status: trio.TaskStatus[str]) -> None:
-        await run_plain_http(sock, handler, telemetry=self.telemetry, protocol=protocol,
+        await run_plain_http(listener, handler, telemetry=self.telemetry, protocol=protocol,
                              task_status=task_status)
 
     async def _health(self, request: h11.Request) -> Response:

@@ -32,7 +32,7 @@ from mwdlogd.config import Config
 from mwdlogd.metrics_sum import WorkerTotals, sum_families
 from mwdlogd.servers.balance import ABSENT, board_size, set_counts
 from mwdlogd.servers.http_io import Response, json_response
-from mwdlogd.servers.listen import address_of, bind_listeners
+from mwdlogd.servers.listen import address_of, bind_listeners, tcp_listener
 from mwdlogd.servers.plain_http import not_found, run_plain_http
 from mwdlogd.signals import server_signals
 from mwdlogd.storage.lock import lock_buffer
@@ -80,7 +80,7 @@ class Supervisor:
             async with trio.open_nursery() as nursery:
                 await nursery.start(self._watch_signals)
                 await nursery.start(functools.partial(
-                    run_plain_http, metrics, self._metrics, protocol="metrics",
+                    run_plain_http, tcp_listener(metrics), self._metrics, protocol="metrics",
                     telemetry=Telemetry(self._config.server.hostname)))
                 async with trio.open_nursery() as workers:
                     ready = [trio.Event() for _ in range(count)]

@@ -21,6 +21,7 @@ from typing import Any
 import trio
 
 from mwdlogd.servers.balance import Balance, BalancedListener
+from mwdlogd.servers.listen import listen_address
 from mwdlogd.telemetry import Telemetry
 
 # What trio.serve_listeners also survives: the process or kernel is out of something that
@@ -29,13 +30,6 @@ ACCEPT_CAPACITY_ERRNOS = {errno.EMFILE, errno.ENFILE, errno.ENOMEM, errno.ENOBUF
 # trio's fixed pause, doubled on each failure in a row up to the maximum.
 ACCEPT_RETRY_MIN_S = 0.1
 ACCEPT_RETRY_MAX_S = 2.0
-
-
-def listen_address(listener: trio.abc.Listener[Any]) -> str:
-    """`host:port` a listener is bound to (TLS listeners wrap a socket listener)."""
-    transport = getattr(listener, "transport_listener", listener)
-    assert isinstance(transport, trio.SocketListener)
-    return "{}:{}".format(*transport.socket.getsockname()[:2])
 
 
 def peer_address(stream: object) -> str:

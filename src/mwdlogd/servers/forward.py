@@ -8,9 +8,6 @@ log nothing above debug.
 """
 
 import logging
-import socket
-import ssl
-from collections.abc import Callable
 
 import trio
 
@@ -25,7 +22,7 @@ from mwdlogd.runtime.ingest import Ingest
 from mwdlogd.servers.acceptor import Acceptor, ConnectionLimits
 from mwdlogd.servers.balance import Balance
 from mwdlogd.servers.http_io import RECEIVE_BYTES
-from mwdlogd.servers.listen import stream_listeners
+from mwdlogd.servers.listen import StreamListener
 from mwdlogd.servers.tls import handshake, peer_of
 from mwdlogd.telemetry import Telemetry
 
@@ -44,30 +41,24 @@ class _Close(Exception):
 
 
 class ForwardServer:
-    """Each connection takes the forward settings (shared key, users, limits) and TLS
-    context current when it opens and keeps them; a reload applies to new connections."""
+    """Each connection takes the forward settings (shared key, users, limits) current when
+    it opens and keeps them; a reload applies to new connections. `listener` gives TLS
+    streams with `forward.transport = "tls"` (servers/listen.py wraps them), else TCP."""
 
-    def __init__(self, *, live: Live, sock: socket.socket, ingest: Ingest,
+    def __init__(self, *, live: Live, listener: StreamListener, ingest: Ingest,
                  telemetry: Telemetry, limits: ConnectionLimits,
                  balance: Balance | None = None) -> None:
         self._live = live
         self._ingest = ingest
         self._unread = ingest.budget.share(UNREAD_SHARE)
-        self._sock = sock
+        self._listener = listener
         self._telemetry = telemetry
         self._acceptor = Acceptor("forward", telemetry, limits, balance)
 
     async def run(self, *, task_status: trio.TaskStatus[str] = trio.TASK_STATUS_IGNORED) -> None:
-        """Serves until `stop_accepting()`, then returns once every connection has closed."""
-        tls = self._live.config.forward.transport == "tls"  # restart-only
-        context: Callable[[], ssl.SSLContext] | None = self._ssl_context if tls else None
-        await self._acceptor.serve(stream_listeners(self._sock, context), self._handle,
-                                   task_status)
-
-    def _ssl_context(self) -> ssl.SSLContext:
-        context = self._live.settings.ssl_context
-        assert context is not None
-        return context
+        """Serves until `stop_accepting()` (which closes the listener), then returns once
+        every connection has closed."""
+        await self._acceptor.serve([self._listener], self._handle, task_status)
 
     def stop_accepting(self) -> None:
         self._acceptor.stop()

@@ -7,8 +7,6 @@ answered, then their connections close. `run` returns when the last one has.
 """
 
 import logging
-import socket
-import ssl
 import time
 from collections.abc import AsyncIterator
 
@@ -35,7 +33,7 @@ from mwdlogd.servers.http_io import (
     reusable,
     send_response,
 )
-from mwdlogd.servers.listen import stream_listeners
+from mwdlogd.servers.listen import StreamListener
 from mwdlogd.servers.tls import handshake, peer_of
 from mwdlogd.telemetry import Telemetry
 
@@ -46,27 +44,23 @@ RETRY_AFTER_S = b"5"
 
 
 class HttpsIngestServer:
-    """Limits, tokens and the TLS context are read from `live` for each connection and
-    request, so a reload applies to the next ones."""
+    """Limits and tokens are read from `live` for each connection and request, so a
+    reload applies to the next ones. `listener` gives TLS streams (servers/listen.py
+    wraps each with the TLS context current at its accept), or plain ones in tests."""
 
-    def __init__(self, *, live: Live, sock: socket.socket, ingest: Ingest,
+    def __init__(self, *, live: Live, listener: StreamListener, ingest: Ingest,
                  telemetry: Telemetry, limits: ConnectionLimits,
                  balance: Balance | None = None) -> None:
         self._live = live
-        self._sock = sock
+        self._listener = listener
         self._ingest = ingest
         self._telemetry = telemetry
         self._acceptor = Acceptor("http", telemetry, limits, balance)
 
     async def run(self, *, task_status: trio.TaskStatus[str] = trio.TASK_STATUS_IGNORED) -> None:
-        """Serves until `stop_accepting()`, then returns once every connection has closed."""
-        await self._acceptor.serve(stream_listeners(self._sock, self._ssl_context),
-                                   self._handle, task_status)
-
-    def _ssl_context(self) -> ssl.SSLContext:
-        context = self._live.settings.ssl_context
-        assert context is not None  # HTTPS always has one (App loads it before serving)
-        return context
+        """Serves until `stop_accepting()` (which closes the listener), then returns once
+        every connection has closed."""
+        await self._acceptor.serve([self._listener], self._handle, task_status)
 
     def stop_accepting(self) -> None:
         self._acceptor.stop()

@@ -1,12 +1,12 @@
-"""Where listening sockets come from: every one is bound before any server starts (by
-the server itself, or once by the supervisor and inherited by every worker, which then
-all accept from the same queue), so a port that is taken is one clear error naming its
-key instead of a failure inside a running nursery."""
+"""Where listeners come from, the one place that binds: every socket is bound before any
+server starts (by the server itself, or once by the supervisor and inherited by every
+worker, which then all accept from the same queue), so a port that is taken is one clear
+error naming its key instead of a failure inside a running nursery. Servers take the
+trio listeners made here (tests hand them memory listeners instead)."""
 
 import socket
 import ssl
-from collections.abc import Callable, Iterable
-from typing import Any
+from collections.abc import Callable, Iterable, Mapping
 
 import trio
 
@@ -38,8 +38,20 @@ def bind_listeners(config: Config, names: Iterable[str]) -> dict[str, socket.soc
     return sockets
 
 
+StreamListener = trio.abc.Listener[trio.abc.Stream]
+
+
 def address_of(sock: socket.socket) -> str:
     return "{}:{}".format(*sock.getsockname()[:2])
+
+
+def listen_address(listener: trio.abc.Listener[trio.abc.Stream]) -> str:
+    """`host:port` a listener is bound to (TLS listeners wrap a socket listener); a
+    listener without a socket (a test's memory listener) is named by its repr."""
+    transport = getattr(listener, "transport_listener", listener)
+    if isinstance(transport, trio.SocketListener):
+        return "{}:{}".format(*transport.socket.getsockname()[:2])
+    return repr(listener)
 
 
 def tcp_listener(sock: socket.socket) -> trio.SocketListener:
@@ -64,8 +76,11 @@ class LiveTlsListener(trio.abc.Listener[trio.SSLStream[trio.SocketStream]]):
         await self.transport_listener.aclose()
 
 
-def stream_listeners(sock: socket.socket, context: Callable[[], ssl.SSLContext] | None
-                     ) -> list[trio.abc.Listener[Any]]:
-    """The socket's listener, TLS-wrapped when a `context` source is given."""
-    plain = tcp_listener(sock)
-    return [plain if context is None else LiveTlsListener(plain, context)]
+def stream_listeners(sockets: Mapping[str, socket.socket], *, forward_tls: bool,
+                     context: Callable[[], ssl.SSLContext]) -> dict[str, StreamListener]:
+    """A listener per bound socket: HTTPS always TLS-wrapped, forward when
+    `forward.transport = "tls"`, the rest plain TCP. `context` gives the TLS context
+    current at each accept (a reload's new certificate applies to new connections)."""
+    tls = {"http", "forward"} if forward_tls else {"http"}
+    return {name: LiveTlsListener(tcp_listener(sock), context) if name in tls
+            else tcp_listener(sock) for name, sock in sockets.items()}

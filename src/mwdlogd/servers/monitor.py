@@ -10,7 +10,6 @@ the connection closes.
 """
 
 import logging
-import socket
 from collections.abc import Awaitable, Callable
 from typing import Any
 from urllib.parse import parse_qs
@@ -27,7 +26,7 @@ from mwdlogd.runtime.tail import TailFilter, TailHub
 from mwdlogd.servers import monitor_agent
 from mwdlogd.servers.acceptor import serve_streams
 from mwdlogd.servers.http_io import RECEIVE_BYTES, Response, json_response, send_response
-from mwdlogd.servers.listen import address_of, tcp_listener
+from mwdlogd.servers.listen import StreamListener, listen_address
 from mwdlogd.servers.plain_http import not_found
 from mwdlogd.servers.tls import peer_of
 from mwdlogd.telemetry import Telemetry
@@ -39,10 +38,10 @@ MAX_HEAD_BYTES = 16 * 1024
 class _Replay(trio.abc.Stream):
     """A stream that first gives back bytes already read from it."""
 
-    def __init__(self, inner: trio.SocketStream, already: bytes) -> None:
+    def __init__(self, inner: trio.abc.Stream, already: bytes) -> None:
         self._inner = inner
         self._already = already
-        self.socket = inner.socket
+        self.socket = getattr(inner, "socket", None)  # whose peer it is (tls.peer_of)
 
     async def receive_some(self, max_bytes: int | None = None) -> bytes:
         if self._already:
@@ -56,9 +55,6 @@ class _Replay(trio.abc.Stream):
     async def wait_send_all_might_not_block(self) -> None:
         await self._inner.wait_send_all_might_not_block()
 
-    async def send_eof(self) -> None:
-        await self._inner.send_eof()
-
     async def aclose(self) -> None:
         await self._inner.aclose()
 
@@ -67,22 +63,23 @@ Flush = Callable[[], Awaitable[dict[str, Any]]]
 
 
 class MonitorServer:
-    def __init__(self, *, sock: socket.socket, tail: TailHub, live: Live,
+    def __init__(self, *, listener: StreamListener, tail: TailHub, live: Live,
                  plugins: Callable[[], list[monitor_agent.Plugin]], flush: Flush,
                  telemetry: Telemetry) -> None:
         self._telemetry = telemetry
-        self._sock = sock
+        self._listener = listener
         self._tail = tail
         self._live = live
         self._plugins = plugins
         self._flush = flush
 
     async def run(self, *, task_status: trio.TaskStatus[str] = trio.TASK_STATUS_IGNORED) -> None:
-        task_status.started(address_of(self._sock))
-        await serve_streams([tcp_listener(self._sock)], self._handle, protocol="monitor",
+        """Serves until cancelled, then closes the listener."""
+        task_status.started(listen_address(self._listener))
+        await serve_streams([self._listener], self._handle, protocol="monitor",
                             telemetry=self._telemetry)
 
-    async def _handle(self, stream: trio.SocketStream) -> None:
+    async def _handle(self, stream: trio.abc.Stream) -> None:
         """Never raises: an exception reaching serve_listeners would stop the server."""
         try:
             conn = h11.Connection(h11.SERVER, max_incomplete_event_size=MAX_HEAD_BYTES)
@@ -103,7 +100,7 @@ class MonitorServer:
         finally:
             await trio.aclose_forcefully(stream)
 
-    async def _route(self, conn: h11.Connection, stream: trio.SocketStream,
+    async def _route(self, conn: h11.Connection, stream: trio.abc.Stream,
                      request: h11.Request, raw: bytes) -> None:
         path, _, query = request.target.decode("latin-1").partition("?")
         authorization = _bearer(request, query)
@@ -140,7 +137,7 @@ class MonitorServer:
         log.event(logging.INFO, "flush_requested", via="/api/flush")
         return json_response(200, await self._flush())
 
-    async def _serve_tail(self, conn: h11.Connection, stream: trio.SocketStream, raw: bytes,
+    async def _serve_tail(self, conn: h11.Connection, stream: trio.abc.Stream, raw: bytes,
                           query: str, identity: Identity) -> None:
         options = {k: v[-1] for k, v in parse_qs(query).items()}
         try:

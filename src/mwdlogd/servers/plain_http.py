@@ -1,7 +1,6 @@
 """A small plain-HTTP GET server for /health and /metrics (keep-alive, timeouts)."""
 
 import logging
-import socket
 from collections.abc import Awaitable, Callable
 
 import h11
@@ -17,7 +16,7 @@ from mwdlogd.servers.http_io import (
     reusable,
     send_response,
 )
-from mwdlogd.servers.listen import address_of, tcp_listener
+from mwdlogd.servers.listen import StreamListener, listen_address
 from mwdlogd.servers.tls import peer_of
 from mwdlogd.telemetry import Telemetry
 
@@ -26,15 +25,13 @@ Handler = Callable[[h11.Request], Awaitable[Response]]
 IDLE_TIMEOUT_S = 30.0
 
 
-async def run_plain_http(sock: socket.socket, handler: Handler, *, telemetry: Telemetry,
+async def run_plain_http(listener: StreamListener, handler: Handler, *, telemetry: Telemetry,
                          protocol: str,
                          task_status: trio.TaskStatus[str] = trio.TASK_STATUS_IGNORED) -> None:
-    """Serves `handler` on the listening `sock` until cancelled; reports `host:port`.
+    """Serves `handler` on `listener` until cancelled (then closes it); reports `host:port`.
     `protocol` names the port in logs and metrics (accept failures, handler errors)."""
-    listeners = [tcp_listener(sock)]
-    address = address_of(sock)
 
-    async def serve(stream: trio.SocketStream) -> None:
+    async def serve(stream: trio.abc.Stream) -> None:
         try:
             await _serve_connection(stream, handler)
         except (trio.BrokenResourceError, trio.ClosedResourceError, h11.ProtocolError):
@@ -42,11 +39,11 @@ async def run_plain_http(sock: socket.socket, handler: Handler, *, telemetry: Te
         except Exception:
             telemetry.handler_failed(protocol, peer_of(stream))
 
-    task_status.started(address)
-    await serve_streams(listeners, serve, protocol=protocol, telemetry=telemetry)
+    task_status.started(listen_address(listener))
+    await serve_streams([listener], serve, protocol=protocol, telemetry=telemetry)
 
 
-async def _serve_connection(stream: trio.SocketStream, handler: Handler) -> None:
+async def _serve_connection(stream: trio.abc.Stream, handler: Handler) -> None:
     conn = new_connection()
     while True:
         event = None
