@@ -15,6 +15,7 @@ import re
 import signal
 import threading
 import time
+import urllib.request
 import zlib
 from collections import Counter
 from collections.abc import Callable, Iterator
@@ -563,20 +564,49 @@ def test_kill_9_mid_stream(site: Site, peers_cache: Path, tmp_path: Path, case: 
     check_landed(site.root, expected)
 
 
+BIG_CHUNK_RECORDS = 120_000
+BIG_CHUNK_VARIANTS = {
+    "ndjson": [],
+    "json_array": [("  content_type application/x-ndjson\n",
+                    "  content_type application/json\n  json_array true\n")],
+    "msgpack": [("  content_type application/x-ndjson\n",
+                 "  content_type application/msgpack\n"),
+                ("    @type json\n  </format>", "    @type msgpack\n  </format>")],
+}
+
+
+@pytest.mark.parametrize("variant", sorted(BIG_CHUNK_VARIANTS))
 def test_fluentd_out_http_chunk_over_the_body_limit(site: Site, peers_cache: Path,
-                                                    tmp_path: Path) -> None:
-    """Fluentd's file buffer makes chunks up to 256m: one chunk of ~14 MiB (over
-    http.body_size_limit) is streamed, answered 200 and every record lands once."""
+                                                    tmp_path: Path, variant: str) -> None:
+    """Fluentd's file buffer makes chunks up to 256m: one chunk of 120,000 records (over
+    http.body_size_limit as ndjson, a JSON array and msgpack) is streamed, answered 200
+    and every record lands once."""
     block = site.fill(doc_block("fluentd-http"), tmp_path)
-    block = edit(block, "    flush_interval 1s\n    chunk_limit_size 8m\n",
-                 "    flush_interval 20s\n    chunk_limit_size 64m\n")
-    data, expected = json_lines("fbig", 120_000)
+    for old, new in [("    flush_interval 1s\n    chunk_limit_size 8m\n",
+                      f"    flush_interval 60s\n    chunk_limit_size 64m\n"
+                      f"    chunk_limit_records {BIG_CHUNK_RECORDS}\n"
+                      f"    chunk_full_threshold 1.0\n"),  # sent once all are in
+                     *BIG_CHUNK_VARIANTS[variant]]:
+        block = edit(block, old, new)
+    data, expected = json_lines("fbig", BIG_CHUNK_RECORDS)
     assert len(data) > 12 * 1024 * 1024
-    fluentd = start_fluentd(peers_cache, fluentd_sources(tmp_path, {"oj": data}) + block, tmp_path)
+    fluentd = start_fluentd(peers_cache, fluentd_sources(tmp_path, {"oj": data}) + block,
+                            tmp_path)
     try:
         wait_stored(site.root, set(expected), peer=fluentd)
+        requests = fluentd_requests(site)
     finally:
         fluentd.stop()
     site.stop()
     check_landed(site.root, expected)
     assert fluentd.matching(r"\[(error|warn)\]") == []  # no 413, no retry, no backup
+    assert requests == 1, "the records came in more than one request: no chunk was large"
+
+
+def fluentd_requests(site: Site) -> float:
+    """HTTP requests the server answered 200."""
+    assert site.server is not None
+    address = site.server.addresses["metrics"]
+    with urllib.request.urlopen(f"http://{address}/metrics", timeout=10) as reply:
+        return sum(float(line.rsplit(" ", 1)[1]) for line in reply.read().decode().splitlines()
+                   if line.startswith("mwdlogd_http_requests_total") and 'status="200"' in line)
