@@ -81,8 +81,8 @@ TIMEOUTS = {
     "fluentd-http": (("  content_type application/x-ndjson\n",
                       "  content_type application/x-ndjson\n  open_timeout 2\n"
                       "  read_timeout 2\n  reuse_connections true\n"),),
-    "fluent-bit-forward": (("    Retry_Limit", "    net.io_timeout 2s\n    Retry_Limit"),),
-    "fluent-bit-http": (("    Retry_Limit", "    net.io_timeout 2s\n    Retry_Limit"),),
+    "fluent-bit-forward": (("    net.io_timeout       60s\n", "    net.io_timeout 2s\n"),),
+    "fluent-bit-http": (("    net.io_timeout    60s\n", "    net.io_timeout 2s\n"),),
 }
 TIMEOUT_LINES = {
     "fluentd-forward": r"\[warn\].*(no response from node|ack)",
