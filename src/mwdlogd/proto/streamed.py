@@ -112,6 +112,22 @@ class NdjsonSlicer(Slicer):
 _JSON_TOKEN = re.compile(rb'"(?:[^"\\]++|\\.)*+(?:"|\\?\Z)|[\[\]{},]', re.S)
 
 
+def _nested(depth: int) -> bytes:
+    """Regex of the inside of an object or array nesting at most `depth` more levels
+    (strings whole, so brackets in them do not count)."""
+    inner = rb'(?:[^{}\[\]"]++|"(?:[^"\\]++|\\.)*+")*+'
+    for _ in range(depth):
+        inner = rb'(?:[^{}\[\]"]++|"(?:[^"\\]++|\\.)*+"|\{' + inner + rb'\}|\[' + inner \
+            + rb'\])*+'
+    return inner
+
+
+# A run of whole elements, each followed by its comma, nesting up to 4 levels: matched in
+# one call (C speed) where most records are; anything else is followed token by token.
+_JSON_RUN = re.compile(rb'(?:\s*+(?:\{' + _nested(3) + rb'\}|\[' + _nested(3)
+                       + rb'\]|"(?:[^"\\]++|\\.)*+"|[^{}\[\]",\s]++)\s*+,)*+', re.S)
+
+
 class JsonArraySlicer(Slicer):
     """Slices `[e1,...,en]` of whole elements of one top-level JSON array. The elements
     are not decoded here (the slice's parser does that); only strings and nesting are
@@ -167,8 +183,24 @@ class JsonArraySlicer(Slicer):
             self._after_array(rest)
 
     def _follow(self) -> tuple[int, int] | None:
-        """Follow the tokens from `_scan`; the span of the array's closing `]` if seen.
-        (The matches hold _pending: it is resized only after they are gone.)"""
+        """Follow the body from `_scan`; the span of the array's closing `]` if seen."""
+        while True:
+            if self._scan == self._element:  # at an element's start: skip a run of them
+                run = _JSON_RUN.match(self._pending, self._scan)
+                assert run is not None  # it matches the empty run
+                if run.end() > self._scan:
+                    self._elements += 1
+                    self._any = True
+                    self._element = self._scan = run.end()
+            at = self._scan
+            closed = self._tokens_of_one_element()
+            if closed is not None or self._scan == at or self._scan != self._element:
+                return closed  # the array ended, or the data did inside an element
+
+    def _tokens_of_one_element(self) -> tuple[int, int] | None:
+        """Follow tokens from `_scan` to the next element's start (after a comma at
+        depth 1); the span of the array's closing `]` if seen. (The matches hold
+        _pending: it is resized only after they are gone.)"""
         for match in _JSON_TOKEN.finditer(self._pending, self._scan):
             token = match.group()
             if token[:1] == b'"':
@@ -185,7 +217,8 @@ class JsonArraySlicer(Slicer):
                     return match.start(), match.end()
             elif self._depth == 1:  # a comma between elements
                 self._end_element(match.start(), closing=False)
-                self._element = match.end()
+                self._element = self._scan = match.end()
+                return None
         self._scan = len(self._pending)
         return None
 
