@@ -72,15 +72,23 @@ def poll(condition: object, what: str, timeout: float = DELIVERY_TIMEOUT_S) -> N
         time.sleep(0.1)  # polling another process, with a deadline
 
 
-# A client timeout of 2 s on each forwarder, and connections kept open between requests,
-# so that a request is under way on an open connection when the server stops.
-TIMEOUTS = {
+# Connections kept open between requests (Fluent Bit does by default), so that requests
+# go on an open connection: when the server stops, or while the relay holds answers.
+KEEPALIVE = {
     "fluentd-forward": (("  require_ack_response true\n",
-                         "  require_ack_response true\n  ack_response_timeout 2\n"
-                         "  keepalive true\n"),),
+                         "  require_ack_response true\n  keepalive true\n"),),
     "fluentd-http": (("  content_type application/x-ndjson\n",
-                      "  content_type application/x-ndjson\n  open_timeout 2\n"
-                      "  read_timeout 2\n  reuse_connections true\n"),),
+                      "  content_type application/x-ndjson\n  reuse_connections true\n"),),
+    "fluent-bit-forward": (),
+    "fluent-bit-http": (),
+}
+# ... and a client timeout of 2 s on each forwarder.
+TIMEOUTS = {
+    "fluentd-forward": (*KEEPALIVE["fluentd-forward"],
+                        ("  keepalive true\n", "  keepalive true\n  ack_response_timeout 2\n")),
+    "fluentd-http": (*KEEPALIVE["fluentd-http"],
+                     ("  reuse_connections true\n",
+                      "  reuse_connections true\n  open_timeout 2\n  read_timeout 2\n")),
     "fluent-bit-forward": (("    net.io_timeout       60s\n", "    net.io_timeout 2s\n"),),
     "fluent-bit-http": (("    net.io_timeout    60s\n", "    net.io_timeout 2s\n"),),
 }
@@ -152,7 +160,8 @@ def test_kill_9_between_fsync_and_answer(engine_site: Site, peers_cache: Path, t
     forward = "forward" in case
     gate = Gate(site.forward_port if forward else site.http_port)
     data, expected = json_lines(case.replace("-", ""), RECORDS)
-    peer = start_engine(case, site, peers_cache, tmp_path, edits=TIMEOUTS[case], port=gate.port)
+    peer = start_engine(case, site, peers_cache, tmp_path, edits=KEEPALIVE[case],
+                        port=gate.port)
     writer = Writer(tmp_path / "engine.log", data, steps=80)
     try:
         wait_more_stored(site.root, 0)

@@ -70,12 +70,24 @@ class Site:
     def kill(self) -> None:
         assert self.server is not None
         self.server.signal(signal.SIGKILL)
-        assert self.server.wait() == -signal.SIGKILL
+        try:
+            assert self.server.wait() == -signal.SIGKILL
+        finally:
+            self._keep_log()
 
     def stop(self) -> None:
         if self.server is not None and self.server.process.poll() is None:
             self.server.signal(signal.SIGTERM)
-            assert self.server.wait() == 0
+            try:
+                assert self.server.wait() == 0
+            finally:
+                self._keep_log()
+
+    def _keep_log(self) -> None:
+        """Append this run's log to mwdlogd.log beside the config (for a failure)."""
+        assert self.server is not None
+        with (self.config.parent / "mwdlogd.log").open("a") as file:
+            file.write("\n".join(self.server.lines) + "\n")
 
     def fill(self, block: str, workdir: Path, port: int | None = None) -> str:
         """A doc block with this test's host, ports (or `port`, a relay's, for both),

@@ -1,8 +1,10 @@
 """A loopback TCP relay between a forwarder and mwdlogd that can swallow the server's
-answers: with `hold()` the server still reads, commits (fsync) and answers each request,
-but the answer never reaches the forwarder. A `kill -9` of the server then lands
-exactly between the fsync and the answer as the forwarder sees it. TLS passes through
-unchanged (the relay sees only TCP bytes).
+answers: with `hold()` the server still reads, commits (fsync) and answers each request
+sent on a connection that was open before, but the answer never reaches the forwarder.
+A `kill -9` of the server then lands exactly between the fsync and the answer as the
+forwarder sees it. TLS passes through unchanged (the relay sees only TCP bytes), so a
+new connection cannot be half-relayed (its handshake would hang): while holding, new
+connections are closed at once, and the forwarder sends on the ones it keeps open.
 """
 
 from __future__ import annotations
@@ -30,7 +32,8 @@ class Gate:
         self._start(self._accept)
 
     def hold(self) -> None:
-        """From now on the server's bytes are dropped, not relayed."""
+        """From now on the server's bytes are dropped, not relayed, and new connections
+        are closed."""
         with self._lock:
             self._holding = True
 
@@ -62,6 +65,11 @@ class Gate:
                 client, _ = self._listener.accept()
             except OSError:
                 return  # closed
+            with self._lock:
+                holding = self._holding
+            if holding:
+                client.close()
+                continue
             try:
                 server = socket.create_connection(self._target, timeout=5)
                 server.settimeout(None)
