@@ -85,7 +85,8 @@ KEEPALIVE = {
 # ... and a client timeout of 2 s on each forwarder.
 TIMEOUTS = {
     "fluentd-forward": (*KEEPALIVE["fluentd-forward"],
-                        ("  keepalive true\n", "  keepalive true\n  ack_response_timeout 2\n")),
+                        ("  keepalive true\n",
+                         "  keepalive true\n  ack_response_timeout 2\n  connect_timeout 2\n")),
     "fluentd-http": (*KEEPALIVE["fluentd-http"],
                      ("  reuse_connections true\n",
                       "  reuse_connections true\n  open_timeout 2\n  read_timeout 2\n")),
@@ -93,7 +94,7 @@ TIMEOUTS = {
     "fluent-bit-http": (("    net.io_timeout    60s\n", "    net.io_timeout 2s\n"),),
 }
 TIMEOUT_LINES = {
-    "fluentd-forward": r"\[warn\].*(no response from node|ack)",
+    "fluentd-forward": r"\[warn\].*(no response from node|timeout to commit|failed to flush)",
     "fluentd-http": r"\[warn\].*(Timeout|timeout)",
     "fluent-bit-forward": r"\[ *(warn|error)\].*(timeout|timed out)",
     "fluent-bit-http": r"\[ *(warn|error)\].*(timeout|timed out)",
