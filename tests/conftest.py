@@ -94,3 +94,12 @@ async def start_app(nursery: trio.Nursery, config: Config) -> Running:
 @pytest.fixture
 async def server(nursery: trio.Nursery, tmp_path: Path, pki: Path) -> AsyncIterator[Running]:
     yield await start_app(nursery, make_config(tmp_path, pki))
+
+
+@pytest.fixture(scope="session")
+def peers_cache(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """Where the forwarders are unpacked: pytest's cache (kept between runs), or a
+    session directory when the cache plugin is off (`-p no:cacheprovider`)."""
+    if getattr(request.config, "cache", None) is None:
+        return tmp_path_factory.mktemp("real-peers")
+    return Path(request.config.cache.mkdir("real-peers"))

@@ -15,6 +15,7 @@ import re
 import signal
 import threading
 import time
+import urllib.request
 import zlib
 from collections import Counter
 from collections.abc import Callable, Iterator
@@ -69,17 +70,31 @@ class Site:
     def kill(self) -> None:
         assert self.server is not None
         self.server.signal(signal.SIGKILL)
-        assert self.server.wait() == -signal.SIGKILL
+        try:
+            assert self.server.wait() == -signal.SIGKILL
+        finally:
+            self._keep_log()
 
     def stop(self) -> None:
         if self.server is not None and self.server.process.poll() is None:
             self.server.signal(signal.SIGTERM)
-            assert self.server.wait() == 0
+            try:
+                assert self.server.wait() == 0
+            finally:
+                self._keep_log()
 
-    def fill(self, block: str, workdir: Path) -> str:
-        """A doc block with this test's host, ports, certificates, key, token and dirs."""
+    def _keep_log(self) -> None:
+        """Append this run's log to mwdlogd.log beside the config (for a failure)."""
+        assert self.server is not None
+        with (self.config.parent / "mwdlogd.log").open("a") as file:
+            file.write("\n".join(self.server.lines) + "\n")
+
+    def fill(self, block: str, workdir: Path, port: int | None = None) -> str:
+        """A doc block with this test's host, ports (or `port`, a relay's, for both),
+        certificates, key, token and dirs."""
         for old, new in (("logserver.example.net", "localhost"),
-                         ("24224", str(self.forward_port)), ("8888", str(self.http_port)),
+                         ("24224", str(port or self.forward_port)),
+                         ("8888", str(port or self.http_port)),
                          ("/etc/engine/certs/", f"{self.pki}/"),
                          ("CHANGE-ME-SHARED-KEY", SHARED_KEY), ("CHANGE-ME-TOKEN", TOKEN),
                          ("/var/lib/fluent/", f"{workdir}/")):
@@ -87,28 +102,28 @@ class Site:
         return block
 
 
+def open_site(tmp_path: Path, pki: Path, **sections: dict[str, Any]) -> Site:
+    """A started mwdlogd with the tests' forwarder settings, `sections` merged in."""
+    http_port, forward_port = free_port(), free_port()
+    settings: dict[str, dict[str, Any]] = {
+        "http": {"port": http_port},
+        "forward": {"port": forward_port, "shared_key": SHARED_KEY},
+        "buffer": {"flush_interval": "200ms"}}
+    for name, values in sections.items():
+        settings.setdefault(name, {}).update(values)
+    site = Site(write_config(tmp_path / "config.toml", config_raw(tmp_path, pki, **settings)),
+                tmp_path / "logs", http_port, forward_port, pki)
+    site.start()
+    return site
+
+
 @pytest.fixture
 def site(tmp_path: Path, pki: Path) -> Iterator[Site]:
-    http_port, forward_port = free_port(), free_port()
-    raw = config_raw(tmp_path, pki, http={"port": http_port},
-                     forward={"port": forward_port, "shared_key": SHARED_KEY},
-                     buffer={"flush_interval": "200ms"})
-    site = Site(write_config(tmp_path / "config.toml", raw), tmp_path / "logs",
-                http_port, forward_port, pki)
-    site.start()
+    site = open_site(tmp_path, pki)
     try:
         yield site
     finally:
         site.stop()
-
-
-@pytest.fixture(scope="session")
-def cache(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """Where the forwarders are unpacked: pytest's cache (kept between runs), or a
-    session directory when the cache plugin is off (`-p no:cacheprovider`)."""
-    if getattr(request.config, "cache", None) is None:
-        return tmp_path_factory.mktemp("real-peers")
-    return Path(request.config.cache.mkdir("real-peers"))
 
 
 # ---- what the Engines write, and what must land -------------------------------------
@@ -276,7 +291,7 @@ def assert_bytes_recoverable(root: Path, raw: dict[str, bytes]) -> None:
 
 
 @pytest.mark.parametrize("compress", ["gzip", "plain"])
-def test_fluentd_out_forward_block(site: Site, cache: Path, tmp_path: Path, compress: str
+def test_fluentd_out_forward_block(site: Site, peers_cache: Path, tmp_path: Path, compress: str
                                    ) -> None:
     """The doc's out_forward block (TLS, client certificate, shared key, acks) with Oj
     (str), Yajl (bin) and regexp (bin) sources and lines that are not UTF-8: exact sets
@@ -285,7 +300,7 @@ def test_fluentd_out_forward_block(site: Site, cache: Path, tmp_path: Path, comp
     if compress == "plain":
         block = edit(block, "  compress gzip\n", "")
     files, expected, raw = fluentd_inputs("fd")
-    fluentd = start_fluentd(cache, fluentd_sources(tmp_path, files) + block, tmp_path)
+    fluentd = start_fluentd(peers_cache, fluentd_sources(tmp_path, files) + block, tmp_path)
     try:
         wait_stored(site.root, set(expected), peer=fluentd)
     finally:
@@ -305,7 +320,8 @@ HTTP_VARIANTS = {
 
 
 @pytest.mark.parametrize("variant", sorted(HTTP_VARIANTS))
-def test_fluentd_out_http_block(site: Site, cache: Path, tmp_path: Path, variant: str) -> None:
+def test_fluentd_out_http_block(site: Site, peers_cache: Path, tmp_path: Path,
+                                variant: str) -> None:
     """The doc's out_http block (client certificate, bearer token, the event time added
     as `time`): every record of every source lands once in its tree; lines that are not
     UTF-8 cost nothing (200, the bytes kept)."""
@@ -313,7 +329,7 @@ def test_fluentd_out_http_block(site: Site, cache: Path, tmp_path: Path, variant
     for old, new in HTTP_VARIANTS[variant]:
         block = edit(block, old, new)
     files, expected, raw = fluentd_inputs("fh")
-    fluentd = start_fluentd(cache, fluentd_sources(tmp_path, files) + block, tmp_path)
+    fluentd = start_fluentd(peers_cache, fluentd_sources(tmp_path, files) + block, tmp_path)
     try:
         wait_stored(site.root, set(expected), peer=fluentd)
     finally:
@@ -384,7 +400,8 @@ FORWARD_VARIANTS = {"ini-gzip": ("fluentbit-forward-ini", []),
 
 
 @pytest.mark.parametrize("variant", sorted(FORWARD_VARIANTS))
-def test_fluent_bit_forward_block(site: Site, cache: Path, tmp_path: Path, variant: str) -> None:
+def test_fluent_bit_forward_block(site: Site, peers_cache: Path, tmp_path: Path,
+                                  variant: str) -> None:
     """The doc's forward [OUTPUT] (INI and YAML; gzip and plain): exact set, once, in its
     trees; bytes that are not UTF-8 kept and recoverable."""
     name, edits = FORWARD_VARIANTS[variant]
@@ -393,7 +410,7 @@ def test_fluent_bit_forward_block(site: Site, cache: Path, tmp_path: Path, varia
         block = edit(block, old, new)
     files, expected, raw = fluent_bit_inputs("fb")
     yaml = name.endswith("yaml")
-    peer = start_fluent_bit(cache, fluent_bit_config(tmp_path, files, block, yaml=yaml),
+    peer = start_fluent_bit(peers_cache, fluent_bit_config(tmp_path, files, block, yaml=yaml),
                             tmp_path, yaml=yaml)
     try:
         wait_stored(site.root, set(expected), peer=peer)
@@ -412,7 +429,7 @@ HTTP_BIT_VARIANTS = {"ini-json_lines-gzip": ("fluentbit-http-ini", []),
 
 
 @pytest.mark.parametrize("variant", sorted(HTTP_BIT_VARIANTS))
-def test_fluent_bit_http_block(site: Site, cache: Path, tmp_path: Path, variant: str) -> None:
+def test_fluent_bit_http_block(site: Site, peers_cache: Path, tmp_path: Path, variant: str) -> None:
     """The doc's http [OUTPUT] (INI json_lines + gzip, YAML json, INI msgpack): every
     record lands once with its event time. Fluent Bit's JSON encoder rewrites bytes that
     are not UTF-8 before sending (the doc says so): `\xc0\xaf\xff` leaves as `/`;
@@ -423,7 +440,7 @@ def test_fluent_bit_http_block(site: Site, cache: Path, tmp_path: Path, variant:
         block = edit(block, old, new)
     files, expected, raw = fluent_bit_inputs("fbh")
     yaml = name.endswith("yaml")
-    peer = start_fluent_bit(cache, fluent_bit_config(tmp_path, files, block, yaml=yaml),
+    peer = start_fluent_bit(peers_cache, fluent_bit_config(tmp_path, files, block, yaml=yaml),
                             tmp_path, yaml=yaml)
     try:
         wait_stored(site.root, set(expected), peer=peer)
@@ -453,9 +470,9 @@ KILL_RECORDS, KILL_STEPS = 12000, 120  # 100 lines a step, a step every 0.1 s: 1
 class Writer:
     """Appends an Engine's lines to a tailed file a step at a time, as nginx would."""
 
-    def __init__(self, path: Path, data: bytes) -> None:
+    def __init__(self, path: Path, data: bytes, steps: int = KILL_STEPS) -> None:
         lines = data.splitlines(keepends=True)
-        step = len(lines) // KILL_STEPS
+        step = len(lines) // steps
         self._steps = [b"".join(lines[i:i + step]) for i in range(0, len(lines), step)]
         self._path = path
         self._stop = threading.Event()
@@ -504,23 +521,20 @@ KILL_CASES = {
 }
 
 
-@pytest.mark.parametrize("case", sorted(KILL_CASES))
-def test_kill_9_mid_stream(site: Site, cache: Path, tmp_path: Path, case: str) -> None:
-    """Twice while the forwarder sends, mwdlogd is `kill -9`ed (the forwarder sees it:
-    a retry line) and started again: every record lands once, on both protocols (a
-    resend after a kill between the fsync and the answer is recognised: forward by its
-    chunk id, HTTPS by its bytes)."""
-    block_name, retry_line = KILL_CASES[case]
-    block = site.fill(doc_block(block_name), tmp_path)
-    scenario = case.replace("-", "")
-    data, expected = json_lines(scenario, KILL_RECORDS)
+def start_engine(case: str, site: Site, peers_cache: Path, work: Path, *,
+                 edits: tuple[tuple[str, str], ...] = (), port: int | None = None) -> Peer:
+    """One KILL_CASES forwarder tailing `work/engine.log` (empty at first) with its doc
+    block (`edits` applied, sent to `port` when given), retrying within a second or two."""
+    block = site.fill(doc_block(KILL_CASES[case][0]), work, port)
+    for old, new in edits:
+        block = edit(block, old, new)
     if case.startswith("fluentd"):
         block = edit(block, "retry_max_interval 30s", "retry_max_interval 1s")
-        config = f"<system>\n  root_dir {tmp_path}/fluent-root\n</system>\n" + f"""<source>
+        config = f"<system>\n  root_dir {work}/fluent-root\n</system>\n" + f"""<source>
   @type tail
   @id in_engine
-  path {tmp_path}/engine.log
-  pos_file {tmp_path}/engine.log.pos
+  path {work}/engine.log
+  pos_file {work}/engine.log.pos
   read_from_head true
   tag nginx.access
   <parse>
@@ -528,11 +542,20 @@ def test_kill_9_mid_stream(site: Site, cache: Path, tmp_path: Path, case: str) -
   </parse>
 </source>
 """ + block
-        (tmp_path / "engine.log").write_bytes(b"")
-        peer = start_fluentd(cache, config, tmp_path)
-    else:
-        peer = start_fluent_bit(cache, fluent_bit_config(tmp_path, {"engine": b""}, block,
-                                                         yaml=False), tmp_path)
+        (work / "engine.log").write_bytes(b"")
+        return start_fluentd(peers_cache, config, work)
+    config = fluent_bit_config(work, {"engine": b""}, block, yaml=False)
+    return start_fluent_bit(peers_cache, config, work)
+
+
+@pytest.mark.parametrize("case", sorted(KILL_CASES))
+def test_kill_9_mid_stream(site: Site, peers_cache: Path, tmp_path: Path, case: str) -> None:
+    """Twice while the forwarder sends, mwdlogd is `kill -9`ed (the forwarder sees it:
+    a retry line) and started again: every record lands once, on both protocols.
+    (test_forwarder_faults.py makes the kill land between the fsync and the answer.)"""
+    retry_line = KILL_CASES[case][1]
+    data, expected = json_lines(case.replace("-", ""), KILL_RECORDS)
+    peer = start_engine(case, site, peers_cache, tmp_path)
     writer = Writer(tmp_path / "engine.log", data)
     try:
         stored = 0
@@ -553,20 +576,49 @@ def test_kill_9_mid_stream(site: Site, cache: Path, tmp_path: Path, case: str) -
     check_landed(site.root, expected)
 
 
-def test_fluentd_out_http_chunk_over_the_body_limit(site: Site, cache: Path,
-                                                    tmp_path: Path) -> None:
-    """Fluentd's file buffer makes chunks up to 256m: one chunk of ~14 MiB (over
-    http.body_size_limit) is streamed, answered 200 and every record lands once."""
+BIG_CHUNK_RECORDS = 120_000
+BIG_CHUNK_VARIANTS = {
+    "ndjson": [],
+    "json_array": [("  content_type application/x-ndjson\n",
+                    "  content_type application/json\n  json_array true\n")],
+    "msgpack": [("  content_type application/x-ndjson\n",
+                 "  content_type application/msgpack\n"),
+                ("    @type json\n  </format>", "    @type msgpack\n  </format>")],
+}
+
+
+@pytest.mark.parametrize("variant", sorted(BIG_CHUNK_VARIANTS))
+def test_fluentd_out_http_chunk_over_the_body_limit(site: Site, peers_cache: Path,
+                                                    tmp_path: Path, variant: str) -> None:
+    """Fluentd's file buffer makes chunks up to 256m: one chunk of 120,000 records (over
+    http.body_size_limit as ndjson, a JSON array and msgpack) is streamed, answered 200
+    and every record lands once."""
     block = site.fill(doc_block("fluentd-http"), tmp_path)
-    block = edit(block, "    flush_interval 1s\n    chunk_limit_size 8m\n",
-                 "    flush_interval 20s\n    chunk_limit_size 64m\n")
-    data, expected = json_lines("fbig", 120_000)
+    for old, new in [("    flush_interval 1s\n    chunk_limit_size 8m\n",
+                      f"    flush_interval 60s\n    chunk_limit_size 64m\n"
+                      f"    chunk_limit_records {BIG_CHUNK_RECORDS}\n"
+                      f"    chunk_full_threshold 1.0\n"),  # sent once all are in
+                     *BIG_CHUNK_VARIANTS[variant]]:
+        block = edit(block, old, new)
+    data, expected = json_lines("fbig", BIG_CHUNK_RECORDS)
     assert len(data) > 12 * 1024 * 1024
-    fluentd = start_fluentd(cache, fluentd_sources(tmp_path, {"oj": data}) + block, tmp_path)
+    fluentd = start_fluentd(peers_cache, fluentd_sources(tmp_path, {"oj": data}) + block,
+                            tmp_path)
     try:
         wait_stored(site.root, set(expected), peer=fluentd)
+        requests = fluentd_requests(site)
     finally:
         fluentd.stop()
     site.stop()
     check_landed(site.root, expected)
     assert fluentd.matching(r"\[(error|warn)\]") == []  # no 413, no retry, no backup
+    assert requests == 1, "the records came in more than one request: no chunk was large"
+
+
+def fluentd_requests(site: Site) -> float:
+    """HTTP requests the server answered 200."""
+    assert site.server is not None
+    address = site.server.addresses["metrics"]
+    with urllib.request.urlopen(f"http://{address}/metrics", timeout=10) as reply:
+        return sum(float(line.rsplit(" ", 1)[1]) for line in reply.read().decode().splitlines()
+                   if line.startswith("mwdlogd_http_requests_total") and 'status="200"' in line)

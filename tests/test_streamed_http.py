@@ -7,6 +7,7 @@ memory bound are measured on a server subprocess."""
 from __future__ import annotations
 
 import gzip
+import json
 import os
 import secrets
 import signal
@@ -14,6 +15,7 @@ import time
 from pathlib import Path
 from typing import Any
 
+import msgpack
 import pytest
 import trio
 
@@ -125,6 +127,55 @@ async def test_a_body_over_the_limit_is_stored_exactly_once(
     assert set(ids_by_file(running.root)) == {
         f"acme/nginx/{site}/2024/11/25/{hour}.log.gz"
         for site in ("www.acme.test", "shop.acme.test") for hour in ("02", "03")}
+
+
+def as_kind(body: bytes, kind: str) -> tuple[bytes, str]:
+    """The ndjson `body` as a JSON array (pretty-printed, as some clients send it) or a
+    msgpack stream (of maps, or of Fluent Bit events); its Content-Type."""
+    records = [json.loads(line) for line in body.splitlines()]
+    if kind == "json_array":
+        return json.dumps(records, indent=1).encode(), "application/json"
+    if kind == "msgpack-events":
+        records = [[[int(r["time"]), {}], r] for r in records]
+    return b"".join(msgpack.packb(r) for r in records), "application/msgpack"
+
+
+@pytest.mark.parametrize("kind", ["json_array", "msgpack", "msgpack-events"])
+@pytest.mark.parametrize("zipped", [False, True])
+async def test_a_json_array_or_msgpack_body_over_the_limit_is_streamed(
+        nursery: trio.Nursery, tmp_path: Path, pki: Path, kind: str, zipped: bool) -> None:
+    """Fluentd's `json_array true` and msgpack bodies (and Fluent Bit's `Format msgpack`
+    events) over http.body_size_limit are sliced as they arrive, like ndjson: stored
+    once, in their hourly files, and a resend is recognised."""
+    running = await start_app(nursery, make_config(tmp_path, pki))
+    ndjson_body, ids = big_body(14 if kind.startswith("msgpack") else 12, random_pad=zipped)
+    body, content_type = as_kind(ndjson_body, kind)
+    headers = {}
+    if zipped:
+        body = gzip.compress(body, 1)
+        headers["Content-Encoding"] = "gzip"
+    assert len(body) > (10 * MIB) // 8 if zipped else len(body) > 10 * MIB
+    for duplicate in (False, True):  # the forwarder's resend: the same bytes
+        reply = await post(running.addresses.http, client_context(pki), "/nginx.access", body,
+                           content_type=content_type, headers=headers)
+        assert (reply.status, reply.json()) == (
+            200, {"records": len(ids), **({"duplicate": True} if duplicate else {})})
+    assert await flushed(running) == sorted(ids)
+    assert set(ids_by_file(running.root)) == {
+        f"acme/nginx/{site}/2024/11/25/{hour}.log.gz"
+        for site in ("www.acme.test", "shop.acme.test") for hour in ("02", "03")}
+
+
+async def test_a_malformed_streamed_json_array_stores_nothing(
+        nursery: trio.Nursery, tmp_path: Path, pki: Path) -> None:
+    running = await start_app(nursery, make_config(tmp_path, pki))
+    body, _ = as_kind(big_body(12)[0], "json_array")
+    reply = await post(running.addresses.http, client_context(pki), "/nginx.access",
+                       body.rstrip()[:-1] + b",]", content_type="application/json")
+    assert (reply.status, reply.json()["error"]) == (400, "malformed_body")
+    assert "empty element" in reply.json()["detail"]
+    assert spool_files(tmp_path / "buffer") == []
+    assert await flushed(running) == []
 
 
 async def test_a_client_gone_mid_body_stores_nothing(

@@ -1,18 +1,21 @@
 #!/usr/bin/env python3
-"""Backlog delivery time with a real Fluent Bit: how long an Engine's backlog takes to
+"""Backlog delivery time with a real forwarder: how long an Engine's backlog takes to
 reach mwdlogd when it does not fit the server's buffer at once.
 
 Starts mwdlogd as a subprocess with a small `buffer.total_limit`, writes N Engine records
-to a file, starts Fluent Bit (tail -> http output over mTLS with a bearer token, as an
-Engine runs it) and measures the time until the server has acked all N records (its
+to a file, starts the forwarder (Fluent Bit 4.2.8 tail -> http output, or Fluentd 1.18
+in_tail -> out_http as docs/forwarders.md configures it; mTLS and a bearer token, as an
+Engine runs them) and measures the time until the server has acked all N records (its
 input counter), how many 503s it answered on the way, and then that every record was
 stored exactly once. `--full-wait 0s` is the server answering 503 at once (as before
 `http.full_wait` existed); the default holds requests while the buffer is full.
 
     python tools/backlog.py --records 100000
     python tools/backlog.py --records 100000 --full-wait 0s
+    python tools/backlog.py --forwarder fluentd --records 100000
 
-Fluent Bit comes from ../shared/peers/fluent-bit (see its README) or --fluent-bit PATH.
+The forwarders come from shared/peers (tests/peers/real.py says where it is looked for;
+REAL_PEERS_DIR overrides); `--fluent-bit PATH` runs another Fluent Bit binary.
 """
 
 from __future__ import annotations
@@ -20,7 +23,7 @@ from __future__ import annotations
 import argparse
 import gzip
 import json
-import shutil
+import os
 import signal
 import subprocess
 import sys
@@ -34,23 +37,14 @@ import tomli_w
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / "tests"))
+from peers.real import PEERS_DIR, fluent_bit_binary, fluentd_command  # noqa: E402
+
 from mwdlogd.certs import init_certs  # noqa: E402
 
 from server_process import ServerProcess  # noqa: E402
 
 TOKEN = "backlog-token-0123456789"
-PEER = REPO.parent.parent / "shared" / "peers" / "fluent-bit" / "fluent-bit-4.2.8-linux-x86_64.gz"
 TIMEOUT_S = 900.0
-
-
-def fluent_bit_binary(work: Path, given: Path | None) -> Path:
-    if given is not None:
-        return given
-    binary = work / "fluent-bit"
-    with gzip.open(PEER) as source, open(binary, "wb") as target:
-        shutil.copyfileobj(source, target)
-    binary.chmod(0o755)
-    return binary
 
 
 def write_records(path: Path, count: int) -> None:
@@ -89,7 +83,7 @@ def fluent_bit_config(work: Path, pki: Path, port: str) -> Path:
 [SERVICE]
     Flush 1
     Log_Level info
-    Parsers_File {PEER.parent / "parsers.conf"}
+    Parsers_File {PEERS_DIR / "fluent-bit" / "parsers.conf"}
 
 [INPUT]
     Name tail
@@ -115,6 +109,60 @@ def fluent_bit_config(work: Path, pki: Path, port: str) -> Path:
     return path
 
 
+def fluentd_config(work: Path, pki: Path, port: str) -> Path:
+    """docs/forwarders.md's out_http block (file buffer, 8m chunks, retry up to 30 s)."""
+    path = work / "fluent.conf"
+    path.write_text(f"""\
+<system>
+  root_dir {work}/fluent-root
+</system>
+<source>
+  @type tail
+  path {work / "input.log"}
+  pos_file {work / "input.log.pos"}
+  read_from_head true
+  tag nginx.access
+  <parse>
+    @type json
+  </parse>
+</source>
+<match nginx.**>
+  @type http
+  endpoint https://localhost:{port}/${{tag}}
+  tls_ca_cert_path {pki / "ca.crt"}
+  tls_client_cert_path {pki / "engine-01.crt"}
+  tls_private_key_path {pki / "engine-01.key"}
+  headers {{"Authorization":"Bearer {TOKEN}"}}
+  content_type application/x-ndjson
+  retryable_response_codes [408, 503]
+  <format>
+    @type json
+  </format>
+  <buffer tag>
+    @type file
+    path {work}/fluent-buffer
+    flush_interval 1s
+    chunk_limit_size 8m
+    retry_forever true
+    retry_max_interval 30s
+  </buffer>
+</match>
+""")
+    return path
+
+
+def start_forwarder(args: argparse.Namespace, work: Path, pki: Path,
+                    port: str) -> subprocess.Popen[bytes]:
+    if args.forwarder == "fluentd":
+        argv, env = fluentd_command(work)
+        argv = [*argv, "-c", str(fluentd_config(work, pki, port))]
+    else:
+        binary = args.fluent_bit or fluent_bit_binary(work)
+        argv, env = [str(binary), "-c", str(fluent_bit_config(work, pki, port))], {}
+    return subprocess.Popen(argv, env={**os.environ, **env}, stdout=subprocess.DEVNULL,
+                            stderr=subprocess.DEVNULL)
+
+
 def metric_sum(address: str, prefix: str, contains: str = "") -> float:
     with urllib.request.urlopen(f"http://{address}/metrics", timeout=10) as reply:
         text = reply.read().decode()
@@ -138,6 +186,8 @@ def main() -> int:
     parser.add_argument("--flush-interval", default="2s",
                         help="the server's buffer.flush_interval (how often room comes back)")
     parser.add_argument("--full-wait", default="20s", help="the server's http.full_wait")
+    parser.add_argument("--forwarder", choices=["fluent-bit", "fluentd"], default="fluent-bit",
+                        help="which real forwarder sends the backlog")
     parser.add_argument("--fluent-bit", type=Path, help="Fluent Bit binary (default: the peer)")
     args = parser.parse_args()
     with tempfile.TemporaryDirectory(prefix="mwdlogd-backlog-") as tmp:
@@ -146,14 +196,12 @@ def main() -> int:
         init_certs(pki, hosts=["localhost"], clients=["engine-01"], days=2)
         write_records(work / "input.log", args.records)
         server = ServerProcess(server_config(work, pki, args))
-        flb = None
+        forwarder = None
         try:
             port = server.addresses["http"].rpartition(":")[2]
             metrics = server.addresses["metrics"]
             started = time.monotonic()
-            flb = subprocess.Popen([str(fluent_bit_binary(work, args.fluent_bit)), "-c",
-                                    str(fluent_bit_config(work, pki, port))],
-                                   stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+            forwarder = start_forwarder(args, work, pki, port)
             acked = 0.0
             while acked < args.records and time.monotonic() - started < TIMEOUT_S:
                 time.sleep(0.2)  # polling another process's counter
@@ -164,13 +212,14 @@ def main() -> int:
             refused = metric_sum(metrics, "mwdlogd_http_requests_total", 'status="503"')
             accepted = metric_sum(metrics, "mwdlogd_http_requests_total", 'status="200"')
         finally:
-            if flb is not None:
-                flb.send_signal(signal.SIGTERM)
-                flb.wait(60)
+            if forwarder is not None:
+                forwarder.send_signal(signal.SIGTERM)
+                forwarder.wait(60)
             server.signal(signal.SIGTERM)
             server.wait()
         ids = stored_ids(work / "logs")
-        result = {"records": args.records, "total_limit": args.total_limit,
+        result = {"forwarder": args.forwarder, "records": args.records,
+                  "total_limit": args.total_limit,
                   "flush_interval": args.flush_interval, "full_wait": args.full_wait,
                   "delivered_all": acked >= args.records, "delivery_s": round(elapsed, 1),
                   "requests_200": int(accepted), "requests_503": int(refused),

@@ -91,7 +91,8 @@ class HttpConfig:
     max_records_per_request: int = attrs.field(default=250_000, metadata=_doc(
         "most records one request may hold (413 past it); Fluentd's 8 MB chunks hold ~100k"))
     stream_body_limit: Size = attrs.field(default=Size(512 * 1024**2), metadata=_doc(
-        "largest ndjson body (on the wire and after gunzip) for Fluentd chunks up to its "
+        "largest ndjson, JSON array or msgpack body (on the wire and after gunzip), for "
+        "Fluentd chunks up to its "
         "256m default: past body_size_limit it is streamed to {buffer.path}/spool, not "
         "held in memory (max_records_per_request then applies to each 1 MiB slice)"))
 

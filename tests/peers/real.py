@@ -19,8 +19,12 @@ from pathlib import Path
 
 import pytest
 
+_REPO = Path(__file__).resolve().parents[2]
+# Beside the clone (CI), or beside the directory of worktrees (a worktree of a clone).
 PEERS_DIR = Path(os.environ.get("REAL_PEERS_DIR")
-                 or Path(__file__).resolve().parents[2].parent / "shared" / "peers")
+                 or next((path for path in (_REPO.parent / "shared" / "peers",
+                                            _REPO.parent.parent / "shared" / "peers")
+                          if path.exists()), _REPO.parent / "shared" / "peers"))
 FLUENTD_ARCHIVES = ("fluentd-1.18.0", "serverengine-2.4.0")
 FLUENT_BIT = "fluent-bit-4.2.8-linux-x86_64.gz"
 START_TIMEOUT_S = 60.0

@@ -296,6 +296,7 @@ PARSERS: dict[str, Callable[[bytes, int], Parsed]] = {
     "application/x-www-form-urlencoded": parse_form,
 }
 GZIP_ENCODINGS = {"gzip", "x-gzip"}
+_MAP_HEADS = bytes(range(0x80, 0x90)) + b"\xde\xdf"  # fixmap, map 16, map 32
 
 
 def media_type(content_type: str) -> str:
@@ -316,12 +317,15 @@ def parser_for(content_type: str) -> Callable[[bytes, int], Parsed]:
 
 def records_at_most(content_type: str, body: bytes) -> int:
     """A cheap upper bound on the records a body can hold, to charge before decoding:
-    a line each for ndjson, an object each for JSON, a byte each otherwise."""
+    a line each for ndjson, an object each for JSON, a map header byte each for msgpack,
+    a byte each otherwise."""
     kind = media_type(content_type)
     if PARSERS.get(kind) is parse_ndjson:
         return body.count(b"\n") + 1
     if kind == "application/json":
         return body.count(b"{")
+    if PARSERS.get(kind) is parse_msgpack:  # every map starts with one of these bytes
+        return len(body) - len(body.translate(None, _MAP_HEADS))
     return len(body)
 
 

@@ -24,10 +24,10 @@ from mwdlogd.proto.bodies import (
     check_encoding,
     gunzip_body,
     media_type,
-    parse_ndjson,
     parser_for,
     records_at_most,
 )
+from mwdlogd.proto.streamed import can_stream
 from mwdlogd.proto.times import event_time_of
 
 # A gzip ndjson body this many times smaller than body_size_limit on the wire is streamed
@@ -114,10 +114,10 @@ class RequestReader:
         self._max_records = max_records
         self._body = bytearray()
         self._received = 0
-        # An ndjson body declared larger than body_limit (up to stream_limit) is streamed:
-        # the caller slices it as it comes (proto.streamed) instead of `receive_data`
-        # keeping it, and decodes each slice with `decode`.
-        self.stream_limit = stream_limit if self._parse is parse_ndjson else 0
+        # A body declared larger than body_limit (up to stream_limit) is streamed when its
+        # type can be sliced: the caller slices it as it comes (proto.streamed) instead of
+        # `receive_data` keeping it, and decodes each slice with `decode`.
+        self.stream_limit = stream_limit if can_stream(self._content_type) else 0
         self.streamed = False
         self._check_length(request)
         # What a byte-identical resend has in common with its first copy (HTTP dedupe).
@@ -135,7 +135,7 @@ class RequestReader:
         elif int(length) > max(self.limit, self.stream_limit):
             raise IngestError(413, "body_too_large", f"Content-Length {int(length)} > "
                               f"http.body_size_limit={self.limit}" + (
-                                  f" and http.stream_body_limit={self.stream_limit} (ndjson)"
+                                  f" and http.stream_body_limit={self.stream_limit}"
                                   if self.stream_limit else ""))
         elif int(length) > (self.limit // GZIP_STREAM_RATIO if self.gzip else self.limit):
             self.streamed = self.stream_limit > 0
@@ -152,6 +152,10 @@ class RequestReader:
         if len(self._body) > self.limit:
             raise IngestError(413, "body_too_large",
                               f"body over http.body_size_limit={self.limit} bytes")
+
+    @property
+    def content_type(self) -> str:
+        return self._content_type
 
     @property
     def received(self) -> int:

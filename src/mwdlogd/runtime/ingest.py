@@ -29,7 +29,7 @@ from mwdlogd.pipeline.normalize import Context, Routed, normalize_batch
 from mwdlogd.proto.auth import Identity
 from mwdlogd.proto.forward import Entries
 from mwdlogd.proto.ingest import Accepted, RequestReader
-from mwdlogd.proto.streamed import NdjsonSlicer
+from mwdlogd.proto.streamed import slicer_for
 from mwdlogd.runtime.admission import Admission
 from mwdlogd.runtime.batch import Committed, Submission, group_routed
 from mwdlogd.runtime.budget import (
@@ -204,8 +204,8 @@ class Ingest:
                           spool: SpoolWriter, received_at: float) -> int:
         """Spool each slice of the body; the records kept with invalid UTF-8."""
         http = self._live.config.http
-        slicer = NdjsonSlicer(gzip=reader.gzip, limit=http.stream_body_limit,
-                              line_limit=http.body_size_limit)
+        slicer = slicer_for(reader.content_type, gzip=reader.gzip,
+                            limit=http.stream_body_limit, line_limit=http.body_size_limit)
         records = invalid = 0
         with self.budget.lease() as lease:
             async for data in body:
