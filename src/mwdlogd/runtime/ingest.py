@@ -11,6 +11,7 @@ the HTTP server answers and the forward server reports before closing the connec
 import math
 import time
 from collections.abc import AsyncIterator
+from functools import partial
 
 import attrs
 import trio
@@ -29,7 +30,7 @@ from mwdlogd.pipeline.normalize import Context, Routed, normalize_batch
 from mwdlogd.proto.auth import Identity
 from mwdlogd.proto.forward import Entries
 from mwdlogd.proto.ingest import Accepted, RequestReader
-from mwdlogd.proto.streamed import slicer_for
+from mwdlogd.proto.streamed import Slicer, slicer_for
 from mwdlogd.runtime.admission import Admission
 from mwdlogd.runtime.batch import Committed, Submission, group_routed
 from mwdlogd.runtime.budget import (
@@ -209,16 +210,24 @@ class Ingest:
         records = invalid = 0
         with self.budget.lease() as lease:
             async for data in body:
-                for piece in slicer.feed(data):
+                for piece in await self._cut(slicer, data):
                     count, bad = await self._spool_slice(reader, piece, spool, lease,
                                                          received_at)
                     records, invalid = records + count, invalid + bad
-            for piece in slicer.end():
+            for piece in await self._cut(slicer, None):
                 count, bad = await self._spool_slice(reader, piece, spool, lease, received_at)
                 records, invalid = records + count, invalid + bad
         if not records:
             raise IngestError(400, "empty_body", "request body is empty")
         return invalid
+
+    async def _cut(self, slicer: Slicer, data: bytes | None) -> list[bytes]:
+        """The slices `data` completes (None: the body's end), cut off the event loop when
+        the slicer may take long (a 64 KiB gzip read can inflate to a megabyte)."""
+        cut = partial(slicer.feed, data) if data is not None else slicer.end
+        if slicer.on_loop:
+            return cut()
+        return await trio.to_thread.run_sync(cut, limiter=self.decoder)
 
     async def _spool_slice(self, reader: RequestReader, piece: bytes, spool: SpoolWriter,
                            lease: Lease, received_at: float) -> tuple[int, int]:
