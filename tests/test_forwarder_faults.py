@@ -103,11 +103,8 @@ TIMEOUT_LINES = {
 
 @pytest.fixture
 def engine_site(tmp_path: Path, pki: Path) -> Iterator[Site]:
-    site = open_site(tmp_path, pki)
-    try:
+    with open_site(tmp_path, pki) as site:
         yield site
-    finally:
-        site.stop()
 
 
 def deliver(site: Site, peer: Peer, writer: Writer, expected: set[str]) -> None:

@@ -75,6 +75,12 @@ class Site:
         finally:
             self._keep_log()
 
+    def __enter__(self) -> Site:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()
+
     def stop(self) -> None:
         if self.server is not None and self.server.process.poll() is None:
             self.server.signal(signal.SIGTERM)
@@ -119,11 +125,8 @@ def open_site(tmp_path: Path, pki: Path, **sections: dict[str, Any]) -> Site:
 
 @pytest.fixture
 def site(tmp_path: Path, pki: Path) -> Iterator[Site]:
-    site = open_site(tmp_path, pki)
-    try:
-        yield site
-    finally:
-        site.stop()
+    with open_site(tmp_path, pki) as running:
+        yield running
 
 
 # ---- what the Engines write, and what must land -------------------------------------
