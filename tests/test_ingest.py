@@ -18,6 +18,7 @@ import attrs
 import h11
 import pytest
 import trio
+import trio.testing
 
 from mwdlogd.errors import IngestError
 from mwdlogd.live import Live, Settings, authorizer
@@ -48,13 +49,15 @@ PEER = Peer("10.0.0.5", 50122)  # a client without a certificate
 @attrs.frozen
 class Plane:
     ingest: Ingest
+    committer: Committer
     journal: Journal
     routed: trio.MemoryReceiveChannel[Message]  # what the router would get
     telemetry: Telemetry
 
 
-async def plane(nursery: trio.Nursery, tmp_path: Path, pki: Path,
+async def plane(nursery: trio.Nursery, tmp_path: Path, pki: Path, *, commit: bool = True,
                 **sections: dict[str, Any]) -> Plane:
+    """`commit=False`: the commit task does not run, so batches wait once handed over."""
     config = make_config(tmp_path, pki, **sections)
     telemetry = Telemetry("testhost")
     live = Live(Settings(config, authorizer(config, FailureThrottle(), telemetry.auth_event),
@@ -70,11 +73,12 @@ async def plane(nursery: trio.Nursery, tmp_path: Path, pki: Path,
                           journal_synced=telemetry.journal_synced)
     await committer.recover(config.storage.root)
     to_router, routed = trio.open_memory_channel[Message](math.inf)
-    await nursery.start(committer.run, to_router)
+    if commit:
+        await nursery.start(committer.run, to_router)
     ingest = Ingest(live=live, committer=committer, admission=admission, telemetry=telemetry,
                     budget=Budget(config.server.memory_limit),
                     decoder=trio.CapacityLimiter(1))
-    return Plane(ingest, journal, routed, telemetry)
+    return Plane(ingest, committer, journal, routed, telemetry)
 
 
 def routed_ids(plane: Plane) -> list[str]:
@@ -158,3 +162,24 @@ async def test_a_batch_the_buffer_can_never_hold_is_refused_and_keeps_nothing(
     assert (refused.value.status, refused.value.error) == (503, "buffer_full")
     assert routed_ids(p) == []
     assert p.journal.next_id == 0
+
+
+async def test_a_streamed_request_cancelled_once_handed_over_keeps_its_spool_file(
+        nursery: trio.Nursery, tmp_path: Path, pki: Path) -> None:
+    """Shutdown may cancel a streamed request while its batch waits for the journal: the
+    batch can still be journaled, naming the spool file, so the file must stay (deleting
+    it lost the records while a resend was answered as a duplicate)."""
+    p = await plane(nursery, tmp_path, pki, commit=False)
+    spools = p.committer.spools.directory
+    reader = http_reader(ndjson(engine_records(5)))
+    with trio.CancelScope() as scope:
+        async def cancel_once_handed_over() -> None:
+            while not p.committer.queued:  # spool writes run in threads: look again
+                await trio.testing.wait_all_tasks_blocked(cushion=0.01)
+            scope.cancel()
+
+        nursery.start_soon(cancel_once_handed_over)
+        await p.ingest.http_streamed(reader, reader.pieces(), peer=PEER,
+                                     received_at=time.time())
+    assert scope.cancelled_caught
+    assert len([f for f in spools.iterdir() if f.is_file()]) == 1

@@ -28,6 +28,9 @@ class Submission:
     dedupe_key: bytes | None = None  # a resend key (storage.chunk_ids.dedupe_key)
     error: Refused | None = None
     done: trio.Event = attrs.field(factory=trio.Event)
+    # Handed to the commit task: from here it is journaled unless `error` says otherwise,
+    # even when its sender is cancelled while waiting (a streamed one's spool must stay).
+    enqueued: bool = False
     spool: str | None = None  # the spool file's name
     pieces: list[PieceMeta] = attrs.field(factory=list)
     # replay: the ids each file holds already

@@ -54,14 +54,19 @@ class Committer:
         self.journal_problem: str | None = None  # why the journal is failing, for /health
         self.journal_refusing = False  # ... and whether batches are refused for it
 
+    @property
+    def queued(self) -> int:
+        """Batches handed over and not yet taken by the commit task."""
+        return self._send.statistics().current_buffer_used
+
     async def commit(self, submission: Submission, *, dedupe: Dedupe | None = None,
                      room_wait_s: float = 0.0) -> Committed:
         """Durable once this returns (the ack point). Raises Refused without keeping
         anything. While the buffer is full this waits up to `room_wait_s` (math.inf:
         as long as it takes) for room before refusing; a `dedupe` key already durable
         makes this a duplicate that is not stored. A streamed request's batch names its
-        sealed spool file: the caller deletes the file unless this returns as not a
-        duplicate."""
+        sealed spool file: the caller may delete the file only while the batch is not
+        `enqueued` or has an `error` (a cancelled wait may still be journaled)."""
         room_deadline = trio.current_time() + room_wait_s
         if dedupe is None:
             return await self._commit(submission, room_deadline)
@@ -79,6 +84,7 @@ class Committer:
             await self._send.send(submission)
         except (trio.ClosedResourceError, trio.BrokenResourceError):
             raise ShuttingDown("server is shutting down") from None
+        submission.enqueued = True
         self._admission.admitted()
         await submission.done.wait()
         if submission.error is not None:

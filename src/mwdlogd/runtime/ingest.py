@@ -175,28 +175,30 @@ class Ingest:
 
     async def http_streamed(self, reader: RequestReader, body: AsyncIterator[bytes], *,
                             peer: Peer, received_at: float) -> Outcome:
-        """A large ndjson body: each slice is decoded, normalised and spooled as it
+        """A large body: each slice is decoded, normalised and spooled as it
         arrives; the spool file is committed (one journal record naming it) once the
         whole body is in it and fsynced. Anything short of that deletes the file before
         this returns or raises, so a refused request keeps nothing."""
         http = self._live.config.http
         spool = await trio.to_thread.run_sync(SpoolWriter, self._committer.spools.directory)
-        keep = False
+        submission = Submission(reader.tag, [], spool=spool.name)
         try:
             invalid = await self._spool_body(body, reader, spool, received_at)
             if invalid:
                 self._telemetry.invalid_utf8_kept("http", peer, reader.tag, invalid)
             await trio.to_thread.run_sync(spool.seal, self._live.config.buffer.fsync)
-            submission = Submission(reader.tag, [], spool=spool.name, pieces=spool.pieces)
+            submission.pieces = spool.pieces
             committed, latency_s = await self._commit(
                 submission, _http_dedupe(http.dedupe_window, reader.identity.name,
                                          peer.subject, reader.digest), http.full_wait)
-            keep = not committed.duplicate
         except TooDeep:
             raise IngestError(400, "too_deep", TOO_DEEP) from None
         except BudgetExceeded as exc:
             raise IngestError(413, "memory_budget", str(exc)) from None
         finally:
+            # Kept once handed to the commit task, even when this wait is cancelled
+            # (shutdown): the journal may name the file. A duplicate was never handed.
+            keep = submission.enqueued and submission.error is None
             with trio.CancelScope(shield=True):
                 await trio.to_thread.run_sync(spool.close if keep else spool.discard)
         return self._http_accepted(reader.tag, submission.count, committed, latency_s)
