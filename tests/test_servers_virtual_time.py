@@ -226,8 +226,8 @@ async def test_cancelling_run_cannot_cut_the_final_flush_short(
             committer_closed = trio.Event()
             close = server.app.committer.close
 
-            async def close_and_tell() -> None:
-                await close()
+            def close_and_tell() -> None:
+                close()
                 committer_closed.set()
 
             server.app.committer.close = close_and_tell  # type: ignore[method-assign]

@@ -234,7 +234,9 @@ class App:
         task, router, writers) outlives the accept plane (the ingest servers) that feeds
         it. The drain closes the accept plane and lets it finish its requests, closes the
         commit task, then lets the storage plane run dry (the final flush) under a
-        shielded deadline, so cancelling `run` cannot cut the flush short."""
+        shielded deadline, so once the accept plane has finished, cancelling `run` cannot
+        cut the flush short (a cancel or crash before that leaves the acked batches to the
+        journal's recovery at the next start)."""
         for key, path in (("storage.root", self.config.storage.root),
                           ("buffer.path", self.config.buffer.path)):
             problem = await trio.to_thread.run_sync(check_writable, path)
@@ -264,7 +266,7 @@ class App:
                         await self._stop.wait()
                         drain = self._begin_drain()
                         accept.cancel_scope.deadline = drain.deadline
-                    await self.committer.close()  # nothing commits any more
+                    self.committer.close()  # nothing commits any more
                     storage.cancel_scope.shield = True  # the final flush
                     storage.cancel_scope.deadline = drain.deadline
                 drain.flushed = not storage.cancel_scope.cancelled_caught

@@ -102,9 +102,10 @@ class Committer:
         await marker.done.wait()
         return marker
 
-    async def close(self) -> None:
-        """Stop accepting; `run` journals what it has, then closes the router's channel."""
-        await self._send.aclose()
+    def close(self) -> None:
+        """Stop accepting; `run` journals what it has, then closes the router's channel.
+        Synchronous: no checkpoint between the accept plane's end and the shielded flush."""
+        self._send.close()
 
     async def recover(self, root: str) -> None:
         """Cut files back to before unfinished appends; queue what the journal still owes."""
