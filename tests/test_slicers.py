@@ -34,7 +34,7 @@ def sliced(slicer: Slicer, body: bytes, reads: random.Random) -> list[bytes]:
         size = reads.randint(1, 40)
         out += slicer.feed(body[at:at + size])
         at += size
-    return out + slicer.end()
+    return out + list(slicer.end())
 
 
 def json_records(slices: list[bytes]) -> list[Any]:
@@ -119,7 +119,7 @@ def test_an_element_or_value_over_the_record_limit_is_413() -> None:
 def test_msgpack_nesting_past_the_stack_is_too_deep() -> None:
     slicer = MsgpackSlicer(gzip=False, limit=10**6, line_limit=10**5)
     with pytest.raises(IngestError) as raised:
-        slicer.feed(b"\x91" * 5000 + b"\x80")
+        list(slicer.feed(b"\x91" * 5000 + b"\x80"))
     assert (raised.value.status, raised.value.error) == (400, "too_deep")
 
 
@@ -136,3 +136,22 @@ def test_which_content_types_stream() -> None:
         "application/x-ndjson", "application/json; charset=utf-8", "application/msgpack",
         "application/x-msgpack", "application/x-www-form-urlencoded")] == [
         True, True, True, True, False]
+
+
+@pytest.mark.parametrize("kind", ["application/x-ndjson", "application/json",
+                                  "application/msgpack"])
+def test_a_gzip_bomb_in_one_read_inflates_only_as_its_slices_are_taken(kind: str) -> None:
+    """16 MiB of records in 24 KiB of gzip, given in one `feed`: each slice taken has
+    inflated about one slice more, not the whole body (what the caller has not charged
+    to the memory budget yet)."""
+    record = {"a": 1}
+    body = {"application/x-ndjson": b"".join([json.dumps(record).encode() + b"\n"] * 2**21),
+            "application/json": json.dumps([record] * 2**21).encode(),
+            "application/msgpack": msgpack.packb(record) * 2**21}[kind]
+    slicer = slicer_for(kind, gzip=True, limit=2**30, line_limit=1024)
+    slices = slicer.feed(gzip.compress(body))
+    taken = 0
+    for piece in slices:
+        taken += len(piece)
+        assert slicer.inflated <= taken + 2 * 1024 * 1024
+    assert slicer.inflated == len(body) >= 8 * 1024 * 1024

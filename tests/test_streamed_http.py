@@ -89,12 +89,12 @@ def test_slices_are_whole_lines_whatever_the_reads(use_gzip: bool) -> None:
 def test_a_cut_gzip_body_and_one_inflating_too_far_are_refused() -> None:
     body, _ = big_body(1)
     cut = NdjsonSlicer(gzip=True, limit=len(body), line_limit=4096)
-    cut.feed(gzip.compress(body)[:-20])
+    list(cut.feed(gzip.compress(body)[:-20]))
     with pytest.raises(IngestError, match="truncated"):
-        cut.end()
+        list(cut.end())
     bomb = NdjsonSlicer(gzip=True, limit=len(body) - 1, line_limit=4096)
     with pytest.raises(IngestError, match="stream_body_limit"):
-        bomb.feed(gzip.compress(body))
+        list(bomb.feed(gzip.compress(body)))
 
 
 def test_a_spooled_batch_takes_one_journal_id_per_piece(tmp_path: Path) -> None:

@@ -11,6 +11,7 @@ per call too (a bomb inflates a slice at a time). Nothing here touches a socket.
 
 import re
 import zlib
+from collections.abc import Iterator
 
 import msgpack
 
@@ -38,11 +39,15 @@ class Slicer:
         self._more = False  # the last inflate filled its output: call again
         self._start()
 
-    def feed(self, data: bytes) -> list[bytes]:
+    def feed(self, data: bytes) -> Iterator[bytes]:
+        """The slices `data` completes, made as they are taken: gzip input is inflated
+        at most `slice_bytes` at a time, so a bomb in one read never inflates further
+        than the slice the caller is taking."""
         slices: list[bytes] = []
         if self._inflater is None:
             self._add(data, slices)
-            return slices
+            yield from slices
+            return
         while data or self._more:
             self._in_member = True
             try:
@@ -50,6 +55,8 @@ class Slicer:
             except zlib.error as exc:
                 raise IngestError(400, "malformed_body", f"gzip body: {exc}") from None
             self._add(out, slices)
+            yield from slices
+            slices.clear()
             if self._inflater.eof:  # the next gzip member (Fluentd sends several)
                 data = self._inflater.unused_data
                 self._inflater = zlib.decompressobj(wbits=31)
@@ -57,13 +64,12 @@ class Slicer:
             else:
                 data = self._inflater.unconsumed_tail
                 self._more = len(out) == self._slice_bytes  # output may be left inside
-        return slices
 
-    def end(self) -> list[bytes]:
+    def end(self) -> Iterator[bytes]:
         """The last slice; 400 when a gzip member or the body's last record was cut short."""
         if self._in_member:
             raise IngestError(400, "malformed_body", "gzip body: gzip data is truncated")
-        return self._rest()
+        yield from self._rest()
 
     def _add(self, data: bytes, slices: list[bytes]) -> None:
         self.inflated += len(data)

@@ -10,8 +10,7 @@ the HTTP server answers and the forward server reports before closing the connec
 
 import math
 import time
-from collections.abc import AsyncIterator
-from functools import partial
+from collections.abc import AsyncIterator, Iterator
 
 import attrs
 import trio
@@ -212,24 +211,25 @@ class Ingest:
         records = invalid = 0
         with self.budget.lease() as lease:
             async for data in body:
-                for piece in await self._cut(slicer, data):
+                for_slices = slicer.feed(data)
+                while (piece := await self._next_slice(slicer, for_slices)) is not None:
                     count, bad = await self._spool_slice(reader, piece, spool, lease,
                                                          received_at)
                     records, invalid = records + count, invalid + bad
-            for piece in await self._cut(slicer, None):
+            last = slicer.end()
+            while (piece := await self._next_slice(slicer, last)) is not None:
                 count, bad = await self._spool_slice(reader, piece, spool, lease, received_at)
                 records, invalid = records + count, invalid + bad
         if not records:
             raise IngestError(400, "empty_body", "request body is empty")
         return invalid
 
-    async def _cut(self, slicer: Slicer, data: bytes | None) -> list[bytes]:
-        """The slices `data` completes (None: the body's end), cut off the event loop when
-        the slicer may take long (a 64 KiB gzip read can inflate to a megabyte)."""
-        cut = partial(slicer.feed, data) if data is not None else slicer.end
+    async def _next_slice(self, slicer: Slicer, slices: Iterator[bytes]) -> bytes | None:
+        """The next slice cut (None: no more), off the event loop when the slicer may
+        take long (a JSON array nested deeper than one regex match)."""
         if slicer.on_loop:
-            return cut()
-        return await trio.to_thread.run_sync(cut, limiter=self.decoder)
+            return next(slices, None)
+        return await trio.to_thread.run_sync(lambda: next(slices, None), limiter=self.decoder)
 
     async def _spool_slice(self, reader: RequestReader, piece: bytes, spool: SpoolWriter,
                            lease: Lease, received_at: float) -> tuple[int, int]:
