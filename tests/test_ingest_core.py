@@ -1,7 +1,8 @@
 """The sans-IO ingest core: body decoders and RequestReader over h11 events, no sockets.
 
-Real Fluentd 1.18 out_http requests (shared/reference/captures) are fed whole, byte by
-byte, and with trailing bytes; every split must give the same records.
+Real Fluentd 1.18 out_http requests (recorded in shared/reference/captures, kept in
+tests/captures) are fed whole, byte by byte, and with trailing bytes; every split must
+give the same records.
 """
 
 from __future__ import annotations
