@@ -69,7 +69,7 @@ class HttpsIngestServer:
     def draining(self) -> bool:
         return self._acceptor.draining
 
-    async def _handle(self, stream: trio.SSLStream[trio.SocketStream]) -> None:
+    async def _handle(self, stream: trio.abc.Stream) -> None:
         """Never raises: an exception reaching serve_listeners would stop the server."""
         self._telemetry.connection_opened("http")
         peer = peer_of(stream)
@@ -86,7 +86,7 @@ class HttpsIngestServer:
         finally:
             await trio.aclose_forcefully(stream)
 
-    async def _serve_connection(self, stream: trio.SSLStream[trio.SocketStream],
+    async def _serve_connection(self, stream: trio.abc.Stream,
                                 peer: Peer) -> None:
         conn = new_connection()
         while not self.draining:
@@ -103,7 +103,7 @@ class HttpsIngestServer:
                                                    f"http.request_timeout="
                                                    f"{self._live.config.http.request_timeout}s")
 
-    async def _next_request(self, conn: h11.Connection, stream: trio.SSLStream[trio.SocketStream],
+    async def _next_request(self, conn: h11.Connection, stream: trio.abc.Stream,
                             peer: Peer) -> h11.Request | None:
         """The next request head, or None on EOF, idle timeout or drain. The idle timeout
         runs until the head's first byte, http.request_timeout from then on (a head
@@ -127,7 +127,7 @@ class HttpsIngestServer:
             return None
         return event if isinstance(event, h11.Request) else None
 
-    async def _serve_request(self, conn: h11.Connection, stream: trio.SSLStream[trio.SocketStream],
+    async def _serve_request(self, conn: h11.Connection, stream: trio.abc.Stream,
                              request: h11.Request, peer: Peer) -> bool:
         """Read, judge, commit and answer one request; False when the answer could not be
         sent (the connection is done). `http.request_timeout` bounds reading the body and
@@ -166,7 +166,7 @@ class HttpsIngestServer:
         return await self._send(conn, stream, json_response(200, answer), close=self.draining)
 
     async def _live_body(self, http: HttpConfig, conn: h11.Connection,
-                         stream: trio.SSLStream[trio.SocketStream],
+                         stream: trio.abc.Stream,
                          reader: RequestReader) -> AsyncIterator[bytes]:
         """The body's bytes as they arrive (counted and hashed by `reader`).
         `http.request_timeout` bounds each wait for more, not the whole body (256 MiB
@@ -184,7 +184,7 @@ class HttpsIngestServer:
             yield event.data
 
     async def _read_body(self, http: HttpConfig, conn: h11.Connection,
-                         stream: trio.SSLStream[trio.SocketStream],
+                         stream: trio.abc.Stream,
                          reader: RequestReader, lease: Lease) -> None:
         with trio.move_on_after(http.request_timeout):
             while isinstance(event := await read_event(conn, stream), h11.Data):
@@ -194,7 +194,7 @@ class HttpsIngestServer:
         raise IngestError(408, "request_timeout", f"request not received within "
                           f"http.request_timeout={http.request_timeout}s")
 
-    async def _send(self, conn: h11.Connection, stream: trio.SSLStream[trio.SocketStream],
+    async def _send(self, conn: h11.Connection, stream: trio.abc.Stream,
                     response: Response, *, close: bool) -> bool:
         """Send an answer within http.request_timeout; False when the client did not take it."""
         with trio.move_on_after(self._live.config.http.request_timeout):
@@ -209,7 +209,7 @@ class HttpsIngestServer:
                                     now=trio.current_time(), subject=peer.common_name)
         return authenticate
 
-    async def _refuse(self, conn: h11.Connection, stream: trio.SSLStream[trio.SocketStream],
+    async def _refuse(self, conn: h11.Connection, stream: trio.abc.Stream,
                       peer: Peer, error: IngestError) -> bool:
         """Answer with the error as JSON; close when the body was not read in full."""
         self._telemetry.http_rejected(peer, error.status, error.error, error.detail)
