@@ -5,7 +5,9 @@ ForwardConnection); what happens to the records it has read is here, once: the
 normalising context, the memory budget for what they decode to, room in the buffer,
 the resend key, the commit that is the ack point, and one telemetry event for the
 outcome. Refusals are raised as IngestError (status, fixed reason code, detail), which
-the HTTP server answers and the forward server reports before closing the connection.
+the HTTP server answers and the forward server reports before closing the connection;
+`forward` lets BudgetExceeded through, as the forward server's own reading raises it
+and reports both the same way.
 """
 
 import math
