@@ -16,7 +16,7 @@ from mwdlogd.runtime.batch import FlushAll, Message, Submission
 from mwdlogd.runtime.channels import Wake, receive_until
 from mwdlogd.runtime.tail import TailHub
 from mwdlogd.runtime.tracker import BatchTracker
-from mwdlogd.runtime.writer import Chunk, DestinationWriter, Store, WriterSettings
+from mwdlogd.runtime.writer import BatchPart, DestinationWriter, Store, WriterSettings
 from mwdlogd.storage.spool import read_pieces, spool_path
 from mwdlogd.telemetry import Telemetry
 
@@ -119,7 +119,7 @@ class Router:
         if self._tail is not None:
             self._tail.publish(group.destination, group.data)
         await self._writer(group.destination).submit(
-            Chunk(tag, batch_id, group.data, group.count))
+            BatchPart(tag, batch_id, group.data, group.count))
 
     async def _route_spooled(self, submission: Submission) -> None:
         """A streamed request's pieces, read from its spool file one at a time (the

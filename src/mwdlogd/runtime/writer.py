@@ -43,8 +43,9 @@ class Store(Protocol):
 
 
 @attrs.frozen
-class Chunk:
-    """Records of one journal batch for one file."""
+class BatchPart:
+    """Records of one journal batch for one file (not a Fluentd chunk: those are the
+    writer's pending members, bounded by buffer.chunk_limit)."""
 
     tag: str
     batch_id: int
@@ -104,7 +105,7 @@ class DestinationWriter:
         self._telemetry = telemetry
         self._written = written
         self._predecessor = predecessor
-        self._send, self._receive = trio.open_memory_channel[Chunk | FlushRequest](WRITER_QUEUE)
+        self._send, self._receive = trio.open_memory_channel[BatchPart | FlushRequest](WRITER_QUEUE)
         self._builder = MemberBuilder(self._settings().compression)
         self._raw: list[bytes] = []
         self._raw_bytes = 0
@@ -122,8 +123,8 @@ class DestinationWriter:
     def pending_bytes(self) -> int:
         return self._pending_bytes
 
-    async def submit(self, chunk: Chunk) -> None:
-        await self._send.send(chunk)
+    async def submit(self, part: BatchPart) -> None:
+        await self._send.send(part)
 
     async def flush(self) -> FlushRequest:
         """Returns once what was pending when called has been tried (or the writer ended),
@@ -163,7 +164,7 @@ class DestinationWriter:
             message = await receive_until(self._receive, self._deadline)
             if message is Wake.CLOSED:
                 return
-            if isinstance(message, Chunk):
+            if isinstance(message, BatchPart):
                 await self._add(message)
                 if self._pending_bytes < self._settings().chunk_limit:
                     continue
@@ -174,15 +175,15 @@ class DestinationWriter:
                 message.failed = not written
                 message.done.set()
 
-    async def _add(self, chunk: Chunk) -> None:
-        self._raw.append(chunk.data)
-        self._raw_bytes += len(chunk.data)
-        self._pending_bytes += len(chunk.data)
-        self._batch_ids.append(chunk.batch_id)
-        self._by_tag[chunk.tag] += chunk.count
-        self._open.batch_ids.append(chunk.batch_id)
-        self._open.by_tag[chunk.tag] += chunk.count
-        self._open.raw_bytes += len(chunk.data)
+    async def _add(self, part: BatchPart) -> None:
+        self._raw.append(part.data)
+        self._raw_bytes += len(part.data)
+        self._pending_bytes += len(part.data)
+        self._batch_ids.append(part.batch_id)
+        self._by_tag[part.tag] += part.count
+        self._open.batch_ids.append(part.batch_id)
+        self._open.by_tag[part.tag] += part.count
+        self._open.raw_bytes += len(part.data)
         if self._deadline == math.inf:
             self._deadline = trio.current_time() + self._settings().flush_interval_s * (
                 1 + self._settings().flush_spread * random.random())
