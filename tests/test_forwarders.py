@@ -398,6 +398,27 @@ def fluent_bit_inputs(prefix: str) -> Inputs:
 
 # Any warning or error but the one every stop logs.
 FLUENT_BIT_TROUBLE = r"\[ *(warn|error)\] (?!\[engine\] service will shutdown)"
+
+
+def deliver_fluent_bit_block(site: Site, peers_cache: Path, tmp_path: Path, name: str,
+                             edits: list[tuple[str, str]], *, prefix: str
+                             ) -> tuple[dict[str, Expected], dict[str, bytes], Peer]:
+    """Run the doc's Fluent Bit block `name` (with `edits`) over fluent_bit_inputs until
+    every record is stored, then stop it and the server: what was sent, its raw lines and
+    the stopped Fluent Bit (for its log)."""
+    block = site.fill(doc_block(name), tmp_path)
+    for old, new in edits:
+        block = edit(block, old, new)
+    files, expected, raw = fluent_bit_inputs(prefix)
+    yaml = name.endswith("yaml")
+    peer = start_fluent_bit(peers_cache, fluent_bit_config(tmp_path, files, block, yaml=yaml),
+                            tmp_path, yaml=yaml)
+    try:
+        wait_stored(site.root, set(expected), peer=peer)
+    finally:
+        peer.stop()
+    site.stop()
+    return expected, raw, peer
 FORWARD_VARIANTS = {"ini-gzip": ("fluentbit-forward-ini", []),
                     "yaml-plain": ("fluentbit-forward-yaml", [("  compress: gzip\n", "")])}
 
@@ -407,19 +428,8 @@ def test_fluent_bit_forward_block(site: Site, peers_cache: Path, tmp_path: Path,
                                   variant: str) -> None:
     """The doc's forward [OUTPUT] (INI and YAML; gzip and plain): exact set, once, in its
     trees; bytes that are not UTF-8 kept and recoverable."""
-    name, edits = FORWARD_VARIANTS[variant]
-    block = site.fill(doc_block(name), tmp_path)
-    for old, new in edits:
-        block = edit(block, old, new)
-    files, expected, raw = fluent_bit_inputs("fb")
-    yaml = name.endswith("yaml")
-    peer = start_fluent_bit(peers_cache, fluent_bit_config(tmp_path, files, block, yaml=yaml),
-                            tmp_path, yaml=yaml)
-    try:
-        wait_stored(site.root, set(expected), peer=peer)
-    finally:
-        peer.stop()
-    site.stop()
+    expected, raw, peer = deliver_fluent_bit_block(site, peers_cache, tmp_path,
+                                                   *FORWARD_VARIANTS[variant], prefix="fb")
     check_landed(site.root, expected, fields=invalid_utf8_fields(raw))
     assert_bytes_recoverable(site.root, raw)
     assert peer.matching(FLUENT_BIT_TROUBLE) == []
@@ -437,19 +447,8 @@ def test_fluent_bit_http_block(site: Site, peers_cache: Path, tmp_path: Path, va
     record lands once with its event time. Fluent Bit's JSON encoder rewrites bytes that
     are not UTF-8 before sending (the doc says so): `\xc0\xaf\xff` leaves as `/`;
     with `Format msgpack` they arrive unchanged and are kept."""
-    name, edits = HTTP_BIT_VARIANTS[variant]
-    block = site.fill(doc_block(name), tmp_path)
-    for old, new in edits:
-        block = edit(block, old, new)
-    files, expected, raw = fluent_bit_inputs("fbh")
-    yaml = name.endswith("yaml")
-    peer = start_fluent_bit(peers_cache, fluent_bit_config(tmp_path, files, block, yaml=yaml),
-                            tmp_path, yaml=yaml)
-    try:
-        wait_stored(site.root, set(expected), peer=peer)
-    finally:
-        peer.stop()
-    site.stop()
+    expected, raw, peer = deliver_fluent_bit_block(site, peers_cache, tmp_path,
+                                                   *HTTP_BIT_VARIANTS[variant], prefix="fbh")
 
     def without_bad_bytes(sent: dict[str, Any]) -> dict[str, Any]:
         return {**sent, "uri": f"/x{sent['id']}/"} if sent["id"] in raw else sent
