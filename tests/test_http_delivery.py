@@ -8,6 +8,8 @@ from __future__ import annotations
 import shutil
 import threading
 import time
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
 from pathlib import Path
 from typing import Any
 
@@ -201,14 +203,23 @@ async def send_held(address: str, pki: Path, replies: list[Reply]) -> None:
                               token=TOKEN))
 
 
-async def test_a_full_buffer_holds_the_request_until_there_is_room(
-        mock_clock: trio.testing.MockClock, nursery: trio.Nursery, tmp_path: Path,
-        pki: Path) -> None:
+@asynccontextmanager
+async def one_request_held(nursery: trio.Nursery, tmp_path: Path, pki: Path
+                           ) -> AsyncIterator[tuple[Running, list[Reply]]]:
+    """A full_app with a second request waiting for room; its reply is in the list once
+    the block has ended (the client is awaited there)."""
     running, address = await full_app(nursery, tmp_path, pki)
     replies: list[Reply] = []
     async with trio.open_nursery() as clients:
         clients.start_soon(send_held, address, pki, replies)
         await held(running)
+        yield running, replies
+
+
+async def test_a_full_buffer_holds_the_request_until_there_is_room(
+        mock_clock: trio.testing.MockClock, nursery: trio.Nursery, tmp_path: Path,
+        pki: Path) -> None:
+    async with one_request_held(nursery, tmp_path, pki) as (running, replies):
         mock_clock.jump(9)  # within http.full_wait
         await trio.testing.wait_all_tasks_blocked()
         assert replies == []  # neither refused nor acked: held
@@ -239,11 +250,7 @@ async def test_a_held_request_is_not_read_until_there_is_room(
 async def test_a_full_buffer_answers_503_after_full_wait_and_keeps_nothing(
         mock_clock: trio.testing.MockClock, nursery: trio.Nursery, tmp_path: Path,
         pki: Path) -> None:
-    running, address = await full_app(nursery, tmp_path, pki)
-    replies: list[Reply] = []
-    async with trio.open_nursery() as clients:
-        clients.start_soon(send_held, address, pki, replies)
-        await held(running)
+    async with one_request_held(nursery, tmp_path, pki) as (running, replies):
         mock_clock.jump(11)
     assert (replies[0].status, replies[0].json()["error"]) == (503, "buffer_full")
     assert replies[0].headers["retry-after"] == "5"
@@ -253,11 +260,7 @@ async def test_a_full_buffer_answers_503_after_full_wait_and_keeps_nothing(
 async def test_a_request_held_for_room_when_shutdown_begins_gets_shutting_down(
         mock_clock: trio.testing.MockClock, nursery: trio.Nursery, tmp_path: Path,
         pki: Path) -> None:
-    running, address = await full_app(nursery, tmp_path, pki)
-    replies: list[Reply] = []
-    async with trio.open_nursery() as clients:
-        clients.start_soon(send_held, address, pki, replies)
-        await held(running)
+    async with one_request_held(nursery, tmp_path, pki) as (running, replies):
         running.app.request_stop()
     assert (replies[0].status, replies[0].json()["error"]) == (503, "shutting_down")
     await running.app.stopped.wait()
