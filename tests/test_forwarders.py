@@ -18,7 +18,7 @@ import time
 import urllib.request
 import zlib
 from collections import Counter
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -299,16 +299,12 @@ def test_fluentd_out_forward_block(site: Site, peers_cache: Path, tmp_path: Path
     """The doc's out_forward block (TLS, client certificate, shared key, acks) with Oj
     (str), Yajl (bin) and regexp (bin) sources and lines that are not UTF-8: exact sets
     in their customer/fqdn trees, none in _invalid, the raw bytes recoverable."""
-    block = site.fill(doc_block("fluentd-forward"), tmp_path)
-    if compress == "plain":
-        block = edit(block, "  compress gzip\n", "")
     files, expected, raw = fluentd_inputs("fd")
-    fluentd = start_fluentd(peers_cache, fluentd_sources(tmp_path, files) + block, tmp_path)
-    try:
-        wait_stored(site.root, set(expected), peer=fluentd)
-    finally:
-        fluentd.stop()
-    site.stop()
+    fluentd = deliver_doc_block(
+        site, tmp_path, "fluentd-forward",
+        [("  compress gzip\n", "")] if compress == "plain" else [], expected,
+        lambda block: start_fluentd(peers_cache, fluentd_sources(tmp_path, files) + block,
+                                    tmp_path))
     check_landed(site.root, expected, fields=invalid_utf8_fields(raw))
     assert_bytes_recoverable(site.root, raw)
     assert fluentd.matching(r"\[(error|warn)\]") == []  # no retry, no parse failure
@@ -328,16 +324,11 @@ def test_fluentd_out_http_block(site: Site, peers_cache: Path, tmp_path: Path,
     """The doc's out_http block (client certificate, bearer token, the event time added
     as `time`): every record of every source lands once in its tree; lines that are not
     UTF-8 cost nothing (200, the bytes kept)."""
-    block = site.fill(doc_block("fluentd-http"), tmp_path)
-    for old, new in HTTP_VARIANTS[variant]:
-        block = edit(block, old, new)
     files, expected, raw = fluentd_inputs("fh")
-    fluentd = start_fluentd(peers_cache, fluentd_sources(tmp_path, files) + block, tmp_path)
-    try:
-        wait_stored(site.root, set(expected), peer=fluentd)
-    finally:
-        fluentd.stop()
-    site.stop()
+    fluentd = deliver_doc_block(
+        site, tmp_path, "fluentd-http", HTTP_VARIANTS[variant], expected,
+        lambda block: start_fluentd(peers_cache, fluentd_sources(tmp_path, files) + block,
+                                    tmp_path))
     check_landed(site.root, expected, fields=invalid_utf8_fields(raw))
     assert_bytes_recoverable(site.root, raw)
     for _, record in stored_now(site.root):  # the event time travelled in the record
@@ -400,24 +391,33 @@ def fluent_bit_inputs(prefix: str) -> Inputs:
 FLUENT_BIT_TROUBLE = r"\[ *(warn|error)\] (?!\[engine\] service will shutdown)"
 
 
-def deliver_fluent_bit_block(site: Site, peers_cache: Path, tmp_path: Path, name: str,
-                             edits: list[tuple[str, str]], *, prefix: str
-                             ) -> tuple[dict[str, Expected], dict[str, bytes], Peer]:
-    """Run the doc's Fluent Bit block `name` (with `edits`) over fluent_bit_inputs until
-    every record is stored, then stop it and the server: what was sent, its raw lines and
-    the stopped Fluent Bit (for its log)."""
+def deliver_doc_block(site: Site, tmp_path: Path, name: str, edits: Iterable[tuple[str, str]],
+                      expected: dict[str, Expected], start: Callable[[str], Peer]) -> Peer:
+    """Start a forwarder (`start`) on the doc's block `name` with `edits`, wait until every
+    expected record is stored, then stop it and the server; the stopped forwarder (for
+    its log)."""
     block = site.fill(doc_block(name), tmp_path)
     for old, new in edits:
         block = edit(block, old, new)
-    files, expected, raw = fluent_bit_inputs(prefix)
-    yaml = name.endswith("yaml")
-    peer = start_fluent_bit(peers_cache, fluent_bit_config(tmp_path, files, block, yaml=yaml),
-                            tmp_path, yaml=yaml)
+    peer = start(block)
     try:
         wait_stored(site.root, set(expected), peer=peer)
     finally:
         peer.stop()
     site.stop()
+    return peer
+
+
+def deliver_fluent_bit_block(site: Site, peers_cache: Path, tmp_path: Path, name: str,
+                             edits: list[tuple[str, str]], *, prefix: str
+                             ) -> tuple[dict[str, Expected], dict[str, bytes], Peer]:
+    """deliver_doc_block for Fluent Bit over fluent_bit_inputs: what was sent, its raw
+    lines and the stopped Fluent Bit."""
+    files, expected, raw = fluent_bit_inputs(prefix)
+    yaml = name.endswith("yaml")
+    peer = deliver_doc_block(site, tmp_path, name, edits, expected, lambda block: (
+        start_fluent_bit(peers_cache, fluent_bit_config(tmp_path, files, block, yaml=yaml),
+                         tmp_path, yaml=yaml)))
     return expected, raw, peer
 FORWARD_VARIANTS = {"ini-gzip": ("fluentbit-forward-ini", []),
                     "yaml-plain": ("fluentbit-forward-yaml", [("  compress: gzip\n", "")])}
